@@ -1,0 +1,244 @@
+"""Layer equivalence cases: one spec, built identically on every rank and on the driver.
+
+A `LayerCase` names a layer kind, its dimensions, a dtype and a seed. From the seed every
+process regenerates the same full weights, input and output-gradient (nothing large is
+pickled). `run_on_rank` runs rank `ctx.rank`'s shard forward and backward; `run_single`
+runs the unsharded layer on one device (world size 1, NullCommunicator) in any dtype —
+the float64 run is the "exact" reference the tolerance policy measures both against.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from impl.architecture import Communicator, ModelConfig, parse_dtype
+from impl.communication import CountingCommunicator, NullCommunicator
+from impl.model import TransformerBlock, random_block_tensors
+from impl.tensor_parallel import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelAttention, ParallelLMHead, ParallelMLP,
+                                  QKVParallelLinear, RMSNorm, RowParallelLinear, VocabParallelEmbedding)
+
+KINDS = ("column", "row", "merged_column", "qkv", "embedding", "lm_head", "rmsnorm", "attention", "mlp", "block")
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    kind: str
+    dtype: str = "float32"
+    seed: int = 0
+    batch: int = 2
+    seq: int = 3
+    params: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        dims = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.kind}[{self.dtype} seed={self.seed} b={self.batch} s={self.seq} {dims}]"
+
+    def as_row(self) -> dict:
+        return {"layer": self.kind, "dtype": self.dtype, "seed": self.seed, "batch": self.batch, "seq": self.seq, "params": repr(self.params)}
+
+
+def _randn(g, *shape, scale=1.0):
+    return scale * torch.randn(*shape, generator=g)
+
+
+def full_tensors(case: LayerCase) -> dict[str, torch.Tensor]:
+    """The layer's full weights (float32), deterministic in case.seed."""
+    g = torch.Generator().manual_seed(case.seed)
+    p = case.params
+    if case.kind in ("column", "row"):
+        t = {"weight": _randn(g, p["out"], p["in"], scale=p["in"] ** -0.5)}
+        if p.get("bias"):
+            t["bias"] = _randn(g, p["out"], scale=0.1)
+        return t
+    if case.kind == "merged_column":
+        t = {f"weight{i}": _randn(g, s, p["in"], scale=p["in"] ** -0.5) for i, s in enumerate(p["segments"])}
+        if p.get("bias"):
+            t.update({f"bias{i}": _randn(g, s, scale=0.1) for i, s in enumerate(p["segments"])})
+        return t
+    if case.kind in ("qkv", "attention"):
+        h, d = p["hidden"], p["head_dim"]
+        t = {"q": _randn(g, p["heads"] * d, h, scale=h ** -0.5), "k": _randn(g, p["kv_heads"] * d, h, scale=h ** -0.5), "v": _randn(g, p["kv_heads"] * d, h, scale=h ** -0.5)}
+        if p.get("bias"):
+            t.update({"q_bias": _randn(g, p["heads"] * d, scale=0.1), "k_bias": _randn(g, p["kv_heads"] * d, scale=0.1), "v_bias": _randn(g, p["kv_heads"] * d, scale=0.1)})
+        if case.kind == "attention":
+            t["o"] = _randn(g, h, p["heads"] * d, scale=(p["heads"] * d) ** -0.5)
+        return t
+    if case.kind in ("embedding", "lm_head"):
+        return {"weight": _randn(g, p["vocab"], p["hidden"], scale=1.0 if case.kind == "embedding" else p["hidden"] ** -0.5)}
+    if case.kind == "rmsnorm":
+        return {"weight": 1.0 + _randn(g, p["hidden"], scale=0.1)}
+    if case.kind == "mlp":
+        h, i = p["hidden"], p["inter"]
+        return {"gate": _randn(g, i, h, scale=h ** -0.5), "up": _randn(g, i, h, scale=h ** -0.5), "down": _randn(g, h, i, scale=i ** -0.5)}
+    if case.kind == "block":
+        return random_block_tensors(block_config(case), g, std=p["hidden"] ** -0.5)
+    raise ValueError(f"kind={case.kind!r}: must be one of {KINDS}")
+
+
+def block_config(case: LayerCase) -> ModelConfig:
+    p = case.params
+    return ModelConfig(vocab_size=16, hidden_size=p["hidden"], intermediate_size=p["inter"], num_layers=1, num_heads=p["heads"],
+                       num_kv_heads=p["kv_heads"], head_dim=p["head_dim"], qkv_bias=bool(p.get("bias")))
+
+
+def build_layer(case: LayerCase, comm: Communicator, dtype: torch.dtype):
+    """Rank comm.rank's shard of the case's layer, through the layers' own from_full."""
+    t = {k: v.to(parse_dtype(case.dtype)) for k, v in full_tensors(case).items()}  # quantise once, like a checkpoint
+    p, kw = case.params, dict(dtype=dtype)
+    if case.kind == "column":
+        return ColumnParallelLinear.from_full(t["weight"], comm, bias=t.get("bias"), gather_output=p.get("gather", False), **kw)
+    if case.kind == "row":
+        return RowParallelLinear.from_full(t["weight"], comm, bias=t.get("bias"), input_is_parallel=False, **kw)
+    if case.kind == "merged_column":
+        n = len(p["segments"])
+        biases = [t[f"bias{i}"] for i in range(n)] if p.get("bias") else None
+        return MergedColumnParallelLinear.from_full([t[f"weight{i}"] for i in range(n)], comm, biases=biases, **kw)
+    if case.kind == "qkv":
+        return QKVParallelLinear.from_full(t["q"], t["k"], t["v"], comm, p["head_dim"], t.get("q_bias"), t.get("k_bias"), t.get("v_bias"), **kw)
+    if case.kind == "attention":
+        return ParallelAttention.from_full(t["q"], t["k"], t["v"], t["o"], comm, p["head_dim"], t.get("q_bias"), t.get("k_bias"), t.get("v_bias"), **kw)
+    if case.kind == "embedding":
+        return VocabParallelEmbedding.from_full(t["weight"], comm, **kw)
+    if case.kind == "lm_head":
+        return ParallelLMHead.from_full(t["weight"], comm, **kw)
+    if case.kind == "rmsnorm":
+        return RMSNorm.from_full(t["weight"], **kw)
+    if case.kind == "mlp":
+        return ParallelMLP.from_full(t["gate"], t["up"], t["down"], comm, **kw)
+    if case.kind == "block":
+        return TransformerBlock.from_full(t, block_config(case), comm, **kw)
+    raise ValueError(f"kind={case.kind!r}: must be one of {KINDS}")
+
+
+def inputs(case: LayerCase) -> torch.Tensor:
+    """The layer input (float32 values, quantised to the case's dtype)."""
+    g = torch.Generator().manual_seed(case.seed + 1)
+    p = case.params
+    if case.kind == "embedding":
+        return torch.randint(0, p["vocab"], (case.batch, case.seq), generator=g)
+    width = {"column": "in", "row": "in", "merged_column": "in"}.get(case.kind, "hidden")
+    return _randn(g, case.batch, case.seq, p[width]).to(parse_dtype(case.dtype)).float()
+
+
+def output_grad(case: LayerCase, out_shape) -> torch.Tensor:
+    g = torch.Generator().manual_seed(case.seed + 2)
+    return _randn(g, *out_shape).to(parse_dtype(case.dtype)).float()
+
+
+def forward_backward(layer, case: LayerCase, dtype: torch.dtype, comm: Communicator):
+    """Forward, then backward of sum(out * grad_out). Returns CPU tensors: out, input grad, local param grads."""
+    x = inputs(case)
+    x = x if case.kind == "embedding" else x.to(dtype).requires_grad_(True)
+    out = layer(x)
+    if case.kind in ("column", "merged_column", "qkv") and not case.params.get("gather", False):
+        full = output_grad(case, (*out.shape[:-1], full_out_width(case)))
+        grad = local_layout(case, full, comm.rank, comm.world_size)
+    else:
+        grad = output_grad(case, out.shape)
+    out.backward(grad.to(dtype))
+    grads = {n: p.grad.detach().cpu().clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return {"out": out.detach().cpu(), "grad_in": None if case.kind == "embedding" else x.grad.detach().cpu(), "grads": grads}
+
+
+def full_out_width(case: LayerCase) -> int:
+    p = case.params
+    if case.kind == "merged_column":
+        return sum(p["segments"])
+    if case.kind == "qkv":
+        return (p["heads"] + 2 * p["kv_heads"]) * p["head_dim"]
+    return p["out"]
+
+
+def local_layout(case: LayerCase, full: torch.Tensor, rank: int, tp: int, for_grad: bool = True) -> torch.Tensor:
+    """Map a full (..., out) tensor to rank's local (..., out/tp) layout of a fused column layer."""
+    p = case.params
+    front = full.movedim(-1, 0)
+    if case.kind == "merged_column":
+        segs = torch.split(front, p["segments"], 0)
+        local = torch.cat([s.chunk(tp, 0)[rank] for s in segs], 0)
+    elif case.kind == "qkv":
+        d = p["head_dim"]
+        q, k, v = torch.split(front, [p["heads"] * d, p["kv_heads"] * d, p["kv_heads"] * d], 0)
+        replicas = max(1, tp // p["kv_heads"])
+        lkv = max(1, p["kv_heads"] // tp) * d
+        first = (rank // replicas) * lkv
+        k, v = k[first:first + lkv], v[first:first + lkv]
+        if rank % replicas and for_grad:
+            # a replicated kv head's gradient belongs to one holder; the others' q heads add theirs downstream
+            k, v = torch.zeros_like(k), torch.zeros_like(v)
+        local = torch.cat([q.chunk(tp, 0)[rank], k, v], 0)
+    else:
+        local = front.chunk(tp, 0)[rank]
+    return local.movedim(0, -1)
+
+
+def gather_outputs(case: LayerCase, outs: list[torch.Tensor]) -> torch.Tensor:
+    """Full output from every rank's local output (identity for replicated outputs)."""
+    p, tp = case.params, len(outs)
+    if tp == 1 or case.kind not in ("column", "merged_column", "qkv") or p.get("gather", False):
+        return outs[0]
+    fronts = [{"w": o.movedim(-1, 0)} for o in outs]
+    if case.kind == "column":
+        full = ColumnParallelLinear.full_state(fronts)["w"]
+    elif case.kind == "merged_column":
+        full = torch.cat(MergedColumnParallelLinear.full_state(fronts, p["segments"])["w"], 0)
+    else:
+        full = torch.cat(QKVParallelLinear.full_state(fronts, p["head_dim"], p["heads"], p["kv_heads"])["w"], 0)
+    return full.movedim(0, -1)
+
+
+def gather_grads(case: LayerCase, grads: list[dict]) -> dict[str, torch.Tensor]:
+    """Full parameter gradients from every rank's local gradients, keyed like the 1-rank layer's."""
+    p, tp = case.params, len(grads)
+    if tp == 1:
+        return grads[0]
+    if case.kind == "column":
+        return ColumnParallelLinear.full_state(grads)
+    if case.kind == "row":
+        return RowParallelLinear.full_state(grads)
+    if case.kind == "merged_column":
+        return {k: torch.cat(v, 0) for k, v in MergedColumnParallelLinear.full_state(grads, p["segments"]).items()}
+    if case.kind == "qkv":
+        return {k: torch.cat(v, 0) for k, v in QKVParallelLinear.full_state(grads, p["head_dim"], p["heads"], p["kv_heads"], sum_replicas=True).items()}
+    if case.kind in ("embedding", "lm_head"):
+        return VocabParallelEmbedding.full_state(grads, p["vocab"])
+    if case.kind == "rmsnorm":
+        return grads[0]
+    return _gather_composite(case, grads)
+
+
+def _gather_composite(case: LayerCase, grads: list[dict]) -> dict[str, torch.Tensor]:
+    p, out = case.params, {}
+    for key in grads[0]:
+        module, leaf = key.rsplit(".", 1)
+        locs = [{leaf: g[key]} for g in grads]
+        owner = module.rsplit(".", 1)[-1]
+        if owner in ("o_proj", "down"):
+            out[key] = RowParallelLinear.full_state(locs)[leaf]
+        elif owner == "gate_up":
+            out[key] = torch.cat(MergedColumnParallelLinear.full_state(locs, [p["inter"], p["inter"]])[leaf], 0)
+        elif owner == "qkv":
+            out[key] = torch.cat(QKVParallelLinear.full_state(locs, p["head_dim"], p["heads"], p["kv_heads"], sum_replicas=True)[leaf], 0)
+        else:  # replicated params (norms) carry the full, identical gradient on every rank
+            out[key] = grads[0][key]
+    return out
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run_on_rank(ctx, case: LayerCase) -> dict:
+    """Rank side: build the shard, run forward/backward, count collectives of the forward."""
+    dtype = parse_dtype(case.dtype)
+    counting = CountingCommunicator(ctx.comm)
+    layer = build_layer(case, counting, dtype).to(ctx.device)
+    result = forward_backward(layer, case, dtype, counting)
+    result["collectives"] = [asdict(r) for r in counting.records]
+    return result
+
+
+def run_single(case: LayerCase, dtype: torch.dtype) -> dict:
+    """The unsharded layer on one device, in `dtype` (float64 gives the exact reference)."""
+    comm = NullCommunicator(1)
+    return forward_backward(build_layer(case, comm, dtype), case, dtype, comm)

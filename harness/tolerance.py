@@ -1,0 +1,84 @@
+"""The tolerance policy: when is a TP result "the same function" as the single-device one?
+
+Error model. A TP layer computes the same real-valued function as the single-device layer;
+its floating-point result differs in two ways only:
+  (a) reductions run in another order (each rank sums K/tp terms, then the collective sums
+      tp partials), and
+  (b) extra roundings: each rank's partial result is rounded to the working dtype before the
+      collective, and the collective's tp-1 additions round again (gloo/NCCL reduce in the
+      tensor's dtype).
+Measured against an exact reference y* (the same layer, same quantised weights and inputs,
+in float64), the single-device error E1 = max|y1 - y*| samples the accumulation error of
+the computation; a different summation order (a) can land anywhere within the same bound.
+Each rounding in (b) adds at most u*|p| for the value p it rounds (u = unit roundoff of
+the dtype): one output rounding of |y| and tp partial roundings of |p_i|, where the
+partials p_i sum to y. Partials may cancel, so sum|p_i| can exceed |y|: for tp independent
+zero-mean partials E[sum|p_i|] = sqrt(2/pi) * sqrt(tp) * rms(y) < sqrt(tp) * rms(y), and
+rms(y) <= max|y*|. Hence the acceptance bound for the TP result:
+
+    max|y_tp - y*|  <=  2*E1  +  (tp + 1) * sqrt(tp) * u * max|y*|
+
+2*E1: the TP path's own accumulation error, allowed to be twice the observed one since its
+order differs; (tp + 1) * sqrt(tp) * u * max|y*|: tp partial roundings plus one output
+rounding, each of a value no larger than sqrt(tp) * max|y*| in expectation. At tp = 1 the
+paths are identical and the bound holds with slack.
+
+The bound is per tensor (outputs, input gradients, each parameter gradient). It is not
+tuned to pass: a wrong shard, a bias added tp times, a missing all-reduce or a misrouted kv
+head produce errors of order max|y*| itself: ~1e6x the fp32 bound and ~10x the bf16 one at tp=4.
+Composite layers (attention, MLP, block) chain several such steps; each step's error is
+rescaled by the following layer's gain, which the measured E1 already reflects.
+
+Alongside the verdict the suites record, per tensor: max-abs and max-relative difference
+between TP and single-device results, their ULP distance in the working dtype, E1, the TP
+error and the bound, so the report can show how much of the budget was used.
+"""
+from __future__ import annotations
+
+import torch
+
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float64: 2.0 ** -53}
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> int:
+    """Max number of representable `dtype` values between a and b (elementwise, then max)."""
+    if a.numel() == 0:
+        return 0
+    int_type = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
+    ia, ib = (t.to(dtype).contiguous().view(int_type).long() for t in (a, b))
+    sign_bit = 1 << (torch.finfo(dtype).bits - 1)
+    # map sign-magnitude bit patterns onto a monotone integer line
+    ia = torch.where(ia < 0, -(ia & (sign_bit - 1)), ia)
+    ib = torch.where(ib < 0, -(ib & (sign_bit - 1)), ib)
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    return int((ia - ib).abs()[finite].max().item()) if finite.any() else 0
+
+
+def compare(name: str, tp: torch.Tensor, single: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, tp_size: int) -> dict:
+    """Measure one tensor against the policy. Returns a metrics row with `passed`."""
+    u = UNIT_ROUNDOFF[dtype]
+    if tuple(tp.shape) != tuple(exact.shape):
+        nan = float("nan")
+        return {"tensor": name, "max_abs": nan, "max_rel": nan, "ulp": -1, "err_single": nan, "err_tp": nan, "bound": nan,
+                "budget_used": nan, "passed": False, "note": f"shape {tuple(tp.shape)} != expected {tuple(exact.shape)}"}
+    tp64, single64, exact64 = tp.double(), single.double(), exact.double()
+    finite = torch.isfinite(exact64)
+    scale = exact64[finite].abs().max().item() if finite.any() else 0.0
+    err_single = (single64 - exact64)[finite].abs().max().item() if finite.any() else 0.0
+    err_tp = (tp64 - exact64)[finite].abs().max().item() if finite.any() else 0.0
+    bound = 2 * err_single + (tp_size + 1) * tp_size ** 0.5 * u * scale
+    diff = (tp64 - single64)[finite].abs()
+    denom = single64[finite].abs().clamp_min(u * max(scale, 1e-30))
+    nonfinite_agree = bool(torch.equal(torch.isfinite(tp64), finite) and torch.equal(tp64[~finite], exact64[~finite]))
+    passed = nonfinite_agree and err_tp <= bound
+    return {
+        "tensor": name,
+        "max_abs": diff.max().item() if diff.numel() else 0.0,
+        "max_rel": (diff / denom).max().item() if diff.numel() else 0.0,
+        "ulp": ulp_distance(tp[finite], single[finite], dtype),
+        "err_single": err_single,
+        "err_tp": err_tp,
+        "bound": bound,
+        "budget_used": err_tp / bound if bound > 0 else (0.0 if err_tp == 0 else float("inf")),
+        "passed": passed,
+    }

@@ -1,0 +1,269 @@
+"""All communication of `impl/`: communicators and the autograd-aware regions.
+
+This is the only module in `impl/` that calls torch.distributed collectives. Layers call
+the region functions below; each region is a named autograd pair (Megatron's
+copy-to / reduce-from / gather-from / scatter-to, plus the sequence-parallel pair), so the
+backward pass communicates exactly what the forward pass's transpose needs.
+
+Region               forward                    backward
+copy_to_parallel     identity                   all-reduce
+reduce_from_parallel all-reduce                 identity
+gather_from_parallel all-gather(dim)            keep own slice(dim)
+scatter_to_parallel  keep own slice(dim)        all-gather(dim)
+reduce_scatter_to_sequence  reduce-scatter(dim) all-gather(dim)
+gather_from_sequence all-gather(dim)            reduce-scatter(dim)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .architecture import Communicator, require
+
+# torch >= 2.12 renamed the tensor variants; 2.5-2.11 only have the old names.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _move_to_front(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    return tensor.movedim(dim, 0).contiguous()
+
+
+class ProcessGroupCommunicator(Communicator):
+    """Collectives over a torch.distributed process group (NCCL or gloo)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def all_reduce(self, tensor):
+        if self.world_size > 1:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_gather(self, tensor, dim=-1):
+        if self.world_size == 1:
+            return tensor
+        dim = dim % tensor.dim()
+        front = _move_to_front(tensor, dim)
+        out = front.new_empty((self.world_size * front.shape[0], *front.shape[1:]))
+        _all_gather_tensor(out, front, group=self.group)
+        return out.movedim(0, dim)
+
+    def reduce_scatter(self, tensor, dim=0):
+        if self.world_size == 1:
+            return tensor
+        dim = dim % tensor.dim()
+        require(tensor.shape[dim] % self.world_size == 0, f"tensor.shape[{dim}]", tensor.shape[dim], f"must be a multiple of world_size={self.world_size} to reduce-scatter")
+        front = _move_to_front(tensor, dim)
+        out = front.new_empty((front.shape[0] // self.world_size, *front.shape[1:]))
+        _reduce_scatter_tensor(out, front, group=self.group)
+        return out.movedim(0, dim)
+
+    def broadcast(self, tensor, src=0):
+        if self.world_size > 1:
+            dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
+        return tensor
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+
+class NullCommunicator(Communicator):
+    """Collectives that move no data between ranks, for one rank's share of a TP run.
+
+    Shapes are those of a real `world_size`-way run, so one device can execute rank
+    `rank`'s shard alone: all-reduce returns its input, all-gather tiles the local chunk
+    and reduce-scatter keeps this rank's slice. The tiling/slicing does the local memory
+    traffic of the collective's output, not the transfer. Values are therefore wrong for
+    world_size > 1; use it for timing (T_null in the exposed-communication metric) and as
+    the world-size-1 baseline, where it is exact.
+    """
+
+    def __init__(self, world_size: int = 1, rank: int = 0):
+        require(isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "must be an integer >= 1")
+        require(isinstance(rank, int) and 0 <= rank < world_size, "rank", rank, f"must be in [0, {world_size})")
+        self.world_size, self.rank = world_size, rank
+
+    def all_reduce(self, tensor):
+        return tensor
+
+    def all_gather(self, tensor, dim=-1):
+        if self.world_size == 1:
+            return tensor
+        reps = [1] * tensor.dim()
+        reps[dim % tensor.dim()] = self.world_size
+        return tensor.repeat(*reps)
+
+    def reduce_scatter(self, tensor, dim=0):
+        return self.shard(tensor, dim) if self.world_size > 1 else tensor
+
+    def broadcast(self, tensor, src=0):
+        return tensor
+
+    def barrier(self):
+        pass
+
+
+@dataclass
+class CollectiveRecord:
+    kind: str
+    nbytes: int  # bytes of the tensor this rank contributes (input of the collective)
+    shape: tuple
+    dtype: str
+
+
+@dataclass
+class CountingCommunicator(Communicator):
+    """Wraps a communicator and records every collective's kind and input bytes."""
+
+    inner: Communicator
+    records: list[CollectiveRecord] = field(default_factory=list)
+
+    @property
+    def rank(self):
+        return self.inner.rank
+
+    @property
+    def world_size(self):
+        return self.inner.world_size
+
+    def _record(self, kind, tensor):
+        self.records.append(CollectiveRecord(kind, tensor.numel() * tensor.element_size(), tuple(tensor.shape), str(tensor.dtype)))
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.records:
+            out[r.kind] = out.get(r.kind, 0) + 1
+        return out
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.records:
+            out[r.kind] = out.get(r.kind, 0) + r.nbytes
+        return out
+
+    def reset(self):
+        self.records.clear()
+
+    def all_reduce(self, tensor):
+        self._record("all_reduce", tensor)
+        return self.inner.all_reduce(tensor)
+
+    def all_gather(self, tensor, dim=-1):
+        self._record("all_gather", tensor)
+        return self.inner.all_gather(tensor, dim)
+
+    def reduce_scatter(self, tensor, dim=0):
+        self._record("reduce_scatter", tensor)
+        return self.inner.reduce_scatter(tensor, dim)
+
+    def broadcast(self, tensor, src=0):
+        self._record("broadcast", tensor)
+        return self.inner.broadcast(tensor, src)
+
+    def barrier(self):
+        self.records.append(CollectiveRecord("barrier", 0, (), ""))
+        self.inner.barrier()
+
+
+# --------------------------------------------------------------------------- regions
+
+
+class _CopyToParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.all_reduce(grad.contiguous().clone()), None
+
+
+class _ReduceFromParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        return comm.all_reduce(x.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm, dim):
+        ctx.comm, ctx.dim = comm, dim
+        return comm.all_gather(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.shard(grad, ctx.dim), None, None
+
+
+class _ScatterToParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm, dim):
+        ctx.comm, ctx.dim = comm, dim
+        return comm.shard(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.all_gather(grad.contiguous(), ctx.dim), None, None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm, dim):
+        ctx.comm, ctx.dim = comm, dim
+        return comm.reduce_scatter(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.all_gather(grad.contiguous(), ctx.dim), None, None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm, dim):
+        ctx.comm, ctx.dim = comm, dim
+        return comm.all_gather(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.reduce_scatter(grad.contiguous(), ctx.dim), None, None
+
+
+def copy_to_parallel(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """Enter a TP region with a replicated input: identity forward, all-reduce backward."""
+    return _CopyToParallel.apply(x, comm) if comm.world_size > 1 else x
+
+
+def reduce_from_parallel(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """Leave a TP region by summing partial results: all-reduce forward, identity backward."""
+    return _ReduceFromParallel.apply(x, comm) if comm.world_size > 1 else x
+
+
+def gather_from_parallel(x: torch.Tensor, comm: Communicator, dim: int = -1) -> torch.Tensor:
+    """Concatenate per-rank shards along `dim`: all-gather forward, keep own slice backward."""
+    return _GatherFromParallel.apply(x, comm, dim) if comm.world_size > 1 else x
+
+
+def scatter_to_parallel(x: torch.Tensor, comm: Communicator, dim: int = -1) -> torch.Tensor:
+    """Keep this rank's slice of a replicated tensor: slice forward, all-gather backward."""
+    return _ScatterToParallel.apply(x, comm, dim) if comm.world_size > 1 else x
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, comm: Communicator, dim: int = 1) -> torch.Tensor:
+    """Sequence parallelism: sum partials and keep own sequence shard (backward: all-gather)."""
+    return _ReduceScatterToSequence.apply(x, comm, dim) if comm.world_size > 1 else x
+
+
+def gather_from_sequence(x: torch.Tensor, comm: Communicator, dim: int = 1) -> torch.Tensor:
+    """Sequence parallelism: rebuild the full sequence (backward: reduce-scatter)."""
+    return _GatherFromSequence.apply(x, comm, dim) if comm.world_size > 1 else x

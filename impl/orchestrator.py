@@ -1,0 +1,438 @@
+"""Process groups and the persistent rank world.
+
+ProcessGroupManager  one rank's view: init from torchrun env or explicit args, backend
+                     choice, the TP subgroup, timeouts, teardown.
+MultiGPUOrchestrator the driver's view: N rank processes started once and kept; `run(fn)`
+                     executes fn(ctx, *args) on every rank and returns per-rank results.
+TorchrunWorld        the same `run` API when every process is a rank (SPMD under torchrun).
+
+Nothing here speaks a socket protocol of its own: ranks meet through torch.distributed's
+TCP store; the driver talks to its children through multiprocessing queues.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import datetime
+import os
+import queue
+import signal
+import socket
+import sys
+import time
+import traceback
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .architecture import TPConfigError, require
+from .communication import ProcessGroupCommunicator
+
+BACKENDS = ("auto", "gloo", "nccl")
+DEVICES = ("cpu", "cuda")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class WorldError(RuntimeError):
+    """Base of every failure the orchestrator reports. `ranks` names the ranks involved."""
+
+    def __init__(self, message: str, ranks: list[int]):
+        self.ranks = sorted(ranks)
+        super().__init__(message)
+
+
+class RankError(WorldError):
+    """fn raised on one or more ranks; `tracebacks[rank]` holds each rank's traceback text."""
+
+    def __init__(self, tracebacks: dict[int, str], call: str):
+        self.tracebacks = tracebacks
+        first = min(tracebacks)
+        super().__init__(f"{call} raised on rank(s) {sorted(tracebacks)}; rank {first}'s traceback:\n{tracebacks[first]}", list(tracebacks))
+
+
+class RankDiedError(WorldError):
+    """A rank process exited while the driver waited for it."""
+
+
+class CallTimeoutError(WorldError, TimeoutError):
+    """Ranks did not answer within the call's timeout."""
+
+
+class WorldStartError(WorldError):
+    """The ranks could not initialise their process group."""
+
+
+# --------------------------------------------------------------------------- backend choice
+
+
+def choose_backend(device: str, local_world_size: int, gpu_count: int, requested: str = "auto") -> str:
+    """NCCL when every rank on this node has its own GPU; gloo otherwise.
+
+    Several ranks sharing one GPU use gloo on CUDA tensors (NCCL refuses them with
+    "Duplicate GPU detected"); gloo stages through the host, so such worlds are for
+    correctness, never for timing.
+    """
+    require(requested in BACKENDS, "backend", requested, f"must be one of {BACKENDS}")
+    require(device in DEVICES, "device", device, f"must be one of {DEVICES}")
+    if device == "cpu":
+        require(requested != "nccl", "backend", requested, "nccl needs device='cuda'")
+        return "gloo"
+    require(gpu_count >= 1, "device", device, "no CUDA device is visible")
+    if requested == "nccl":
+        require(local_world_size <= gpu_count, "backend", requested, f"nccl needs one GPU per rank: {local_world_size} ranks on this node, {gpu_count} GPU(s) visible; use backend='gloo' to share GPUs")
+        return "nccl"
+    if requested == "gloo":
+        return "gloo"
+    return "nccl" if local_world_size <= gpu_count else "gloo"
+
+
+def free_port() -> int:
+    """A TCP port the OS reports free now (a race remains; init retries on EADDRINUSE)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- one rank
+
+
+class ProcessGroupManager:
+    """Create, hold and destroy one rank's process group and its TP subgroup.
+
+    The TP groups are consecutive blocks of `tp_size` ranks. Every collective inherits
+    `timeout_s`; NCCL additionally gets async error handling so a stuck collective aborts.
+    """
+
+    def __init__(self, world_size: int, rank: int, *, local_rank: int | None = None, local_world_size: int | None = None, tp_size: int | None = None,
+                 device: str = "cpu", backend: str = "auto", master_addr: str = "127.0.0.1", master_port: int = 29500, timeout_s: float = 60.0):
+        require(isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "must be an integer >= 1")
+        require(isinstance(rank, int) and 0 <= rank < world_size, "rank", rank, f"must be in [0, {world_size})")
+        require(timeout_s > 0, "timeout_s", timeout_s, "must be > 0")
+        self.world_size, self.rank = world_size, rank
+        self.local_rank = rank if local_rank is None else local_rank
+        self.local_world_size = world_size if local_world_size is None else local_world_size
+        self.tp_size = world_size if tp_size is None else tp_size
+        require(self.tp_size >= 1 and world_size % self.tp_size == 0, "tp_size", self.tp_size, f"must divide world_size={world_size}")
+        gpus = torch.cuda.device_count() if device == "cuda" else 0
+        self.backend = choose_backend(device, self.local_world_size, gpus, backend)
+        self.device = torch.device(f"cuda:{self.local_rank % gpus}") if device == "cuda" else torch.device("cpu")
+        self.master_addr, self.master_port, self.timeout_s = master_addr, master_port, timeout_s
+        self.tp_group = None
+
+    @classmethod
+    def from_env(cls, **kw) -> "ProcessGroupManager":
+        """From torchrun's variables: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT."""
+        env = os.environ
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        require(not missing, "environment", missing, "torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; launch with torchrun or pass them explicitly")
+        return cls(int(env["WORLD_SIZE"]), int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
+                   local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), master_addr=env["MASTER_ADDR"], master_port=int(env["MASTER_PORT"]), **kw)
+
+    def init(self) -> "ProcessGroupManager":
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        kw = {"device_id": self.device} if self.backend == "nccl" else {}
+        dist.init_process_group(self.backend, init_method=f"tcp://{self.master_addr}:{self.master_port}", rank=self.rank, world_size=self.world_size, timeout=timeout, **kw)
+        self.tp_group = None
+        for start in range(0, self.world_size, self.tp_size):
+            ranks = list(range(start, start + self.tp_size))
+            group = dist.new_group(ranks, timeout=timeout) if self.tp_size < self.world_size else dist.group.WORLD
+            if self.rank in ranks:
+                self.tp_group = group
+        return self
+
+    def communicator(self) -> ProcessGroupCommunicator:
+        require(self.tp_group is not None, "ProcessGroupManager", "uninitialised", "call init() first")
+        return ProcessGroupCommunicator(self.tp_group)
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.tp_group = None
+
+    def __enter__(self):
+        return self.init()
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+
+@dataclass
+class RankContext:
+    """What a function run on a rank receives as its first argument."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+    comm: ProcessGroupCommunicator
+    manager: ProcessGroupManager
+    state: dict = field(default_factory=dict)  # persists across calls on this rank
+
+
+# --------------------------------------------------------------------------- rank process
+
+
+def _die_with_parent() -> None:
+    # Linux: the kernel SIGKILLs this child if the driver dies, even by SIGKILL.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid):
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    if init_kwargs.get("device") == "cpu":  # ranks share the cores; oversubscription costs more than it gives
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        manager = ProcessGroupManager(world_size, rank, **init_kwargs).init()
+        ctx = RankContext(rank, world_size, manager.device, manager.backend, manager.communicator(), manager)
+    except BaseException:
+        results.put(("init", rank, False, traceback.format_exc(), 0.0))
+        return
+    results.put(("init", rank, True, None, 0.0))
+    while True:
+        try:
+            item = requests.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent_pid:
+                os._exit(0)
+            continue
+        if item is None:
+            break
+        call_id, fn, args, kwargs = item
+        start = time.perf_counter()
+        try:
+            value, ok = fn(ctx, *args, **kwargs), True
+        except BaseException:
+            value, ok = traceback.format_exc(), False
+        elapsed = time.perf_counter() - start
+        try:
+            results.put((call_id, rank, ok, value, elapsed))
+        except Exception:  # unpicklable result
+            results.put((call_id, rank, False, traceback.format_exc(), elapsed))
+    with contextlib.suppress(Exception):
+        manager.destroy()
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class DispatchRecord:
+    call: str
+    driver_s: float  # put -> last result received
+    worker_s: float  # slowest rank's own execution time
+
+    @property
+    def overhead_s(self) -> float:
+        return self.driver_s - self.worker_s
+
+
+_live_worlds: "weakref.WeakSet[MultiGPUOrchestrator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all():
+    for world in list(_live_worlds):
+        world.shutdown()
+
+
+class MultiGPUOrchestrator:
+    """N rank processes, started once (spawn) and kept until `shutdown`.
+
+    `run(fn, *args, timeout_s=...)` calls `fn(ctx: RankContext, *args)` on every rank and
+    returns the list of results in rank order. fn must be importable (module level) and
+    its results picklable (return CPU tensors or plain data).
+
+    Failures end the call, never hang it: an exception on a rank raises RankError with that
+    rank's traceback; a rank that exits raises RankDiedError; ranks that do not answer in
+    time raise CallTimeoutError. After any failure the surviving ranks may be stuck in a
+    collective, so the world is torn down; the next `run` starts a fresh one.
+    """
+
+    def __init__(self, world_size: int, device: str = "cpu", backend: str = "auto", tp_size: int | None = None, timeout_s: float = 120.0,
+                 start_timeout_s: float = 120.0, grace_s: float = 2.0):
+        require(isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "must be an integer >= 1")
+        require(device in DEVICES, "device", device, f"must be one of {DEVICES}")
+        require(timeout_s > 0, "timeout_s", timeout_s, "must be > 0")
+        gpus = torch.cuda.device_count() if device == "cuda" else 0
+        self.backend = choose_backend(device, world_size, gpus, backend)  # validates before any process starts
+        if device == "cuda" and self.backend == "gloo" and gpus < world_size:
+            print(f"tpgate: {world_size} ranks share {gpus} GPU(s) over gloo; correctness only, not for timing", file=sys.stderr)
+        self.world_size, self.device, self.tp_size = world_size, device, tp_size
+        self.timeout_s, self.start_timeout_s, self.grace_s = timeout_s, start_timeout_s, grace_s
+        self.dispatch: list[DispatchRecord] = []
+        self._procs: list = []
+        self._call_id = 0
+
+    # -- lifecycle
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
+    def start(self) -> "MultiGPUOrchestrator":
+        if self.alive:
+            return self
+        self.shutdown()
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        self._requests = [ctx.Queue() for _ in range(self.world_size)]
+        init_kwargs = dict(device=self.device, backend=self.backend, tp_size=self.tp_size, master_port=free_port(), timeout_s=self.timeout_s)
+        self._procs = [ctx.Process(target=_rank_main, args=(r, self.world_size, init_kwargs, self._requests[r], self._results, os.getpid()), daemon=True, name=f"tpgate-rank{r}")
+                       for r in range(self.world_size)]
+        for p in self._procs:
+            p.start()
+        _live_worlds.add(self)
+        try:
+            replies = self._collect("init", self.start_timeout_s)
+        except WorldError as e:
+            self.shutdown()
+            raise WorldStartError(f"world of {self.world_size} failed to start: {e}", e.ranks) from e
+        failed = {r: v for r, (ok, v, _) in replies.items() if not ok}
+        if failed:
+            self.shutdown()
+            raise WorldStartError(f"rank(s) {sorted(failed)} failed to initialise:\n{failed[min(failed)]}", list(failed))
+        return self
+
+    def shutdown(self, join_s: float = 5.0) -> None:
+        """Stop every rank: ask politely, then terminate, then kill. Idempotent."""
+        procs, self._procs = self._procs, []
+        if not procs:
+            return
+        for r, p in enumerate(procs):
+            if p.is_alive():
+                with contextlib.suppress(Exception):
+                    self._requests[r].put(None)
+        deadline = time.monotonic() + join_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(1.0)
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+        for q in [self._results, *self._requests]:
+            q.cancel_join_thread()
+            q.close()
+        _live_worlds.discard(self)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    # -- calls
+
+    def run(self, fn, *args, timeout_s: float | None = None, **kwargs) -> list:
+        if not self.alive:
+            self.start()
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        require(timeout_s > 0, "timeout_s", timeout_s, "must be > 0")
+        self._call_id += 1
+        call = f"{getattr(fn, '__qualname__', fn)}#{self._call_id}"
+        start = time.perf_counter()
+        try:
+            for q in self._requests:
+                q.put((self._call_id, fn, args, kwargs))
+            replies = self._collect(self._call_id, timeout_s)
+        except BaseException:  # timeout, dead rank, Ctrl-C: ranks may be stuck in a collective
+            self.shutdown(join_s=0.0)
+            raise
+        driver_s = time.perf_counter() - start
+        failed = {r: v for r, (ok, v, _) in replies.items() if not ok}
+        if failed:
+            self.shutdown(join_s=0.0 if len(failed) < self.world_size else 5.0)
+            raise RankError(failed, call)
+        self.dispatch.append(DispatchRecord(call, driver_s, max(t for _, _, t in replies.values())))
+        return [replies[r][1] for r in range(self.world_size)]
+
+    def barrier(self, timeout_s: float | None = None) -> None:
+        self.run(_barrier, timeout_s=timeout_s)
+
+    def _collect(self, call_id, timeout_s: float) -> dict:
+        """Wait for every rank's reply to `call_id`, watching for deaths and the deadline.
+
+        Once one rank has failed, the others get `grace_s` to report too (they are often
+        stuck in a collective with the failed rank), so the error names every failure seen.
+        """
+        replies: dict[int, tuple] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < self.world_size:
+            now = time.monotonic()
+            if any(not ok for ok, _, _ in replies.values()):
+                deadline = min(deadline, now + self.grace_s)
+                if now >= deadline:
+                    break
+            try:
+                cid, rank, ok, value, elapsed = self._results.get(timeout=min(0.05, max(0.0, deadline - now)) or 0.001)
+            except queue.Empty:
+                dead = {r: p.exitcode for r, p in enumerate(self._procs) if r not in replies and p.exitcode is not None}
+                if dead:
+                    raise RankDiedError(f"rank(s) {sorted(dead)} exited during {call_id!r} (exit codes {dead})", list(dead))
+                if time.monotonic() >= deadline:
+                    waiting = [r for r in range(self.world_size) if r not in replies]
+                    if any(not ok for ok, _, _ in replies.values()):
+                        break
+                    raise CallTimeoutError(f"rank(s) {waiting} did not answer {call_id!r} within {timeout_s:.1f}s", waiting)
+                continue
+            if cid == call_id:
+                replies[rank] = (ok, value, elapsed)
+        return replies
+
+
+def _barrier(ctx: RankContext) -> None:
+    ctx.comm.barrier()
+
+
+# --------------------------------------------------------------------------- SPMD under torchrun
+
+
+class TorchrunWorld:
+    """The orchestrator's `run` API when this process is one rank of a torchrun job.
+
+    Every process calls `run(fn, ...)`; fn runs locally and rank 0 receives every rank's
+    result (others get None), so rank 0 alone collects and writes reports.
+    """
+
+    def __init__(self, device: str = "cpu", backend: str = "auto", timeout_s: float = 300.0):
+        self.manager = ProcessGroupManager.from_env(device=device, backend=backend, timeout_s=timeout_s).init()
+        m = self.manager
+        self.world_size, self.rank = m.world_size, m.rank
+        self.ctx = RankContext(m.rank, m.world_size, m.device, m.backend, m.communicator(), m)
+        self.dispatch: list[DispatchRecord] = []
+
+    def run(self, fn, *args, timeout_s=None, **kwargs):
+        value = fn(self.ctx, *args, **kwargs)
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
+    def shutdown(self):
+        self.manager.destroy()
+
+
+def in_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ)
+
+
+__all__ = [
+    "CallTimeoutError", "MultiGPUOrchestrator", "ProcessGroupManager", "RankContext", "RankDiedError", "RankError", "TPConfigError",
+    "TorchrunWorld", "WorldError", "WorldStartError", "choose_backend", "free_port", "in_torchrun",
+]

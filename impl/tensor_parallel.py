@@ -1,0 +1,459 @@
+"""Megatron-style tensor-parallel layers.
+
+Every layer holds only its rank's shard and is built either empty (`__init__`) or from the
+full, unsharded weights (`from_full`). `from_full` accepts torch tensors or safetensors
+lazy slices (anything with `get_shape()` and slicing), so the checkpoint loader and the
+equivalence suites share one sharding code path and a rank never reads more than its
+shard. `full_state(local_states)` is the inverse: it rebuilds the full tensors from every
+rank's local state dict, used for resharding and for comparing gradients.
+
+Weights follow torch's Linear layout, (out_features, in_features).
+Column-parallel layers shard dim 0 of the weight (the output features);
+row-parallel layers shard dim 1 (the input features).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architecture import Communicator, check_kv_heads, require, require_divisible
+from .communication import copy_to_parallel, gather_from_parallel, gather_from_sequence, reduce_from_parallel, reduce_scatter_to_sequence, scatter_to_parallel
+
+
+# --------------------------------------------------------------------------- sharding helpers
+
+
+def shape_of(src) -> tuple[int, ...]:
+    return tuple(src.shape) if isinstance(src, torch.Tensor) else tuple(src.get_shape())
+
+
+def take(src, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of `src` along `dim` (0 or 1); rows past the end are zero padding.
+
+    Reads only that range when `src` is a safetensors lazy slice.
+    """
+    size = shape_of(src)[dim]
+    real_stop = min(stop, size)
+    index = (slice(start, real_stop),) if dim == 0 else (slice(None), slice(start, real_stop))
+    part = src[index] if start < real_stop else None
+    if isinstance(part, torch.Tensor):
+        part = part.clone() if isinstance(src, torch.Tensor) else part
+    if real_stop == stop:
+        return part
+    pad_shape = list(shape_of(src))
+    pad_shape[dim] = stop - max(start, real_stop)
+    dtype = src.dtype if isinstance(src, torch.Tensor) else (part.dtype if part is not None else torch.float32)
+    pad = torch.zeros(pad_shape, dtype=dtype)
+    return pad if part is None else torch.cat([part, pad], dim)
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    require(tuple(value.shape) == tuple(param.shape), name, tuple(value.shape), f"shard shape must be {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def _factory(dtype, device):
+    return {"dtype": dtype, "device": device}
+
+
+# --------------------------------------------------------------------------- linear layers
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's output features split across ranks.
+
+    x: (..., in_features), replicated (or sequence-sharded if `sequence_parallel`, dim 1).
+    y: (..., out_features / tp), or (..., out_features) if `gather_output`.
+    """
+
+    def __init__(self, in_features, out_features, comm: Communicator, bias=False, gather_output=False, sequence_parallel=False, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        tp = comm.world_size
+        require_divisible("out_features", out_features, tp)
+        self.comm, self.gather_output, self.sequence_parallel = comm, gather_output, sequence_parallel
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features // tp, in_features, **_factory(dtype, device)))
+        self.bias = nn.Parameter(torch.zeros(out_features // tp, **_factory(dtype, device))) if bias else None
+
+    def forward(self, x):
+        x = gather_from_sequence(x, self.comm, 1) if self.sequence_parallel else copy_to_parallel(x, self.comm)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_parallel(y, self.comm, -1) if self.gather_output else y
+
+    @classmethod
+    def from_full(cls, weight, comm: Communicator, bias=None, **kw):
+        out_features, in_features = shape_of(weight)
+        layer = cls(in_features, out_features, comm, bias=bias is not None, **kw)
+        n = out_features // comm.world_size
+        _copy_into(layer.weight, take(weight, 0, comm.rank * n, (comm.rank + 1) * n), "weight")
+        if bias is not None:
+            _copy_into(layer.bias, take(bias, 0, comm.rank * n, (comm.rank + 1) * n), "bias")
+        return layer
+
+    @staticmethod
+    def full_state(local_states: list[dict], **_):
+        return {k: torch.cat([s[k] for s in local_states], 0) for k in local_states[0]}
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's input features split across ranks.
+
+    x: (..., in_features / tp) if `input_is_parallel` else (..., in_features) replicated.
+    y: (..., out_features), all-reduced (or reduce-scattered on dim 1 if `sequence_parallel`).
+    The bias is added once, after the reduction, never per rank.
+    """
+
+    def __init__(self, in_features, out_features, comm: Communicator, bias=False, input_is_parallel=True, sequence_parallel=False, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        tp = comm.world_size
+        require_divisible("in_features", in_features, tp)
+        self.comm, self.input_is_parallel, self.sequence_parallel = comm, input_is_parallel, sequence_parallel
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp, **_factory(dtype, device)))
+        self.bias = nn.Parameter(torch.zeros(out_features, **_factory(dtype, device))) if bias else None
+
+    def forward(self, x):
+        if not self.input_is_parallel:
+            x = scatter_to_parallel(x, self.comm, -1)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_sequence(y, self.comm, 1) if self.sequence_parallel else reduce_from_parallel(y, self.comm)
+        return y if self.bias is None else y + self.bias
+
+    @classmethod
+    def from_full(cls, weight, comm: Communicator, bias=None, **kw):
+        out_features, in_features = shape_of(weight)
+        layer = cls(in_features, out_features, comm, bias=bias is not None, **kw)
+        n = in_features // comm.world_size
+        _copy_into(layer.weight, take(weight, 1, comm.rank * n, (comm.rank + 1) * n), "weight")
+        if bias is not None:
+            _copy_into(layer.bias, take(bias, 0, 0, out_features), "bias")
+        return layer
+
+    @staticmethod
+    def full_state(local_states: list[dict], **_):
+        out = {"weight": torch.cat([s["weight"] for s in local_states], 1)}
+        if "bias" in local_states[0]:
+            out["bias"] = local_states[0]["bias"]
+        return out
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one matmul.
+
+    Each segment (e.g. gate and up of a SwiGLU MLP) is sharded on its own, so rank r holds
+    [seg0 shard r | seg1 shard r | ...] and can split its output locally.
+    """
+
+    def __init__(self, in_features, segment_sizes: list[int], comm: Communicator, bias=False, **kw):
+        for i, s in enumerate(segment_sizes):
+            require_divisible(f"segment_sizes[{i}]", s, comm.world_size)
+        self.segment_sizes = list(segment_sizes)
+        super().__init__(in_features, sum(segment_sizes), comm, bias=bias, **kw)
+
+    @property
+    def local_segment_sizes(self) -> list[int]:
+        return [s // self.comm.world_size for s in self.segment_sizes]
+
+    @classmethod
+    def from_full(cls, weights: list, comm: Communicator, biases: list | None = None, **kw):
+        sizes = [shape_of(w)[0] for w in weights]
+        in_features = shape_of(weights[0])[1]
+        layer = cls(in_features, sizes, comm, bias=biases is not None, **kw)
+        r = comm.rank
+        parts = [take(w, 0, r * s // comm.world_size, (r + 1) * s // comm.world_size) for w, s in zip(weights, sizes)]
+        _copy_into(layer.weight, torch.cat(parts, 0), "weight")
+        if biases is not None:
+            parts = [take(b, 0, r * s // comm.world_size, (r + 1) * s // comm.world_size) for b, s in zip(biases, sizes)]
+            _copy_into(layer.bias, torch.cat(parts, 0), "bias")
+        return layer
+
+    @staticmethod
+    def full_state(local_states: list[dict], segment_sizes: list[int], **_):
+        tp = len(local_states)
+        local = [s // tp for s in segment_sizes]
+        out = {}
+        for key in local_states[0]:
+            per_rank = [torch.split(s[key], local, 0) for s in local_states]
+            out[key] = [torch.cat([pr[i] for pr in per_rank], 0) for i in range(len(segment_sizes))]
+        return out
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection for grouped-query attention, sharded by heads.
+
+    Query heads are split tp ways. Key/value heads are split when num_kv_heads >= tp and
+    replicated (each rank holds the one kv head its query heads use) when tp is a multiple
+    of num_kv_heads. Local output: [q (num_heads/tp * head_dim) | k | v (local_kv * head_dim)].
+    """
+
+    def __init__(self, hidden_size, head_dim, num_heads, num_kv_heads, comm: Communicator, bias=False, **kw):
+        tp = comm.world_size
+        require_divisible("num_heads", num_heads, tp)
+        require(num_heads % num_kv_heads == 0, "num_kv_heads", num_kv_heads, f"must divide num_heads={num_heads}")
+        check_kv_heads(num_kv_heads, tp)
+        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
+        self.local_heads = num_heads // tp
+        self.kv_replicas = max(1, tp // num_kv_heads)  # ranks sharing one kv head
+        self.local_kv_heads = max(1, num_kv_heads // tp)
+        super().__init__(hidden_size, tp * (self.local_heads + 2 * self.local_kv_heads) * head_dim, comm, bias=bias, **kw)
+
+    def kv_head_range(self, rank: int) -> tuple[int, int]:
+        first = (rank // self.kv_replicas) * self.local_kv_heads
+        return first, first + self.local_kv_heads
+
+    @classmethod
+    def from_full(cls, q, k, v, comm: Communicator, head_dim: int, q_bias=None, k_bias=None, v_bias=None, **kw):
+        num_heads, num_kv_heads = shape_of(q)[0] // head_dim, shape_of(k)[0] // head_dim
+        layer = cls(shape_of(q)[1], head_dim, num_heads, num_kv_heads, comm, bias=q_bias is not None, **kw)
+        r, d = comm.rank, head_dim
+        q0 = r * layer.local_heads * d
+        k0, k1 = (h * d for h in layer.kv_head_range(r))
+        _copy_into(layer.weight, torch.cat([take(q, 0, q0, q0 + layer.local_heads * d), take(k, 0, k0, k1), take(v, 0, k0, k1)], 0), "weight")
+        if q_bias is not None:
+            _copy_into(layer.bias, torch.cat([take(q_bias, 0, q0, q0 + layer.local_heads * d), take(k_bias, 0, k0, k1), take(v_bias, 0, k0, k1)], 0), "bias")
+        return layer
+
+    @staticmethod
+    def full_state(local_states: list[dict], head_dim: int, num_heads: int, num_kv_heads: int, sum_replicas: bool = False, **_):
+        """Rebuild {key: (q, k, v)}. Replicated kv heads are taken from their first holder,
+        or summed over holders when `sum_replicas` (gradients: each replica saw part of the heads)."""
+        tp = len(local_states)
+        lq, lkv = num_heads // tp * head_dim, max(1, num_kv_heads // tp) * head_dim
+        replicas = max(1, tp // num_kv_heads)
+        out = {}
+        for key in local_states[0]:
+            splits = [torch.split(s[key], [lq, lkv, lkv], 0) for s in local_states]
+            q = torch.cat([s[0] for s in splits], 0)
+            kv = []
+            for j in (1, 2):
+                groups = [sum(splits[g * replicas + i][j] for i in range(replicas)) if sum_replicas else splits[g * replicas][j] for g in range(tp // replicas)]
+                kv.append(torch.cat(groups, 0))
+            out[key] = (q, kv[0], kv[1])
+        return out
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    return math.ceil(vocab_size / tp) * tp
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows; any vocab size (padded to a multiple of tp).
+
+    ids: (...) long, replicated. out: (..., hidden), all-reduced (or reduce-scattered on
+    dim 1 with `sequence_parallel`). Rank r holds rows [r*V/tp, (r+1)*V/tp) of the padded table.
+    """
+
+    def __init__(self, vocab_size, hidden_size, comm: Communicator, sequence_parallel=False, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        require(isinstance(vocab_size, int) and vocab_size >= 1, "vocab_size", vocab_size, "must be a positive integer")
+        self.comm, self.vocab_size, self.sequence_parallel = comm, vocab_size, sequence_parallel
+        self.rows = padded_vocab(vocab_size, comm.world_size) // comm.world_size
+        self.start = comm.rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size, **_factory(dtype, device)))
+
+    def forward(self, ids):
+        if self.comm.world_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_scatter_to_sequence(out, self.comm, 1) if self.sequence_parallel else reduce_from_parallel(out, self.comm)
+
+    @classmethod
+    def from_full(cls, weight, comm: Communicator, **kw):
+        vocab, hidden = shape_of(weight)
+        layer = cls(vocab, hidden, comm, **kw)
+        _copy_into(layer.weight, take(weight, 0, layer.start, layer.start + layer.rows), "weight")
+        return layer
+
+    @staticmethod
+    def full_state(local_states: list[dict], vocab_size: int, **_):
+        return {"weight": torch.cat([s["weight"] for s in local_states], 0)[:vocab_size]}
+
+
+class ParallelLMHead(nn.Module):
+    """Vocab-parallel output projection; shares the padded row layout of VocabParallelEmbedding.
+
+    x: (..., hidden) replicated. forward returns (..., vocab_size) logits, gathered and with
+    padding stripped; `local_logits` returns (..., V_padded/tp) with padded columns at -inf
+    so they can never win an argmax or carry probability.
+    """
+
+    def __init__(self, hidden_size, vocab_size, comm: Communicator, dtype=torch.float32, device="cpu", tied_to: VocabParallelEmbedding | None = None):
+        super().__init__()
+        self.comm, self.vocab_size = comm, vocab_size
+        self.rows = padded_vocab(vocab_size, comm.world_size) // comm.world_size
+        self.start = comm.rank * self.rows
+        if tied_to is not None:
+            self.weight = tied_to.weight
+        else:
+            self.weight = nn.Parameter(torch.empty(self.rows, hidden_size, **_factory(dtype, device)))
+        self.num_padding = max(0, min(self.rows, self.start + self.rows - vocab_size))
+
+    def local_logits(self, x):
+        logits = F.linear(copy_to_parallel(x, self.comm), self.weight)
+        if self.num_padding:
+            pad = torch.zeros(self.rows, dtype=torch.bool, device=logits.device)
+            pad[self.rows - self.num_padding:] = True
+            logits = logits.masked_fill(pad, float("-inf"))
+        return logits
+
+    def forward(self, x):
+        return gather_from_parallel(self.local_logits(x), self.comm, -1)[..., : self.vocab_size]
+
+    @classmethod
+    def from_full(cls, weight, comm: Communicator, **kw):
+        vocab, hidden = shape_of(weight)
+        layer = cls(hidden, vocab, comm, **kw)
+        _copy_into(layer.weight, take(weight, 0, layer.start, layer.start + layer.rows), "weight")
+        return layer
+
+    full_state = VocabParallelEmbedding.full_state
+
+
+# --------------------------------------------------------------------------- norm, rotary, attention, MLP
+
+
+class RMSNorm(nn.Module):
+    """Replicated RMSNorm, computed in float32 and cast back (the Llama convention)."""
+
+    def __init__(self, hidden_size, eps=1e-5, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, **_factory(dtype, device)))
+
+    def forward(self, x):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    @classmethod
+    def from_full(cls, weight, comm: Communicator | None = None, eps=1e-5, **kw):
+        layer = cls(shape_of(weight)[0], eps=eps, **kw)
+        _copy_into(layer.weight, take(weight, 0, 0, shape_of(weight)[0]), "weight")
+        return layer
+
+
+def rotary_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies (float64) of rotary embeddings, with Llama-3 style scaling when asked."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind in (None, "default"):
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    require(kind == "llama3", "rope_scaling.rope_type", kind, "must be one of default, linear, llama3")
+    factor, low, high, orig = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = ((orig / wavelen) - low) / (high - low)
+    scaled = torch.where(wavelen > orig / low, inv / factor, inv)
+    mid = (wavelen <= orig / low) & (wavelen >= orig / high)
+    return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, heads, seq, head_dim); cos/sin: (batch or 1, seq, head_dim). Half-split pairing."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(wide) * cos + rotated.to(wide) * sin).to(x.dtype)
+
+
+class ParallelAttention(nn.Module):
+    """Causal self-attention with heads sharded across ranks, GQA and a preallocated KV cache.
+
+    x: (batch, seq, hidden) replicated -> (batch, seq, hidden) replicated (all-reduced in o_proj).
+    Each rank attends with its num_heads/tp query heads and their kv heads.
+    KV cache per rank: (max_batch, local_kv_heads, max_seq_len, head_dim) for k and v.
+    """
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads, comm: Communicator, head_dim=None, qkv_bias=False, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu", qkv=None, o_proj=None):
+        super().__init__()
+        head_dim = head_dim or hidden_size // num_heads
+        self.comm, self.head_dim = comm, head_dim
+        # from_full passes prebuilt shards so no throwaway parameters are allocated
+        self.qkv = qkv or QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, comm, bias=qkv_bias, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+        self.o_proj = o_proj or RowParallelLinear(num_heads * head_dim, hidden_size, comm, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, rope_theta, rope_scaling).to(device), persistent=False)
+        self.k_cache = self.v_cache = None
+
+    def allocate_kv_cache(self, max_batch: int, max_seq_len: int):
+        shape = (max_batch, self.qkv.local_kv_heads, max_seq_len, self.head_dim)
+        w = self.qkv.weight
+        self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+
+    def rotary(self, positions: torch.Tensor):
+        # float64 rotary tables when the layer itself is float64 (the exact reference)
+        wide = torch.promote_types(self.qkv.weight.dtype, torch.float32)
+        freqs = positions.to(wide)[..., None] * self.inv_freq.to(wide)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def forward(self, x, start_pos: int = 0, use_cache: bool = False):
+        b = x.shape[0]
+        qkv = self.qkv(x)
+        s = qkv.shape[1]
+        d, hq, hkv = self.head_dim, self.qkv.local_heads, self.qkv.local_kv_heads
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q = q.view(b, s, hq, d).transpose(1, 2)
+        k = k.view(b, s, hkv, d).transpose(1, 2)
+        v = v.view(b, s, hkv, d).transpose(1, 2)
+        positions = torch.arange(start_pos, start_pos + s, device=x.device)[None]
+        cos, sin = self.rotary(positions)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if use_cache:
+            require(self.k_cache is not None, "use_cache", use_cache, "call allocate_kv_cache() first")
+            require(start_pos + s <= self.k_cache.shape[2] and b <= self.k_cache.shape[0], "start_pos+seq", (b, start_pos + s), f"must fit the KV cache {tuple(self.k_cache.shape[:3])}")
+            self.k_cache[:b, :, start_pos:start_pos + s] = k
+            self.v_cache[:b, :, start_pos:start_pos + s] = v
+            k, v = self.k_cache[:b, :, : start_pos + s], self.v_cache[:b, :, : start_pos + s]
+        if hkv != hq:
+            k = k.repeat_interleave(hq // hkv, dim=1)
+            v = v.repeat_interleave(hq // hkv, dim=1)
+        if start_pos == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            q_pos = torch.arange(start_pos, start_pos + s, device=x.device)[:, None]
+            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, hq * d))
+
+    @classmethod
+    def from_full(cls, q, k, v, o, comm: Communicator, head_dim: int, q_bias=None, k_bias=None, v_bias=None, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu"):
+        kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+        qkv = QKVParallelLinear.from_full(q, k, v, comm, head_dim, q_bias, k_bias, v_bias, **kw)
+        o_proj = RowParallelLinear.from_full(o, comm, **kw)
+        return cls(shape_of(q)[1], shape_of(q)[0] // head_dim, shape_of(k)[0] // head_dim, comm, head_dim=head_dim, rope_theta=rope_theta, rope_scaling=rope_scaling, qkv=qkv, o_proj=o_proj, **kw)
+
+
+class ParallelMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)), gate/up column-parallel and fused, down row-parallel.
+
+    x: (..., hidden) replicated -> (..., hidden) replicated; intermediate is sharded (.., inter/tp).
+    """
+
+    def __init__(self, hidden_size, intermediate_size, comm: Communicator, sequence_parallel=False, dtype=torch.float32, device="cpu", gate_up=None, down=None):
+        super().__init__()
+        kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+        self.gate_up = gate_up or MergedColumnParallelLinear(hidden_size, [intermediate_size, intermediate_size], comm, **kw)
+        self.down = down or RowParallelLinear(intermediate_size, hidden_size, comm, **kw)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+    @classmethod
+    def from_full(cls, gate, up, down, comm: Communicator, sequence_parallel=False, dtype=torch.float32, device="cpu"):
+        kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+        gate_up = MergedColumnParallelLinear.from_full([gate, up], comm, **kw)
+        down_proj = RowParallelLinear.from_full(down, comm, **kw)
+        return cls(shape_of(gate)[1], shape_of(gate)[0], comm, gate_up=gate_up, down=down_proj, **kw)

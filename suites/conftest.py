@@ -1,0 +1,57 @@
+"""Shared fixtures: persistent rank worlds and the metrics sink for the correctness report."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from impl.orchestrator import MultiGPUOrchestrator
+
+WORLD_SIZES = (1, 2, 4)
+
+
+def _device() -> str:
+    return os.environ.get("TPGATE_DEVICE", "cpu")
+
+
+class Worlds:
+    """Lazily started, session-long worlds of 1, 2 and 4 ranks (one process start each)."""
+
+    def __init__(self):
+        self._worlds: dict[int, MultiGPUOrchestrator] = {}
+
+    def __getitem__(self, n: int) -> MultiGPUOrchestrator:
+        if n not in self._worlds:
+            self._worlds[n] = MultiGPUOrchestrator(n, device=_device(), timeout_s=120.0)
+        return self._worlds[n]  # run() (re)starts it on first use or after a failure
+
+    def close(self):
+        for w in self._worlds.values():
+            w.shutdown()
+
+
+@pytest.fixture(scope="session")
+def worlds():
+    w = Worlds()
+    yield w
+    w.close()
+
+
+class MetricsSink:
+    """Appends metric rows as JSON lines to $TPGATE_METRICS (the correctness runner sets it)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def write(self, rows: list[dict], test_id: str):
+        if not self.path:
+            return
+        with open(self.path, "a") as f:
+            for row in rows:
+                f.write(json.dumps({**row, "test": test_id}, default=str) + "\n")
+
+
+@pytest.fixture(scope="session")
+def metrics():
+    return MetricsSink(os.environ.get("TPGATE_METRICS"))
