@@ -131,6 +131,7 @@ def forward_backward(layer, case: LayerCase, dtype: torch.dtype, comm: Communica
     x = inputs(case)
     x = x if case.kind == "embedding" else x.to(dtype).requires_grad_(True)
     out = layer(x)
+    forward_collectives = len(getattr(comm, "records", ()))
     if case.kind in ("column", "merged_column", "qkv") and not case.params.get("gather", False):
         full = output_grad(case, (*out.shape[:-1], full_out_width(case)))
         grad = local_layout(case, full, comm.rank, comm.world_size)
@@ -138,7 +139,8 @@ def forward_backward(layer, case: LayerCase, dtype: torch.dtype, comm: Communica
         grad = output_grad(case, out.shape)
     out.backward(grad.to(dtype))
     grads = {n: p.grad.detach().cpu().clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return {"out": out.detach().cpu(), "grad_in": None if case.kind == "embedding" else x.grad.detach().cpu(), "grads": grads}
+    return {"out": out.detach().cpu(), "grad_in": None if case.kind == "embedding" else x.grad.detach().cpu(), "grads": grads,
+            "forward_collectives": forward_collectives}
 
 
 def full_out_width(case: LayerCase) -> int:
@@ -234,11 +236,14 @@ def run_on_rank(ctx, case: LayerCase) -> dict:
     counting = CountingCommunicator(ctx.comm)
     layer = build_layer(case, counting, dtype).to(ctx.device)
     result = forward_backward(layer, case, dtype, counting)
-    result["collectives"] = [asdict(r) for r in counting.records]
+    n = result.pop("forward_collectives")
+    result["collectives"] = [{**asdict(r), "phase": "forward" if i < n else "backward"} for i, r in enumerate(counting.records)]
     return result
 
 
 def run_single(case: LayerCase, dtype: torch.dtype) -> dict:
     """The unsharded layer on one device, in `dtype` (float64 gives the exact reference)."""
     comm = NullCommunicator(1)
-    return forward_backward(build_layer(case, comm, dtype), case, dtype, comm)
+    result = forward_backward(build_layer(case, comm, dtype), case, dtype, comm)
+    result.pop("forward_collectives")
+    return result

@@ -17,9 +17,10 @@ from .tolerance import compare
 REPLICATED_OUTPUT = {"row", "embedding", "lm_head", "rmsnorm", "attention", "mlp", "block"}
 
 
-def evaluate(world, case: LayerCase) -> list[dict]:
+def evaluate(world, case: LayerCase, rank_fn=run_on_rank) -> list[dict]:
+    """`rank_fn(ctx, case)` is the rank side; the default runs the real implementation."""
     dtype = parse_dtype(case.dtype)
-    per_rank = world.run(run_on_rank, case)
+    per_rank = world.run(rank_fn, case)
     tp = len(per_rank)
     single = run_single(case, dtype)
     exact = run_single(case, torch.float64)

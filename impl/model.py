@@ -43,16 +43,21 @@ class TransformerBlock(nn.Module):
         return h + self.mlp(self.post_attention_norm(h))
 
     @classmethod
-    def from_full(cls, tensors: dict, config: ModelConfig, comm: Communicator, dtype=torch.float32, device="cpu"):
-        """Build rank `comm.rank`'s shard from one block's full tensors (names: BLOCK_TENSORS)."""
+    def from_full(cls, tensors: dict, config: ModelConfig, comm: Communicator, dtype=torch.float32, device="cpu", sequence_parallel=False):
+        """Build rank `comm.rank`'s shard from one block's full tensors (names: BLOCK_TENSORS).
+
+        With `sequence_parallel`, x and the output are (batch, seq/tp, hidden) shards of the
+        sequence: norms and residuals run on 1/tp of the tokens, and each all-reduce becomes
+        an all-gather before the column-parallel input and a reduce-scatter after the row-parallel output.
+        """
         kw = dict(dtype=dtype, device=device)
         t = tensors
         biases = {n.split(".")[1][0] + "_bias": t[n] for n in QKV_BIASES if n in t}
         attention = ParallelAttention.from_full(
             t["self_attn.q_proj.weight"], t["self_attn.k_proj.weight"], t["self_attn.v_proj.weight"], t["self_attn.o_proj.weight"],
-            comm, head_dim=config.head_dim, rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, **biases, **kw,
+            comm, head_dim=config.head_dim, rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, sequence_parallel=sequence_parallel, **biases, **kw,
         )
-        mlp = ParallelMLP.from_full(t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"], t["mlp.down_proj.weight"], comm, **kw)
+        mlp = ParallelMLP.from_full(t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"], t["mlp.down_proj.weight"], comm, sequence_parallel=sequence_parallel, **kw)
         norm1 = RMSNorm.from_full(t["input_layernorm.weight"], eps=config.rms_norm_eps, **kw)
         norm2 = RMSNorm.from_full(t["post_attention_layernorm.weight"], eps=config.rms_norm_eps, **kw)
         return cls(attention, mlp, norm1, norm2)

@@ -1,0 +1,70 @@
+"""Atomic file and directory publication, so a reader never sees a half-written artefact.
+
+Contracts:
+  write_text_atomic / write_bytes_atomic: after return, `path` holds exactly the new content
+    (written to a temp file in the same directory, fsynced, then os.replace'd over `path`).
+    On any exception `path` is untouched and the temp file is removed.
+  publish_dir_atomic: moves a fully written `staging_dir` to `final_dir`, replacing any old
+    `final_dir`. The old directory is renamed aside first (rename is atomic per call), so at
+    every instant `final_dir` is either the complete old tree, absent for the instant between
+    two renames, or the complete new tree; never a mix. Both must be on one filesystem.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    # same directory: os.replace is only atomic within one filesystem
+    tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp.name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    write_bytes_atomic(path, text.encode(encoding))
+
+
+def _fsync_dir(path: Path) -> None:
+    # make the renames themselves durable; not supported everywhere (e.g. Windows), so best effort
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish_dir_atomic(staging_dir: str | Path, final_dir: str | Path) -> None:
+    staging, final = Path(staging_dir), Path(final_dir)
+    backup = None
+    if final.exists():
+        backup = final.with_name(f".{final.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+        os.rename(final, backup)
+    try:
+        os.rename(staging, final)
+    except BaseException:
+        if backup is not None:  # put the old report back rather than leave nothing
+            os.rename(backup, final)
+        raise
+    _fsync_dir(final.parent)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,61 @@
+"""Equivalence of alternative execution paths at TP: KV-cache decode vs full forward,
+sequence parallelism vs plain TP, and vocab-parallel argmax. Rank functions return CPU
+tensors; the driver compares them against the float64 single-device reference with the
+same policy as the layer cases (harness/tolerance.py)."""
+from __future__ import annotations
+
+import torch
+
+from impl.architecture import parse_dtype
+from impl.communication import NullCommunicator
+
+from .cases import LayerCase, block_config, build_layer, full_tensors, inputs
+from impl.model import TransformerBlock
+
+
+def cached_decode(ctx, case: LayerCase, prefill: int) -> torch.Tensor:
+    """Block output for the case's sequence, computed as prefill of `prefill` tokens into the
+    KV cache followed by one-token decode steps."""
+    dtype = parse_dtype(case.dtype)
+    layer = build_layer(case, ctx.comm, dtype)
+    layer.attention.allocate_kv_cache(case.batch, case.seq + 2)
+    x = inputs(case).to(dtype)
+    with torch.no_grad():
+        outs = [layer(x[:, :prefill], 0, use_cache=True)]
+        outs += [layer(x[:, t:t + 1], t, use_cache=True) for t in range(prefill, case.seq)]
+    return torch.cat(outs, 1).float()
+
+
+def sequence_parallel_block(ctx, case: LayerCase) -> dict:
+    """Forward/backward of the block with sequence parallelism; returns the gathered output and input grad."""
+    dtype = parse_dtype(case.dtype)
+    t = {k: v.to(dtype) for k, v in full_tensors(case).items()}
+    layer = TransformerBlock.from_full(t, block_config(case), ctx.comm, dtype=dtype, sequence_parallel=True)
+    x = ctx.comm.shard(inputs(case), 1).to(dtype).requires_grad_(True)
+    out = layer(x)
+    g = torch.Generator().manual_seed(case.seed + 2)
+    grad = torch.randn(case.batch, case.seq, case.params["hidden"], generator=g).to(dtype)
+    out.backward(ctx.comm.shard(grad, 1))
+    return {"out": ctx.comm.all_gather(out.detach().contiguous(), 1).float(), "grad_in": ctx.comm.all_gather(x.grad.contiguous(), 1).float(), "grad": grad.float()}
+
+
+def block_reference(case: LayerCase, dtype, grad: torch.Tensor | None = None) -> dict:
+    layer = build_layer(case, NullCommunicator(1), dtype)
+    x = inputs(case).to(dtype).requires_grad_(True)
+    out = layer(x)
+    if grad is not None:
+        out.backward(grad.to(dtype))
+    return {"out": out.detach().float() if dtype != torch.float64 else out.detach(), "grad_in": None if grad is None else x.grad}
+
+
+def lm_head_argmax(ctx, case: LayerCase) -> dict:
+    """Greedy pick over vocab-parallel logits, with every real logit negative so an unmasked
+    zero-weight padding row (logit 0) would win."""
+    layer = build_layer(case, ctx.comm, parse_dtype(case.dtype))
+    x = inputs(case).abs().to(parse_dtype(case.dtype)) + 0.1
+    with torch.no_grad():
+        layer.weight.copy_(-layer.weight.abs() - 0.01)
+        local = layer.local_logits(x)
+        full = layer(x)
+    pad = local[..., local.shape[-1] - layer.num_padding:] if layer.num_padding else local[..., :0]
+    return {"argmax": full.argmax(-1), "logits": full.float(), "pad_is_neg_inf": bool(torch.isneginf(pad).all()), "num_padding": layer.num_padding}

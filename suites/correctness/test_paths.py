@@ -1,0 +1,68 @@
+"""Alternative execution paths compute the same function at TP 1/2/4:
+KV-cache prefill+decode, sequence parallelism, and the vocab-parallel argmax."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness import paths
+from harness.cases import LayerCase, build_layer, full_tensors
+from harness.tolerance import compare
+from impl.architecture import parse_dtype
+
+from ..conftest import WORLD_SIZES
+from .strategies import layer_cases
+
+DTYPES = ("float32", "bfloat16")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_kv_cache_decode_matches_full_forward(world_size, dtype, worlds):
+    @settings(max_examples=4, deadline=None)
+    @given(case=layer_cases("block", world_size, dtype), data=st.data())
+    def check(case, data):
+        prefill = data.draw(st.integers(1, case.seq), label="prefill")
+        outs = worlds[world_size].run(paths.cached_decode, case, prefill)
+        assert all(torch.equal(o, outs[0]) for o in outs), "ranks disagree"
+        single = paths.block_reference(case, parse_dtype(dtype))["out"]
+        exact = paths.block_reference(case, torch.float64)["out"]
+        row = compare("output", outs[0], single, exact, parse_dtype(dtype), world_size)
+        assert row["passed"], row
+
+    check()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("world_size", (2, 4))
+def test_sequence_parallel_block_matches_single_device(world_size, dtype, worlds):
+    @settings(max_examples=4, deadline=None)
+    @given(case=layer_cases("block", world_size, dtype), seq_mult=st.integers(1, 3))
+    def check(case, seq_mult):
+        case = LayerCase(case.kind, dtype, case.seed, case.batch, world_size * seq_mult, case.params)
+        res = worlds[world_size].run(paths.sequence_parallel_block, case)[0]
+        single = paths.block_reference(case, parse_dtype(dtype), res["grad"])
+        exact = paths.block_reference(case, torch.float64, res["grad"])
+        for name in ("out", "grad_in"):
+            row = compare(name, res[name], single[name].float(), exact[name], parse_dtype(dtype), world_size)
+            assert row["passed"], row
+
+    check()
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_padded_vocab_rows_never_win_argmax(world_size, worlds):
+    @settings(max_examples=6, deadline=None)
+    @given(vocab=st.integers(1, 41), hidden=st.integers(1, 16), seed=st.integers(0, 2**31 - 1))
+    def check(vocab, hidden, seed):
+        case = LayerCase("lm_head", "float32", seed, 2, 3, {"vocab": vocab, "hidden": hidden})
+        results = worlds[world_size].run(paths.lm_head_argmax, case)
+        for r in results:
+            assert r["logits"].shape[-1] == vocab, "padding must be stripped from gathered logits"
+            assert int(r["argmax"].max()) < vocab
+            assert r["pad_is_neg_inf"]
+        assert all(torch.equal(r["argmax"], results[0]["argmax"]) for r in results)
+
+    check()
