@@ -2,7 +2,8 @@
 
 Contracts:
   write_text_atomic / write_bytes_atomic: after return, `path` holds exactly the new content
-    (written to a temp file in the same directory, fsynced, then os.replace'd over `path`).
+    (written to a temp file in the same directory, fsynced, then os.replace'd over `path`),
+    with the mode of the file it replaced, or 0644 for a new file.
     On any exception `path` is untouched and the temp file is removed.
   publish_dir_atomic: moves a fully written `staging_dir` to `final_dir`, replacing any old
     `final_dir`. The old directory is renamed aside first (rename is atomic per call), so at
@@ -23,6 +24,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
         with tmp:
+            # NamedTemporaryFile is 0600; keep the replaced file's mode, else a normal 0644
+            os.fchmod(tmp.fileno(), path.stat().st_mode & 0o7777 if path.exists() else 0o644)
             tmp.write(data)
             tmp.flush()
             os.fsync(tmp.fileno())

@@ -128,7 +128,8 @@ def output_grad(case: LayerCase, out_shape) -> torch.Tensor:
 
 def forward_backward(layer, case: LayerCase, dtype: torch.dtype, comm: Communicator):
     """Forward, then backward of sum(out * grad_out). Returns CPU tensors: out, input grad, local param grads."""
-    x = inputs(case)
+    device = next(layer.parameters()).device
+    x = inputs(case).to(device)
     x = x if case.kind == "embedding" else x.to(dtype).requires_grad_(True)
     out = layer(x)
     forward_collectives = len(getattr(comm, "records", ()))
@@ -137,7 +138,7 @@ def forward_backward(layer, case: LayerCase, dtype: torch.dtype, comm: Communica
         grad = local_layout(case, full, comm.rank, comm.world_size)
     else:
         grad = output_grad(case, out.shape)
-    out.backward(grad.to(dtype))
+    out.backward(grad.to(device, dtype))
     grads = {n: p.grad.detach().cpu().clone() for n, p in layer.named_parameters() if p.grad is not None}
     return {"out": out.detach().cpu(), "grad_in": None if case.kind == "embedding" else x.grad.detach().cpu(), "grads": grads,
             "forward_collectives": forward_collectives}

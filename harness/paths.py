@@ -17,26 +17,27 @@ def cached_decode(ctx, case: LayerCase, prefill: int) -> torch.Tensor:
     """Block output for the case's sequence, computed as prefill of `prefill` tokens into the
     KV cache followed by one-token decode steps."""
     dtype = parse_dtype(case.dtype)
-    layer = build_layer(case, ctx.comm, dtype)
+    layer = build_layer(case, ctx.comm, dtype).to(ctx.device)
     layer.attention.allocate_kv_cache(case.batch, case.seq + 2)
-    x = inputs(case).to(dtype)
+    x = inputs(case).to(ctx.device, dtype)
     with torch.no_grad():
         outs = [layer(x[:, :prefill], 0, use_cache=True)]
         outs += [layer(x[:, t:t + 1], t, use_cache=True) for t in range(prefill, case.seq)]
-    return torch.cat(outs, 1).float()
+    return torch.cat(outs, 1).float().cpu()
 
 
 def sequence_parallel_block(ctx, case: LayerCase) -> dict:
     """Forward/backward of the block with sequence parallelism; returns the gathered output and input grad."""
     dtype = parse_dtype(case.dtype)
     t = {k: v.to(dtype) for k, v in full_tensors(case).items()}
-    layer = TransformerBlock.from_full(t, block_config(case), ctx.comm, dtype=dtype, sequence_parallel=True)
-    x = ctx.comm.shard(inputs(case), 1).to(dtype).requires_grad_(True)
+    layer = TransformerBlock.from_full(t, block_config(case), ctx.comm, dtype=dtype, device=ctx.device, sequence_parallel=True)
+    x = ctx.comm.shard(inputs(case), 1).to(ctx.device, dtype).requires_grad_(True)
     out = layer(x)
     g = torch.Generator().manual_seed(case.seed + 2)
     grad = torch.randn(case.batch, case.seq, case.params["hidden"], generator=g).to(dtype)
-    out.backward(ctx.comm.shard(grad, 1))
-    return {"out": ctx.comm.all_gather(out.detach().contiguous(), 1).float(), "grad_in": ctx.comm.all_gather(x.grad.contiguous(), 1).float(), "grad": grad.float()}
+    out.backward(ctx.comm.shard(grad, 1).to(ctx.device))
+    gather = lambda t: ctx.comm.all_gather(t.contiguous(), 1).float().cpu()  # noqa: E731
+    return {"out": gather(out.detach()), "grad_in": gather(x.grad), "grad": grad.float()}
 
 
 def block_reference(case: LayerCase, dtype, grad: torch.Tensor | None = None) -> dict:
@@ -51,11 +52,11 @@ def block_reference(case: LayerCase, dtype, grad: torch.Tensor | None = None) ->
 def lm_head_argmax(ctx, case: LayerCase) -> dict:
     """Greedy pick over vocab-parallel logits, with every real logit negative so an unmasked
     zero-weight padding row (logit 0) would win."""
-    layer = build_layer(case, ctx.comm, parse_dtype(case.dtype))
-    x = inputs(case).abs().to(parse_dtype(case.dtype)) + 0.1
+    layer = build_layer(case, ctx.comm, parse_dtype(case.dtype)).to(ctx.device)
+    x = inputs(case).abs().to(ctx.device, parse_dtype(case.dtype)) + 0.1
     with torch.no_grad():
         layer.weight.copy_(-layer.weight.abs() - 0.01)
         local = layer.local_logits(x)
         full = layer(x)
     pad = local[..., local.shape[-1] - layer.num_padding:] if layer.num_padding else local[..., :0]
-    return {"argmax": full.argmax(-1), "logits": full.float(), "pad_is_neg_inf": bool(torch.isneginf(pad).all()), "num_padding": layer.num_padding}
+    return {"argmax": full.argmax(-1).cpu(), "logits": full.float().cpu(), "pad_is_neg_inf": bool(torch.isneginf(pad).all()), "num_padding": layer.num_padding}

@@ -1,6 +1,7 @@
 """Contracts shared by every room of `impl/`: configs, errors and the Communicator interface.
 
-Nothing here touches torch.distributed; the only module that does is `impl.communication`.
+Nothing here touches torch.distributed. Collectives live in `impl.communication` alone;
+`impl.orchestrator` creates and destroys process groups but moves no tensors itself.
 """
 from __future__ import annotations
 

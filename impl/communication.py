@@ -188,6 +188,8 @@ class _CopyToParallel(torch.autograd.Function):
 class _ReduceFromParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm):
+        if x.is_contiguous():  # reduced in place: tell autograd the input changed
+            ctx.mark_dirty(x)
         return comm.all_reduce(x.contiguous())
 
     @staticmethod
@@ -267,3 +269,10 @@ def reduce_scatter_to_sequence(x: torch.Tensor, comm: Communicator, dim: int = 1
 def gather_from_sequence(x: torch.Tensor, comm: Communicator, dim: int = 1) -> torch.Tensor:
     """Sequence parallelism: rebuild the full sequence (backward: reduce-scatter)."""
     return _GatherFromSequence.apply(x, comm, dim) if comm.world_size > 1 else x
+
+
+def gather_objects(obj, dst: int = 0, group: dist.ProcessGroup | None = None) -> list | None:
+    """Every rank's picklable `obj`, in rank order, on rank `dst` (None elsewhere)."""
+    gathered = [None] * dist.get_world_size(group) if dist.get_rank(group) == dst else None
+    dist.gather_object(obj, gathered, dst=dst, group=group)
+    return gathered

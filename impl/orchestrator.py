@@ -24,13 +24,14 @@ import time
 import traceback
 import weakref
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .architecture import TPConfigError, require
-from .communication import ProcessGroupCommunicator
+from .communication import ProcessGroupCommunicator, gather_objects
 
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("cpu", "cuda")
@@ -93,7 +94,7 @@ def choose_backend(device: str, local_world_size: int, gpu_count: int, requested
 
 
 def free_port() -> int:
-    """A TCP port the OS reports free now (a race remains; init retries on EADDRINUSE)."""
+    """A TCP port the OS reports free now (a race remains: `start` retries on a new port)."""
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -106,7 +107,8 @@ class ProcessGroupManager:
     """Create, hold and destroy one rank's process group and its TP subgroup.
 
     The TP groups are consecutive blocks of `tp_size` ranks. Every collective inherits
-    `timeout_s`; NCCL additionally gets async error handling so a stuck collective aborts.
+    `timeout_s`; with NCCL, TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (set unless the user set it)
+    makes a collective that outlives it abort the process instead of blocking forever.
     """
 
     def __init__(self, world_size: int, rank: int, *, local_rank: int | None = None, local_world_size: int | None = None, tp_size: int | None = None,
@@ -135,6 +137,8 @@ class ProcessGroupManager:
                    local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), master_addr=env["MASTER_ADDR"], master_port=int(env["MASTER_PORT"]), **kw)
 
     def init(self) -> "ProcessGroupManager":
+        if self.backend == "nccl":
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         timeout = datetime.timedelta(seconds=self.timeout_s)
@@ -214,10 +218,11 @@ def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid):
         except BaseException:
             value, ok = traceback.format_exc(), False
         elapsed = time.perf_counter() - start
-        try:
-            results.put((call_id, rank, ok, value, elapsed))
-        except Exception:  # unpicklable result
-            results.put((call_id, rank, False, traceback.format_exc(), elapsed))
+        try:  # Queue.put pickles in a background thread, where a failure would be lost: check here
+            ForkingPickler.dumps(value)
+        except Exception:
+            value, ok = f"result of {getattr(fn, '__qualname__', fn)} cannot be sent to the driver:\n{traceback.format_exc()}", False
+        results.put((call_id, rank, ok, value, elapsed))
     with contextlib.suppress(Exception):
         manager.destroy()
 
@@ -279,9 +284,23 @@ class MultiGPUOrchestrator:
     def alive(self) -> bool:
         return bool(self._procs) and all(p.is_alive() for p in self._procs)
 
-    def start(self) -> "MultiGPUOrchestrator":
+    def start(self, port_attempts: int = 3) -> "MultiGPUOrchestrator":
+        """Spawn the ranks and wait until each has joined the process group.
+
+        The rendezvous port is picked free; if another process takes it before rank 0
+        binds it, the start is retried on a new port (`port_attempts` in all).
+        """
         if self.alive:
             return self
+        for attempt in range(port_attempts):
+            try:
+                return self._start_once()
+            except WorldStartError as e:
+                if attempt == port_attempts - 1 or "address already in use" not in str(e).lower():
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> "MultiGPUOrchestrator":
         self.shutdown()
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
@@ -341,8 +360,12 @@ class MultiGPUOrchestrator:
     # -- calls
 
     def run(self, fn, *args, timeout_s: float | None = None, **kwargs) -> list:
-        if not self.alive:
+        if not self._procs:  # never started, or torn down after a failure
             self.start()
+        dead = {r: p.exitcode for r, p in enumerate(self._procs) if p.exitcode is not None}
+        if dead:  # died between calls: say so rather than silently restart and lose rank state
+            self.shutdown(join_s=0.0)
+            raise RankDiedError(f"rank(s) {sorted(dead)} exited since the last call (exit codes {dead})", list(dead))
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         require(timeout_s > 0, "timeout_s", timeout_s, "must be > 0")
         self._call_id += 1
@@ -408,7 +431,9 @@ class TorchrunWorld:
     """The orchestrator's `run` API when this process is one rank of a torchrun job.
 
     Every process calls `run(fn, ...)`; fn runs locally and rank 0 receives every rank's
-    result (others get None), so rank 0 alone collects and writes reports.
+    result (others get None), so rank 0 alone collects and writes reports. There is no
+    per-call timeout here: the process group's own timeout (`timeout_s`) bounds every
+    collective, and torchrun tears the job down when a rank fails.
     """
 
     def __init__(self, device: str = "cpu", backend: str = "auto", timeout_s: float = 300.0):
@@ -419,10 +444,7 @@ class TorchrunWorld:
         self.dispatch: list[DispatchRecord] = []
 
     def run(self, fn, *args, timeout_s=None, **kwargs):
-        value = fn(self.ctx, *args, **kwargs)
-        gathered = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(value, gathered, dst=0)
-        return gathered
+        return gather_objects(fn(self.ctx, *args, **kwargs), dst=0)
 
     def shutdown(self):
         self.manager.destroy()

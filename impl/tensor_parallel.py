@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import Communicator, check_kv_heads, require, require_divisible
+from .architecture import Communicator, TPConfigError, check_kv_heads, require, require_divisible
 from .communication import copy_to_parallel, gather_from_parallel, gather_from_sequence, reduce_from_parallel, reduce_scatter_to_sequence, scatter_to_parallel
 
 
@@ -56,6 +56,12 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
         param.copy_(value.to(param.dtype))
 
 
+def check_input(x: torch.Tensor, weight: torch.Tensor, layer: str) -> None:
+    """Mismatched dtype/device fail with a message naming the layer, not deep inside a matmul."""
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise TPConfigError(f"{layer} input", f"{x.dtype} on {x.device}", f"must match the layer's weights: {weight.dtype} on {weight.device}")
+
+
 def _factory(dtype, device):
     return {"dtype": dtype, "device": device}
 
@@ -80,6 +86,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features // tp, **_factory(dtype, device))) if bias else None
 
     def forward(self, x):
+        check_input(x, self.weight, type(self).__name__)
         x = gather_from_sequence(x, self.comm, 1) if self.sequence_parallel else copy_to_parallel(x, self.comm)
         y = F.linear(x, self.weight, self.bias)
         return gather_from_parallel(y, self.comm, -1) if self.gather_output else y
@@ -117,6 +124,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **_factory(dtype, device))) if bias else None
 
     def forward(self, x):
+        check_input(x, self.weight, "RowParallelLinear")
         if not self.input_is_parallel:
             x = scatter_to_parallel(x, self.comm, -1)
         y = F.linear(x, self.weight)
@@ -259,6 +267,8 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.rows, hidden_size, **_factory(dtype, device)))
 
     def forward(self, ids):
+        if ids.dtype not in (torch.int32, torch.int64) or ids.device != self.weight.device:
+            raise TPConfigError("VocabParallelEmbedding input", f"{ids.dtype} on {ids.device}", f"must be integer token ids on {self.weight.device}")
         if self.comm.world_size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start

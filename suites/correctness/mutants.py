@@ -21,13 +21,13 @@ class _ClaimsRank:
 
 
 def _run(ctx, case, layer):
-    return forward_backward(layer, case, parse_dtype(case.dtype), ctx.comm)
+    return forward_backward(layer.to(ctx.device), case, parse_dtype(case.dtype), ctx.comm)
 
 
 def no_collectives(ctx, case):
     """Every collective dropped (each rank keeps its partial result)."""
     comm = NullCommunicator(ctx.world_size, ctx.rank)
-    out = forward_backward(build_layer(case, comm, parse_dtype(case.dtype)), case, parse_dtype(case.dtype), comm)
+    out = forward_backward(build_layer(case, comm, parse_dtype(case.dtype)).to(ctx.device), case, parse_dtype(case.dtype), comm)
     return {**out, "collectives": []}
 
 
@@ -41,7 +41,7 @@ def shifted_shard(ctx, case):
 def bias_every_rank(ctx, case):
     """Row-parallel bias added before the all-reduce, i.e. tp times."""
     layer = build_layer(case, ctx.comm, parse_dtype(case.dtype))
-    layer.forward = lambda x: reduce_from_parallel(F.linear(x.chunk(ctx.world_size, -1)[ctx.rank], layer.weight, layer.bias), ctx.comm)
+    layer.forward = lambda x: reduce_from_parallel(F.linear(x.chunk(ctx.world_size, -1)[ctx.rank], layer.weight, layer.bias).contiguous(), ctx.comm)
     return {**_run(ctx, case, layer), "collectives": []}
 
 

@@ -1,0 +1,56 @@
+"""Functions run on ranks by the orchestrator suite (module level, so spawn can import them)."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def identity(ctx):
+    return {"rank": ctx.rank, "world_size": ctx.world_size, "pid": os.getpid(), "backend": ctx.backend,
+            "tp_size": ctx.comm.world_size, "initialized": dist.is_initialized()}
+
+
+def noop(ctx):
+    return None
+
+
+def all_reduce_rank(ctx):
+    return ctx.comm.all_reduce(torch.tensor([float(ctx.rank + 1)])).item()
+
+
+def remember(ctx, value):
+    ctx.state["value"] = value
+
+
+def recall(ctx):
+    return ctx.state.get("value")
+
+
+def raise_on(ctx, bad_rank):
+    if ctx.rank == bad_rank:
+        raise ValueError(f"injected failure on rank {ctx.rank}")
+    ctx.comm.barrier()  # the others wait in a collective the failed rank never enters
+
+
+def exit_on(ctx, bad_rank):
+    if ctx.rank == bad_rank:
+        os._exit(7)
+    ctx.comm.barrier()
+
+
+def sleep_on(ctx, bad_rank, seconds):
+    if ctx.rank == bad_rank:
+        time.sleep(seconds)
+    ctx.comm.barrier()
+
+
+def unpicklable(ctx):
+    return lambda: None
+
+
+def sleep_all(ctx, seconds):
+    time.sleep(seconds)
+    ctx.comm.barrier()

@@ -1,0 +1,117 @@
+"""The persistent world: initialisation, process groups, barrier, and every failure mode
+ending with the right error within its bound, leaving no process behind."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from impl.orchestrator import CallTimeoutError, MultiGPUOrchestrator, RankDiedError, RankError
+
+from . import rank_fns
+
+# Bounds: a failure must surface within the call's own timeout plus the grace the driver
+# gives the other ranks (2 s) plus shutdown (terminate, 1 s join) and slack for a loaded
+# 2-core machine. Restart of a world costs ~3 s on such a machine and is excluded.
+SLACK_S = 6.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(params=[2, 4], ids=lambda n: f"ws{n}")
+def world(request):
+    w = MultiGPUOrchestrator(request.param, timeout_s=30.0).start()
+    yield w
+    pids = w.pids
+    w.shutdown()
+    assert not any(_alive(p) for p in pids), "a rank survived shutdown"
+
+
+def test_ranks_initialise_their_process_group(world):
+    info = world.run(rank_fns.identity)
+    assert [i["rank"] for i in info] == list(range(world.world_size))
+    assert all(i["world_size"] == world.world_size and i["tp_size"] == world.world_size for i in info)
+    assert all(i["backend"] == "gloo" and i["initialized"] for i in info)
+    assert len({i["pid"] for i in info}) == world.world_size
+
+
+def test_collective_and_persistent_state(world):
+    n = world.world_size
+    assert world.run(rank_fns.all_reduce_rank) == [n * (n + 1) / 2] * n
+    world.run(rank_fns.remember, "kept")
+    pids = world.pids
+    assert world.run(rank_fns.recall) == ["kept"] * n
+    assert world.pids == pids, "calls must reuse the same processes"
+
+
+def test_barrier_and_dispatch_overhead_recorded(world):
+    before = len(world.dispatch)
+    world.barrier()
+    for _ in range(5):
+        world.run(rank_fns.noop)
+    records = world.dispatch[before:]
+    assert len(records) == 6
+    assert all(r.driver_s >= r.worker_s >= 0 and r.overhead_s >= 0 for r in records)
+
+
+def _expect(world, error, fn, *args, bound_s, timeout_s=None):
+    pids = world.pids
+    start = time.monotonic()
+    with pytest.raises(error) as info:
+        world.run(fn, *args, timeout_s=timeout_s)
+    elapsed = time.monotonic() - start
+    assert elapsed < bound_s, f"took {elapsed:.1f}s, bound {bound_s}s"
+    assert not any(_alive(p) for p in pids), "ranks of the failed world survived"
+    # the world is usable again: a fresh set of ranks with a fresh process group
+    n = world.world_size
+    assert world.run(rank_fns.all_reduce_rank) == [n * (n + 1) / 2] * n
+    return info.value
+
+
+def test_exception_on_one_rank_names_it_with_traceback(world):
+    bad = world.world_size - 1
+    err = _expect(world, RankError, rank_fns.raise_on, bad, bound_s=SLACK_S)
+    assert bad in err.ranks and f"injected failure on rank {bad}" in err.tracebacks[bad]
+    assert "Traceback" in str(err) and "raise_on" in str(err)
+
+
+def test_rank_that_exits_is_reported_not_waited_on(world):
+    err = _expect(world, RankDiedError, rank_fns.exit_on, 1, bound_s=SLACK_S)
+    assert err.ranks == [1] and "exit codes {1: 7}" in str(err)
+
+
+def test_call_exceeding_its_timeout_ends(world):
+    err = _expect(world, CallTimeoutError, rank_fns.sleep_on, 0, 60.0, timeout_s=2.0, bound_s=2.0 + SLACK_S)
+    assert 0 in err.ranks
+
+
+def test_unpicklable_result_is_an_error_not_a_hang(world):
+    err = _expect(world, RankError, rank_fns.unpicklable, bound_s=SLACK_S)
+    assert set(err.ranks) == set(range(world.world_size))
+
+
+def test_rank_killed_between_calls_is_reported(world):
+    os.kill(world.pids[1], signal.SIGKILL)
+    time.sleep(0.5)
+    err = _expect(world, RankDiedError, rank_fns.noop, bound_s=SLACK_S)
+    assert err.ranks == [1]
+
+
+def test_rank_killed_during_a_call_is_reported(world):
+    victim = world.pids[-1]
+    threading.Timer(0.5, os.kill, (victim, signal.SIGKILL)).start()
+    err = _expect(world, RankDiedError, rank_fns.sleep_all, 3.0, bound_s=3.0 + SLACK_S)
+    assert err.ranks == [world.world_size - 1] and "-9" in str(err)
