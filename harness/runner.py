@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from impl.architecture import TPConfigError
+
 from . import tolerance
 from .environment import collect_environment
 from .report import write_correctness_report
@@ -37,6 +39,20 @@ class _Outcomes:
                 row["message"] = str(report.longrepr)[-4000:] if report.longrepr else ""
 
 
+def configured_examples(default: int = 10) -> int:
+    """`examples` from [tool.tpgate.correctness] in pyproject.toml (hypothesis examples per property)."""
+    import tomllib
+
+    try:
+        config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return default
+    value = config.get("tool", {}).get("tpgate", {}).get("correctness", {}).get("examples", default)
+    if not isinstance(value, int) or value < 1:
+        raise TPConfigError("[tool.tpgate.correctness].examples", value, "must be an integer >= 1")
+    return value
+
+
 def run_correctness(out_dir: str | Path = "reports/correctness", examples: int | None = None, device: str = "cpu",
                     pytest_args: list[str] | None = None) -> dict:
     """Run the suites and write the report. Returns the report summary (verdict etc.)."""
@@ -48,9 +64,7 @@ def run_correctness(out_dir: str | Path = "reports/correctness", examples: int |
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="tpgate-") as tmp:
         sink = Path(tmp) / "metrics.jsonl"
-        env = {"TPGATE_METRICS": str(sink), "TPGATE_DEVICE": device}
-        if examples is not None:
-            env["TPGATE_EXAMPLES"] = str(examples)
+        env = {"TPGATE_METRICS": str(sink), "TPGATE_DEVICE": device, "TPGATE_EXAMPLES": str(examples or configured_examples())}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         plugin = _Outcomes()
