@@ -125,6 +125,7 @@ class ProcessGroupManager:
         self.backend = choose_backend(device, self.local_world_size, gpus, backend)
         self.device = torch.device(f"cuda:{self.local_rank % gpus}") if device == "cuda" else torch.device("cpu")
         self.master_addr, self.master_port, self.timeout_s = master_addr, master_port, timeout_s
+        self.init_method = f"tcp://{master_addr}:{master_port}"
         self.tp_group = None
 
     @classmethod
@@ -133,8 +134,10 @@ class ProcessGroupManager:
         env = os.environ
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
         require(not missing, "environment", missing, "torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; launch with torchrun or pass them explicitly")
-        return cls(int(env["WORLD_SIZE"]), int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
-                   local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), master_addr=env["MASTER_ADDR"], master_port=int(env["MASTER_PORT"]), **kw)
+        manager = cls(int(env["WORLD_SIZE"]), int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
+                      local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), master_addr=env["MASTER_ADDR"], master_port=int(env["MASTER_PORT"]), **kw)
+        manager.init_method = "env://"  # torchrun's agent already serves the store at MASTER_PORT
+        return manager
 
     def init(self) -> "ProcessGroupManager":
         if self.backend == "nccl":
@@ -143,7 +146,7 @@ class ProcessGroupManager:
             torch.cuda.set_device(self.device)
         timeout = datetime.timedelta(seconds=self.timeout_s)
         kw = {"device_id": self.device} if self.backend == "nccl" else {}
-        dist.init_process_group(self.backend, init_method=f"tcp://{self.master_addr}:{self.master_port}", rank=self.rank, world_size=self.world_size, timeout=timeout, **kw)
+        dist.init_process_group(self.backend, init_method=self.init_method, rank=self.rank, world_size=self.world_size, timeout=timeout, **kw)
         self.tp_group = None
         for start in range(0, self.world_size, self.tp_size):
             ranks = list(range(start, start + self.tp_size))
@@ -447,6 +450,8 @@ class TorchrunWorld:
         return gather_objects(fn(self.ctx, *args, **kwargs), dst=0)
 
     def shutdown(self):
+        # a rank that tears gloo down while a peer still reads from it aborts the peer
+        self.ctx.comm.barrier()
         self.manager.destroy()
 
 
