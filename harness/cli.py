@@ -30,7 +30,76 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--calls", type=_positive_int, default=500)
     d.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     sub.add_parser("env", help="print the environment the reports record")
+    v = sub.add_parser("verify", help="load a Hugging Face (safetensors) checkpoint at each TP degree and compare logits and greedy tokens")
+    v.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
+    v.add_argument("--tp", type=_tp_list, default=None, help="comma-separated TP degrees, e.g. 1,2,4 (default: every degree of 1,2,4 the model allows)")
+    v.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    v.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    v.add_argument("--batch", type=_positive_int, default=2)
+    v.add_argument("--prompt-len", type=_positive_int, default=16)
+    v.add_argument("--new-tokens", type=_positive_int, default=8)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the results as JSON")
+    v.add_argument("--save-logits", default=None, metavar="FILE", help="safetensors file: input_ids and the prompt logits per TP degree (tp1, tp2, ...)")
     return parser
+
+
+def _tp_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every TP degree must be >= 1")
+    return tuple(dict.fromkeys(values))
+
+
+def _verify(args) -> int:
+    from harness.verify import VerifyRequest, default_tps, save_logits, verify, write_json
+    from impl.model_loader import CheckpointError
+    from impl.orchestrator import MultiGPUOrchestrator
+
+    try:
+        tps = args.tp or default_tps(args.checkpoint)
+    except CheckpointError as e:
+        print(f"tpgate verify: error: {e}", file=sys.stderr)
+        return 2
+    req = VerifyRequest(args.checkpoint, tps, args.device, args.dtype, args.batch, args.prompt_len, args.new_tokens, args.seed)
+    worlds = {}
+
+    def world(n):
+        if n not in worlds:
+            worlds[n] = MultiGPUOrchestrator(n, device=args.device, timeout_s=600)
+        return worlds[n]
+
+    try:
+        result = verify(req, world, progress=lambda msg: print(f"tpgate verify: {msg}", file=sys.stderr))
+    except CheckpointError as e:
+        print(f"tpgate verify: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for w in worlds.values():
+            w.shutdown()
+    _print_verify(result)
+    if args.json_path:
+        write_json(result, args.json_path)
+    if args.save_logits:
+        save_logits(result, args.save_logits)
+    return 0 if result["passed"] else 1
+
+
+def _print_verify(result: dict) -> None:
+    sem = result["semantic_check"]
+    print(f"reference: float64 tpgate TP=1 (exact); single-device run: {result['reference']}")
+    if sem:
+        print(f"transformers float64 vs tpgate float64: max-abs {sem['max_abs']:.3g} (limit {sem['scale'] * 1e-5:.3g}) {'ok' if sem['passed'] else 'MISMATCH'}")
+    head = f"{'tp':>3} {'dtype':>9} {'max-abs':>10} {'rel':>10} {'bound':>10} {'top-1':>7} {'diverges at':>12}  verdict"
+    print(head)
+    for r in result["rows"]:
+        div = "-" if r["first_diverging_token"] is None else f"{r['first_diverging_token']}{' (tie)' if r['divergence_at_near_tie'] else ''}"
+        print(f"{r['tp']:>3} {r['dtype']:>9} {r['max_abs_vs_exact']:>10.3g} {r['rel_vs_exact']:>10.3g} {r['bound']:>10.3g} {r['top1_agreement']:>7.1%} {div:>12}  "
+              f"{'PASS' if r['passed'] else 'FAIL'}")
+    print("verdict:", "PASS" if result["passed"] else "FAIL")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tpgate correctness: {summary['verdict']} — {summary['n_tests']} tests, {summary['n_failed']} failed, "
                   f"{summary['n_examples']} examples; report: {summary['index']}")
             return 0 if summary["verdict"] == "PASS" else 1
+        if args.command == "verify":
+            return _verify(args)
         if args.command == "dispatch":
             from harness.bench import dispatch_overhead
 

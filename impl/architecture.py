@@ -37,6 +37,8 @@ def require_divisible(argument: str, value: int, tp: int) -> None:
     )
 
 
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -91,6 +93,7 @@ class ModelConfig:
     rope_scaling: dict | None = None
     max_seq_len: int = 2048
     qkv_bias: bool = False
+    o_bias: bool = False
     tie_word_embeddings: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -103,6 +106,28 @@ class ModelConfig:
             require(self.hidden_size % self.num_heads == 0, "hidden_size", self.hidden_size, f"must be a multiple of num_heads={self.num_heads} when head_dim is not given")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even (rotary embeddings rotate pairs)")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """From a Hugging Face config.json dict (transformers 4.x `rope_theta`/`rope_scaling`
+        or 5.x `rope_parameters`). Supported model_type: llama, mistral, qwen2."""
+        kind = hf.get("model_type")
+        require(kind in HF_MODEL_TYPES, "model_type", kind, f"must be one of {HF_MODEL_TYPES}")
+        require(hf.get("hidden_act", "silu") == "silu", "hidden_act", hf.get("hidden_act"), "must be silu (SwiGLU MLP)")
+        require(not hf.get("mlp_bias", False), "mlp_bias", hf.get("mlp_bias"), "MLP biases are not supported")
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        heads = hf["num_attention_heads"]
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+            max_seq_len=hf.get("max_position_embeddings", 2048), qkv_bias=kind == "qwen2" or attention_bias,
+            o_bias=kind != "qwen2" and attention_bias, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            extra={"model_type": kind, "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None},
+        )
 
     def check_tp(self, tp: int) -> None:
         """Raise TPConfigError if this model cannot be sharded `tp` ways."""

@@ -1,15 +1,20 @@
-"""Llama-family decoder built from `impl.tensor_parallel` layers.
+"""Llama-family decoder (Llama 1/2/3, Mistral, Qwen2) built from `impl.tensor_parallel` layers.
 
-Foundation scope: one pre-norm transformer block. The full model, loader and generation
-build on it (see DISTRIBUTED_ARCHITECTURE.md).
+Tensor names follow Hugging Face's Llama layout (`model.layers.{i}.self_attn.q_proj.weight`, ...);
+`LlamaModel.from_tensors` takes any mapping from those names to tensors or safetensors lazy
+slices, so a checkpoint file, a resharded tpgate checkpoint and a test's random weights all
+build the model through the layers' one `from_full` path.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from .architecture import Communicator, ModelConfig
-from .tensor_parallel import ParallelAttention, ParallelMLP, RMSNorm
+from .architecture import Communicator, ModelConfig, require
+from .communication import gather_from_sequence
+from .tensor_parallel import ParallelAttention, ParallelLMHead, ParallelMLP, RMSNorm, VocabParallelEmbedding
 
 # Names of one block's full tensors, in Hugging Face Llama naming (without the layer prefix).
 BLOCK_TENSORS = (
@@ -24,6 +29,7 @@ BLOCK_TENSORS = (
     "mlp.down_proj.weight",
 )
 QKV_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+O_BIAS = "self_attn.o_proj.bias"
 
 
 class TransformerBlock(nn.Module):
@@ -52,7 +58,7 @@ class TransformerBlock(nn.Module):
         """
         kw = dict(dtype=dtype, device=device)
         t = tensors
-        biases = {n.split(".")[1][0] + "_bias": t[n] for n in QKV_BIASES if n in t}
+        biases = {n.split(".")[1][0] + "_bias": t[n] for n in (*QKV_BIASES, O_BIAS) if n in t}
         attention = ParallelAttention.from_full(
             t["self_attn.q_proj.weight"], t["self_attn.k_proj.weight"], t["self_attn.v_proj.weight"], t["self_attn.o_proj.weight"],
             comm, head_dim=config.head_dim, rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, sequence_parallel=sequence_parallel, **biases, **kw,
@@ -63,26 +69,149 @@ class TransformerBlock(nn.Module):
         return cls(attention, mlp, norm1, norm2)
 
 
-def random_block_tensors(config: ModelConfig, generator: torch.Generator, std: float = 0.02) -> dict[str, torch.Tensor]:
-    """Full float32 tensors for one block, Llama-shaped, drawn from `generator`."""
+def block_shapes(config: ModelConfig) -> dict[str, tuple]:
+    """Full shape of every tensor of one block, by its name within the block."""
     h, d, i = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_heads * d, config.num_kv_heads * d
     shapes = {
         "input_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (config.num_heads * d, h),
-        "self_attn.k_proj.weight": (config.num_kv_heads * d, h),
-        "self_attn.v_proj.weight": (config.num_kv_heads * d, h),
-        "self_attn.o_proj.weight": (h, config.num_heads * d),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
         "post_attention_layernorm.weight": (h,),
         "mlp.gate_proj.weight": (i, h),
         "mlp.up_proj.weight": (i, h),
         "mlp.down_proj.weight": (h, i),
     }
     if config.qkv_bias:
-        shapes.update({"self_attn.q_proj.bias": (config.num_heads * d,), "self_attn.k_proj.bias": (config.num_kv_heads * d,), "self_attn.v_proj.bias": (config.num_kv_heads * d,)})
+        shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if config.o_bias:
+        shapes[O_BIAS] = (h,)
+    return shapes
+
+
+def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple]:
+    """Every tensor a Hugging Face checkpoint of this config holds, with its full shape."""
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, config.hidden_size), "model.norm.weight": (config.hidden_size,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    for layer in range(config.num_layers):
+        shapes.update({f"model.layers.{layer}.{name}": shape for name, shape in block_shapes(config).items()})
+    return shapes
+
+
+def random_block_tensors(config: ModelConfig, generator: torch.Generator, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Full float32 tensors for one block, Llama-shaped, drawn from `generator`."""
     out = {}
-    for name, shape in shapes.items():
+    for name, shape in block_shapes(config).items():
         if name.endswith("layernorm.weight"):
             out[name] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         else:
             out[name] = std * torch.randn(shape, generator=generator)
     return out
+
+
+class LlamaModel(nn.Module):
+    """Embedding -> blocks -> final norm -> LM head, each rank holding its shards.
+
+    forward(ids (batch, seq) long, replicated) -> logits (batch, seq or 1, vocab_size),
+    gathered on every rank (bitwise identical across ranks: all-gather copies, it does not add).
+    With `sequence_parallel`, prompts whose length is a multiple of tp run norms and residuals
+    on sequence shards (reduce-scatter / all-gather instead of all-reduce); other lengths,
+    and decode steps, run the plain TP path with the same weights.
+    """
+
+    def __init__(self, config: ModelConfig, comm: Communicator, embed: VocabParallelEmbedding, layers: list[TransformerBlock], norm: RMSNorm,
+                 lm_head: ParallelLMHead, sequence_parallel: bool = False):
+        super().__init__()
+        self.config, self.comm, self.sequence_parallel = config, comm, sequence_parallel
+        self.embed, self.layers, self.norm, self.lm_head = embed, nn.ModuleList(layers), norm, lm_head
+        self._sp_active = None
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping, config: ModelConfig, comm: Communicator, dtype=torch.float32, device="cpu", sequence_parallel=False) -> "LlamaModel":
+        """Build rank comm.rank's model from full tensors (or lazy slices) in Hugging Face naming."""
+        config.check_tp(comm.world_size)
+        kw = dict(dtype=dtype, device=device)
+        embed = VocabParallelEmbedding.from_full(tensors["model.embed_tokens.weight"], comm, **kw)
+        layers = []
+        for i in range(config.num_layers):
+            prefix = f"model.layers.{i}."
+            block = {name: tensors[prefix + name] for name in block_shapes(config)}
+            layers.append(TransformerBlock.from_full(block, config, comm, **kw))
+        norm = RMSNorm.from_full(tensors["model.norm.weight"], eps=config.rms_norm_eps, **kw)
+        if config.tie_word_embeddings:
+            lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, comm, tied_to=embed, **kw)
+        else:
+            lm_head = ParallelLMHead.from_full(tensors["lm_head.weight"], comm, **kw)
+        return cls(config, comm, embed, layers, norm, lm_head, sequence_parallel)
+
+    def allocate_kv_cache(self, max_batch: int, max_seq_len: int) -> None:
+        require(max_seq_len <= self.config.max_seq_len, "max_seq_len", max_seq_len, f"must be <= the model's max_position_embeddings={self.config.max_seq_len}")
+        for layer in self.layers:
+            layer.attention.allocate_kv_cache(max_batch, max_seq_len)
+
+    def _use_sequence_parallel(self, active: bool) -> None:
+        if active == self._sp_active:
+            return
+        for module in self.modules():
+            if hasattr(module, "sequence_parallel") and module is not self:
+                module.sequence_parallel = active
+        self._sp_active = active
+
+    def forward(self, ids: torch.Tensor, start_pos: int = 0, use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
+        tp, seq = self.comm.world_size, ids.shape[1]
+        sp = self.sequence_parallel and tp > 1 and seq % tp == 0
+        self._use_sequence_parallel(sp)
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(h, start_pos, use_cache)
+        h = self.norm(h)
+        if sp:
+            h = gather_from_sequence(h, self.comm, 1)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0) -> torch.Tensor:
+        """Prefill `ids` (batch, prompt), then decode `max_new_tokens`; returns (batch, max_new_tokens).
+
+        Every rank picks the same token without a broadcast: the logits are bitwise identical
+        on every rank (gathered, not reduced) and sampling draws from a generator seeded with
+        the same `seed` on every rank, so the same inputs give the same draw. That saves one
+        collective per decode step; the suites check it across ranks.
+        """
+        require(max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "must be >= 1")
+        require(temperature >= 0, "temperature", temperature, "must be >= 0 (0 = greedy)")
+        require(top_k is None or top_k >= 1, "top_k", top_k, "must be >= 1")
+        require(top_p is None or 0 < top_p <= 1, "top_p", top_p, "must be in (0, 1]")
+        batch, prompt = ids.shape
+        self.allocate_kv_cache(batch, prompt + max_new_tokens)
+        generator = torch.Generator(device=ids.device).manual_seed(seed)
+        logits = self(ids, 0, use_cache=True, last_only=True)[:, -1]
+        out = []
+        for step in range(max_new_tokens):
+            token = sample(logits.float(), temperature, top_k, top_p, generator)
+            out.append(token)
+            if step + 1 < max_new_tokens:
+                logits = self(token[:, None], prompt + step, use_cache=True)[:, -1]
+        return torch.stack(out, 1)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator) -> torch.Tensor:
+    """Next token per row of logits (batch, vocab): greedy at temperature 0, else top-k/top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

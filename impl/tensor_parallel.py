@@ -438,10 +438,10 @@ class ParallelAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, hq * d))
 
     @classmethod
-    def from_full(cls, q, k, v, o, comm: Communicator, head_dim: int, q_bias=None, k_bias=None, v_bias=None, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu"):
+    def from_full(cls, q, k, v, o, comm: Communicator, head_dim: int, q_bias=None, k_bias=None, v_bias=None, o_bias=None, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu"):
         kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         qkv = QKVParallelLinear.from_full(q, k, v, comm, head_dim, q_bias, k_bias, v_bias, **kw)
-        o_proj = RowParallelLinear.from_full(o, comm, **kw)
+        o_proj = RowParallelLinear.from_full(o, comm, bias=o_bias, **kw)
         return cls(shape_of(q)[1], shape_of(q)[0] // head_dim, shape_of(k)[0] // head_dim, comm, head_dim=head_dim, rope_theta=rope_theta, rope_scaling=rope_scaling, qkv=qkv, o_proj=o_proj, **kw)
 
 

@@ -1,0 +1,177 @@
+"""`tpgate verify CHECKPOINT_DIR`: does this checkpoint give the same logits and tokens at every TP degree?
+
+For each TP degree the checkpoint is loaded shard by shard (DistributedCheckpointLoader) in
+a persistent world of that size; one fixed random prompt batch is run (prompt logits, then a
+greedy continuation). References, all single-device:
+  exact   tpgate's model at TP=1 in float64 on the CPU (y* of harness/tolerance.py);
+  single  Hugging Face transformers' own model class in the working dtype (when installed),
+          else tpgate's TP=1 in the working dtype — its error E1 calibrates the bound;
+  hf64    transformers in float64: must match `exact` to 1e-5 relative (transformers evaluates
+          rotary tables in float32 even for a float64 model, ~1e-7; a semantic difference is O(1)).
+A TP degree passes when its prompt logits are within the tolerance policy's bound of `exact`
+and its greedy tokens equal the exact ones, or first differ at a step where the exact top-2
+logit margin is below twice the bound (a near-tie the dtype cannot resolve).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from impl.architecture import TPConfigError, parse_dtype, require
+from impl.communication import NullCommunicator
+from impl.model_loader import DistributedCheckpointLoader, read_config
+
+from .tolerance import compare
+
+SEMANTIC_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    directory: str
+    tps: tuple[int, ...]
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch: int = 2
+    prompt_len: int = 16
+    new_tokens: int = 8
+    seed: int = 0
+
+
+def prompt(req: VerifyRequest, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (req.batch, req.prompt_len), generator=torch.Generator().manual_seed(req.seed))
+
+
+def greedy_with_margins(step_logits) -> tuple[torch.Tensor, torch.Tensor]:
+    top2 = step_logits.topk(2, dim=-1).values if step_logits.shape[-1] > 1 else torch.cat([step_logits, step_logits], -1)
+    return step_logits.argmax(-1), top2[..., 0] - top2[..., 1]
+
+
+def run_model(model, ids: torch.Tensor, new_tokens: int) -> dict:
+    """Prompt logits (batch, prompt, vocab) float32 CPU, greedy tokens and exact-path margins."""
+    with torch.no_grad():
+        logits = model(ids).float()
+        model.allocate_kv_cache(ids.shape[0], ids.shape[1] + new_tokens)
+        step = model(ids, 0, use_cache=True, last_only=True)[:, -1].float()
+        tokens, margins = [], []
+        for i in range(new_tokens):
+            token, margin = greedy_with_margins(step)
+            tokens.append(token)
+            margins.append(margin)
+            if i + 1 < new_tokens:
+                step = model(token[:, None], ids.shape[1] + i, use_cache=True)[:, -1].float()
+    return {"logits": logits.cpu(), "tokens": torch.stack(tokens, 1).cpu(), "margins": torch.stack(margins, 1).cpu()}
+
+
+def run_on_rank(ctx, req: VerifyRequest, ids: torch.Tensor) -> dict | None:
+    model = DistributedCheckpointLoader(req.directory, ctx.comm).load(parse_dtype(req.dtype), ctx.device)
+    out = run_model(model, ids.to(ctx.device), req.new_tokens)
+    return out if ctx.rank == 0 else {"tokens": out["tokens"], "logits_checksum": float(out["logits"].double().sum())}
+
+
+def hf_run(req: VerifyRequest, ids: torch.Tensor, dtype: torch.dtype, device: str) -> dict | None:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    model = AutoModelForCausalLM.from_pretrained(req.directory, dtype=dtype).to(device).eval()
+    ids = ids.to(device)
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+        seq, tokens = ids, []
+        for _ in range(req.new_tokens):  # full recompute: simple and independent of HF's cache API
+            token = model(seq).logits[:, -1].argmax(-1)
+            tokens.append(token)
+            seq = torch.cat([seq, token[:, None]], 1)
+    return {"logits": logits.cpu(), "tokens": torch.stack(tokens, 1).cpu()}
+
+
+def check_request(req: VerifyRequest) -> None:
+    """Every bad input named before any process starts."""
+    config = read_config(req.directory)
+    parse_dtype(req.dtype, "--dtype")
+    for name in ("batch", "prompt_len", "new_tokens"):
+        require(getattr(req, name) >= 1, f"--{name.replace('_', '-')}", getattr(req, name), "must be >= 1")
+    require(req.prompt_len + req.new_tokens <= config.max_seq_len, "--prompt-len + --new-tokens", req.prompt_len + req.new_tokens,
+            f"must be <= max_position_embeddings={config.max_seq_len}")
+    require(req.device in ("cpu", "cuda"), "--device", req.device, "must be cpu or cuda")
+    require(req.device == "cpu" or torch.cuda.is_available(), "--device", req.device, "no CUDA device is visible")
+    require(len(req.tps) >= 1, "--tp", req.tps, "no TP degree left to verify")
+    for tp in req.tps:
+        try:
+            config.check_tp(tp)
+        except TPConfigError as e:
+            raise TPConfigError("--tp", tp, f"this checkpoint cannot be sharded {tp} ways ({e})") from None
+
+
+def default_tps(directory: str) -> tuple[int, ...]:
+    config = read_config(directory)
+    ok = []
+    for tp in (1, 2, 4):
+        try:
+            config.check_tp(tp)
+            ok.append(tp)
+        except TPConfigError:
+            pass
+    return tuple(ok)
+
+
+def verify(req: VerifyRequest, worlds_factory, progress=None) -> dict:
+    """Run every TP degree; returns {"rows": [...], "passed": bool, ...}. `worlds_factory(n)` gives a world of n ranks."""
+    check_request(req)
+    config = read_config(req.directory)
+    dtype = parse_dtype(req.dtype)
+    ids = prompt(req, config.vocab_size)
+    exact = run_model(DistributedCheckpointLoader(req.directory, NullCommunicator(1)).load(torch.float64), ids, req.new_tokens)
+    hf = hf_run(req, ids, dtype, req.device)
+    single = hf if hf is not None else run_model(DistributedCheckpointLoader(req.directory, NullCommunicator(1)).load(dtype, req.device), ids, req.new_tokens)
+    semantic = None
+    if hf is not None:
+        hf64 = hf_run(req, ids, torch.float64, "cpu")
+        scale = exact["logits"].abs().max().item()
+        semantic = {"max_abs": (hf64["logits"].double() - exact["logits"].double()).abs().max().item(), "scale": scale}
+        semantic["passed"] = semantic["max_abs"] <= SEMANTIC_RTOL * scale
+    rows, logits_by_tp = [], {}
+    for tp in req.tps:
+        if progress:
+            progress(f"TP={tp}: loading and running on {tp} rank(s)")
+        per_rank = worlds_factory(tp).run(run_on_rank, req, ids)
+        got = per_rank[0]
+        logits_by_tp[tp] = got["logits"]
+        row = compare("logits", got["logits"], single["logits"], exact["logits"], dtype, tp)
+        ref_tokens = exact["tokens"]
+        diverge = (got["tokens"] != ref_tokens).any(0).nonzero()
+        first = int(diverge[0]) if len(diverge) else None
+        near_tie = first is not None and float(exact["margins"][:, first].min()) <= 2 * row["bound"]
+        ranks_agree = all(torch.equal(r["tokens"], got["tokens"]) for r in per_rank)
+        tp1 = logits_by_tp.get(1)
+        rows.append({
+            "tp": tp, "dtype": req.dtype, "max_abs_vs_exact": row["err_tp"], "bound": row["bound"], "rel_vs_exact": row["err_tp"] / max(exact["logits"].abs().max().item(), 1e-30),
+            "max_abs_vs_single": row["max_abs"], "max_abs_vs_tp1": (got["logits"] - tp1).abs().max().item() if tp1 is not None else None,
+            "top1_agreement": float((got["logits"].argmax(-1) == exact["logits"].argmax(-1)).float().mean()),
+            "first_diverging_token": first, "divergence_at_near_tie": near_tie if first is not None else None, "ranks_agree": ranks_agree,
+            "passed": bool(row["passed"] and ranks_agree and (first is None or near_tie)),
+        })
+    passed = all(r["passed"] for r in rows) and (semantic is None or semantic["passed"])
+    return {"request": req.__dict__ | {"tps": list(req.tps)}, "reference": "transformers" if hf is not None else "tpgate TP=1",
+            "semantic_check": semantic, "rows": rows, "passed": passed, "input_ids": ids, "logits": logits_by_tp}
+
+
+def save_logits(result: dict, path: str | Path) -> None:
+    """input_ids (batch, prompt) and tp1, tp2, ... prompt logits (batch, prompt, vocab) float32."""
+    from safetensors.torch import save
+
+    from .atomic import write_bytes_atomic
+
+    tensors = {"input_ids": result["input_ids"].contiguous(), **{f"tp{tp}": t.float().contiguous() for tp, t in result["logits"].items()}}
+    write_bytes_atomic(path, save(tensors))
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    from .atomic import write_text_atomic
+
+    public = {k: v for k, v in result.items() if k not in ("input_ids", "logits")}
+    write_text_atomic(path, json.dumps(public, indent=2, default=str))

@@ -1,0 +1,258 @@
+"""Checkpoints: Hugging Face safetensors in, tpgate per-rank shards out and back in.
+
+A rank reads only its slices: `HFCheckpoint` maps tensor names to safetensors lazy slices,
+and the layers' `from_full` slices them, so the full tensor is never materialised on a
+rank that needs a shard (replicated tensors such as norms excepted).
+
+`save_shards` writes one safetensors file per rank plus `tpgate-shards.json` (TP degree,
+config, tensor layout). `ShardCheckpoint` reads such a directory back at any TP degree: it
+rebuilds each full tensor from every rank's file with the layers' `full_state` (one tensor
+at a time) and hands it to the same `from_tensors` path.
+
+Every problem is a CheckpointError naming the tensor and the file, raised before any
+weight is copied: missing or unexpected keys, shape or dtype mismatch, unreadable files,
+pickle checkpoints (never unpickled here).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .architecture import Communicator, ModelConfig, TPConfigError
+from .model import LlamaModel, checkpoint_shapes
+from .tensor_parallel import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SHARD_METADATA = "tpgate-shards.json"
+CONVERT_HINT = (
+    "tpgate never unpickles checkpoints. Convert it once, in an environment you trust, with: "
+    "python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('DIR').save_pretrained('OUT', safe_serialization=True)\""
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint tpgate cannot load; the message names the tensor and/or file."""
+
+
+def _safe_open(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError and OSError: header corrupt, file truncated, unreadable
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def read_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a Hugging Face checkpoint directory holds config.json beside the weights)")
+    try:
+        return ModelConfig.from_hf(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{path}: malformed config ({type(e).__name__}: {e})") from None
+
+
+class HFCheckpoint(Mapping):
+    """name -> safetensors lazy slice, over `model.safetensors` or an index of shard files."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no such checkpoint directory")
+        index, single = self.directory / "model.safetensors.index.json", self.directory / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: malformed index ({type(e).__name__}: {e})") from None
+            for file in sorted(set(weight_map.values())):
+                if not (self.directory / file).is_file():
+                    names = sorted(n for n, f in weight_map.items() if f == file)
+                    raise CheckpointError(f"{self.directory / file}: shard file named in {index.name} is missing (holds {names[0]} and {len(names) - 1} more)")
+            self.file_of = {name: self.directory / file for name, file in weight_map.items()}
+        elif single.is_file():
+            self.file_of = None
+            handle = _safe_open(single)
+            self.file_of = {name: single for name in handle.keys()}
+        else:
+            pickles = sorted(p.name for p in self.directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise CheckpointError(f"{self.directory}: only pickle checkpoints found ({', '.join(pickles)}); {CONVERT_HINT}")
+            raise CheckpointError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
+        self._handles = {}
+        for file in sorted(set(self.file_of.values())):
+            handle = self._handles[file] = _safe_open(file)
+            in_file = set(handle.keys())
+            for name, f in self.file_of.items():
+                if f == file and name not in in_file:
+                    raise CheckpointError(f"{file}: tensor {name} is listed in the index but not in the file")
+
+    def __getitem__(self, name):
+        if name not in self.file_of:
+            raise KeyError(name)
+        return self._handles[self.file_of[name]].get_slice(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.file_of)
+
+    def __len__(self):
+        return len(self.file_of)
+
+    def validate(self, config: ModelConfig) -> None:
+        """Keys, shapes and dtypes against the config, reading headers only."""
+        expected = checkpoint_shapes(config)
+        present = {n for n in self.file_of if not n.endswith(IGNORED_SUFFIXES)}
+        if config.tie_word_embeddings:
+            present.discard("lm_head.weight")  # some exporters store the tied copy too
+        missing = sorted(set(expected) - present)
+        if missing:
+            where = self.file_of and sorted(set(map(str, self.file_of.values())))
+            raise CheckpointError(f"tensor {missing[0]} missing from {where} ({len(missing)} missing in all; config: {self.directory / 'config.json'})")
+        unexpected = sorted(present - set(expected))
+        if unexpected:
+            raise CheckpointError(f"{self.file_of[unexpected[0]]}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all) for a {config.extra.get('model_type')} config")
+        for name, shape in expected.items():
+            part = self[name]
+            if tuple(part.get_shape()) != tuple(shape):
+                raise CheckpointError(f"{self.file_of[name]}: tensor {name} has shape {tuple(part.get_shape())}, the config implies {tuple(shape)}")
+            if part.get_dtype() not in FLOAT_DTYPES:
+                raise CheckpointError(f"{self.file_of[name]}: tensor {name} has dtype {part.get_dtype()}, expected one of {sorted(FLOAT_DTYPES)}")
+
+
+class DistributedCheckpointLoader:
+    """Load rank comm.rank's shards of a checkpoint directory (Hugging Face or tpgate shards)."""
+
+    def __init__(self, directory: str | Path, comm: Communicator):
+        self.directory, self.comm = Path(directory), comm
+
+    def load(self, dtype=torch.float32, device="cpu", sequence_parallel=False) -> LlamaModel:
+        if (self.directory / SHARD_METADATA).is_file():
+            source = ShardCheckpoint(self.directory)
+            config = source.config
+        else:
+            config = read_config(self.directory)
+            source = HFCheckpoint(self.directory)
+            source.validate(config)
+        try:
+            config.check_tp(self.comm.world_size)
+        except TPConfigError as e:
+            raise CheckpointError(f"{self.directory / 'config.json'}: cannot shard {self.comm.world_size} ways: {e}") from None
+        with torch.device("cpu"):
+            model = LlamaModel.from_tensors(source, config, self.comm, dtype=dtype, device=device, sequence_parallel=sequence_parallel)
+        return model
+
+
+# --------------------------------------------------------------------------- tpgate shards
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def shard_file(rank: int, tp: int) -> str:
+    return f"rank{rank:03d}-of-{tp:03d}.safetensors"
+
+
+def save_shards(model: LlamaModel, directory: str | Path) -> Path:
+    """Every rank writes its own file; rank 0 also writes the metadata, last, so a
+    directory with metadata is complete. Call on every rank (it ends in a barrier)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    comm, tp = model.comm, model.comm.world_size
+    state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    _atomic_save(state, directory / shard_file(comm.rank, tp))
+    comm.barrier()
+    if comm.rank == 0:
+        meta = {"format": "tpgate-shards/1", "tp": tp, "config": asdict(model.config), "files": [shard_file(r, tp) for r in range(tp)],
+                "layout": {k: _layout(k) for k in state}}
+        path = directory / SHARD_METADATA
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path)
+    comm.barrier()
+    return directory
+
+
+def _layout(local_name: str) -> str:
+    owner = local_name.rsplit(".", 2)[-2] if "." in local_name else local_name
+    return {"embed": "vocab_rows", "lm_head": "vocab_rows", "qkv": "qkv_heads", "o_proj": "row", "down": "row", "gate_up": "merged_column"}.get(owner, "replicated")
+
+
+class ShardCheckpoint(Mapping):
+    """A tpgate shard directory seen as full tensors in Hugging Face naming (any target TP)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        meta_path = self.directory / SHARD_METADATA
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            config = dict(self.meta["config"])
+            self.tp = int(self.meta["tp"])
+        except (OSError, json.JSONDecodeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{meta_path}: malformed shard metadata ({type(e).__name__}: {e})") from None
+        self.config = ModelConfig(**config)
+        for file in self.meta["files"]:
+            if not (self.directory / file).is_file():
+                raise CheckpointError(f"{self.directory / file}: rank shard named in {SHARD_METADATA} is missing")
+        self._handles = [_safe_open(self.directory / f) for f in self.meta["files"]]
+        self._names = list(checkpoint_shapes(self.config))
+
+    def _locals(self, local_name: str) -> list[dict]:
+        """[{"weight": rank r's tensor}] for every rank of the saved TP degree."""
+        out = []
+        for handle, file in zip(self._handles, self.meta["files"]):
+            if local_name not in handle.keys():
+                raise CheckpointError(f"{self.directory / file}: tensor {local_name} missing")
+            out.append({"weight": handle.get_tensor(local_name)})
+        return out
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        c = self.config
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            local = "embed.weight" if name.startswith("model.") else "lm_head.weight"
+            return VocabParallelEmbedding.full_state(self._locals(local), c.vocab_size)["weight"]
+        if name == "model.norm.weight":
+            return self._locals("norm.weight")[0]["weight"]
+        if not name.startswith("model.layers."):
+            raise KeyError(name)
+        layer, rest = name.removeprefix("model.layers.").split(".", 1)
+        module, leaf = rest.rsplit(".", 1)
+        p = f"layers.{layer}."
+        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            q, k, v = QKVParallelLinear.full_state(self._locals(f"{p}attention.qkv.{leaf}"), c.head_dim, c.num_heads, c.num_kv_heads)["weight"]
+            return {"q": q, "k": k, "v": v}[module[len("self_attn.")]]
+        if module in ("mlp.gate_proj", "mlp.up_proj"):
+            gate, up = MergedColumnParallelLinear.full_state(self._locals(f"{p}mlp.gate_up.weight"), [c.intermediate_size] * 2)["weight"]
+            return gate if module == "mlp.gate_proj" else up
+        row = {"self_attn.o_proj": "attention.o_proj", "mlp.down_proj": "mlp.down"}.get(module)
+        if row is not None:
+            locals_ = self._locals(f"{p}{row}.{leaf}")
+            return RowParallelLinear.full_state(locals_)["weight"] if leaf == "weight" else locals_[0]["weight"]
+        replicated = {"input_layernorm": "input_norm", "post_attention_layernorm": "post_attention_norm"}.get(module)
+        if replicated is None:
+            raise KeyError(name)
+        return self._locals(f"{p}{replicated}.{leaf}")[0]["weight"]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
