@@ -135,17 +135,16 @@ class DistributedCheckpointLoader:
         self.directory, self.comm = Path(directory), comm
 
     def load(self, dtype=torch.float32, device="cpu", sequence_parallel=False) -> LlamaModel:
-        if (self.directory / SHARD_METADATA).is_file():
-            source = ShardCheckpoint(self.directory)
-            config = source.config
-        else:
-            config = read_config(self.directory)
-            source = HFCheckpoint(self.directory)
-            source.validate(config)
-        try:
+        shards = (self.directory / SHARD_METADATA).is_file()
+        source = ShardCheckpoint(self.directory) if shards else None
+        config = source.config if shards else read_config(self.directory)
+        try:  # the cheapest check first: no tensor header is read for a config that cannot shard
             config.check_tp(self.comm.world_size)
         except TPConfigError as e:
-            raise CheckpointError(f"{self.directory / 'config.json'}: cannot shard {self.comm.world_size} ways: {e}") from None
+            raise CheckpointError(f"{self.directory / ('tpgate-shards.json' if shards else 'config.json')}: cannot shard {self.comm.world_size} ways: {e}") from None
+        if not shards:
+            source = HFCheckpoint(self.directory)
+            source.validate(config)
         with torch.device("cpu"):
             model = LlamaModel.from_tensors(source, config, self.comm, dtype=dtype, device=device, sequence_parallel=sequence_parallel)
         return model

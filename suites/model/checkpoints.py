@@ -1,0 +1,36 @@
+"""Small random Hugging Face checkpoints written with transformers' own save_pretrained
+(safetensors), one per architecture variant. Never a hub download."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, max_position_embeddings=64, rms_norm_eps=1e-5)
+
+VARIANTS = {
+    # name: (config class name, kwargs)
+    "llama-gqa": ("LlamaConfig", dict(BASE, vocab_size=101, num_key_value_heads=2)),
+    "llama3-rope-scaling": ("LlamaConfig", dict(BASE, vocab_size=128, num_key_value_heads=4, rope_scaling=ROPE_LLAMA3, rope_theta=500000.0)),
+    "llama-mqa-tied": ("LlamaConfig", dict(BASE, vocab_size=77, num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama-attention-bias": ("LlamaConfig", dict(BASE, vocab_size=96, num_key_value_heads=8, attention_bias=True)),
+    "mistral": ("MistralConfig", dict(BASE, vocab_size=99, num_key_value_heads=2, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(BASE, vocab_size=103, num_key_value_heads=2)),
+}
+
+
+def write_checkpoint(name: str, directory: Path, max_shard_size: str | None = None) -> Path:
+    import transformers
+
+    config_cls, kwargs = VARIANTS[name]
+    config = getattr(transformers, config_cls)(**kwargs)
+    torch.manual_seed(sum(map(ord, name)))
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # norms at exactly 1 and zero biases would hide layout bugs
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight") or pname.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, safe_serialization=True, **kw)
+    return directory
