@@ -48,7 +48,7 @@ def install(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The whole test suite with few hypothesis examples per property: fast."""
     install(session)
-    session.env["TPGATE_EXAMPLES"] = session.env.get("TPGATE_EXAMPLES", "2")
+    session.env["TPGATE_EXAMPLES"] = os.environ.get("TPGATE_EXAMPLES", "2")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
 

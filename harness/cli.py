@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--calls", type=_positive_int, default=500)
     d.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     sub.add_parser("env", help="print the environment the reports record")
+    lm = sub.add_parser("loader-memory", help="peak memory per rank loading a checkpoint: sharded (lazy slices) vs naive (whole tensors)")
+    lm.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a Hugging Face safetensors checkpoint; created if --synthetic-layers is given and it is absent")
+    lm.add_argument("--tp", type=_positive_int, default=4)
+    lm.add_argument("--synthetic-layers", type=_positive_int, default=None, help="write a Llama-shaped float32 checkpoint with this many layers (12 -> 2.8 GB) first")
     v = sub.add_parser("verify", help="load a Hugging Face (safetensors) checkpoint at each TP degree and compare logits and greedy tokens")
     v.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
     v.add_argument("--tp", type=_tp_list, default=None, help="comma-separated TP degrees, e.g. 1,2,4 (default: every degree of 1,2,4 the model allows)")
@@ -42,6 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the results as JSON")
     v.add_argument("--save-logits", default=None, metavar="FILE", help="safetensors file: input_ids and the prompt logits per TP degree (tp1, tp2, ...)")
     return parser
+
+
+def _loader_memory(args) -> int:
+    from pathlib import Path
+
+    from harness.bench import loader_memory, write_synthetic_checkpoint
+
+    if args.synthetic_layers and not (Path(args.checkpoint) / "config.json").exists():
+        size = write_synthetic_checkpoint(args.checkpoint, layers=args.synthetic_layers)
+        print(f"wrote a synthetic checkpoint of {size / 1e9:.2f} GB to {args.checkpoint}")
+    gb = 1e9
+    for r in loader_memory(args.checkpoint, args.tp):
+        goal = r["shard"] + r["largest_tensor"] + 0.5e9
+        print(f"{r['mode']:22s} rank {r['rank']}: peak +{r['load_anon'] / gb:.2f} GB allocated (goal <= shard {r['shard'] / gb:.2f} + largest tensor "
+              f"{r['largest_tensor'] / gb:.2f} + 0.5 = {goal / gb:.2f} GB), page cache of the mmapped files {r['peak_file'] / gb:.2f} GB")
+    return 0
 
 
 def _tp_list(text: str) -> tuple[int, ...]:
@@ -112,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tpgate correctness: {summary['verdict']} — {summary['n_tests']} tests, {summary['n_failed']} failed, "
                   f"{summary['n_examples']} examples; report: {summary['index']}")
             return 0 if summary["verdict"] == "PASS" else 1
+        if args.command == "loader-memory":
+            return _loader_memory(args)
         if args.command == "verify":
             return _verify(args)
         if args.command == "dispatch":

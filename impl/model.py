@@ -162,6 +162,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, start_pos: int = 0, use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
         tp, seq = self.comm.world_size, ids.shape[1]
+        window = self.config.extra.get("sliding_window")
+        # sliding-window attention is not implemented; within the window full attention is identical
+        require(window is None or start_pos + seq <= window, "sequence length", start_pos + seq, f"must be <= sliding_window={window} (sliding-window attention is not implemented)")
         sp = self.sequence_parallel and tp > 1 and seq % tp == 0
         self._use_sequence_parallel(sp)
         h = self.embed(ids)

@@ -213,6 +213,17 @@ class ShardCheckpoint(Mapping):
                 raise CheckpointError(f"{self.directory / file}: rank shard named in {SHARD_METADATA} is missing")
         self._handles = [_safe_open(self.directory / f) for f in self.meta["files"]]
         self._names = list(checkpoint_shapes(self.config))
+        expected = {k for k, v in self.meta.get("layout", {}).items()}
+        for handle, file in zip(self._handles, self.meta["files"]):  # before any weight is copied
+            missing = sorted(expected - set(handle.keys()))
+            if missing:
+                raise CheckpointError(f"{self.directory / file}: tensor {missing[0]} missing ({len(missing)} in all)")
+        self._fused: tuple[str, tuple] | None = None  # last rebuilt fused tensor: q, k, v (or gate, up) are asked for in turn
+
+    def _rebuild_fused(self, local_name: str, rebuild):
+        if self._fused is None or self._fused[0] != local_name:
+            self._fused = (local_name, rebuild(self._locals(local_name)))
+        return self._fused[1]
 
     def _locals(self, local_name: str) -> list[dict]:
         """[{"weight": rank r's tensor}] for every rank of the saved TP degree."""
@@ -236,10 +247,10 @@ class ShardCheckpoint(Mapping):
         module, leaf = rest.rsplit(".", 1)
         p = f"layers.{layer}."
         if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-            q, k, v = QKVParallelLinear.full_state(self._locals(f"{p}attention.qkv.{leaf}"), c.head_dim, c.num_heads, c.num_kv_heads)["weight"]
+            q, k, v = self._rebuild_fused(f"{p}attention.qkv.{leaf}", lambda ls: QKVParallelLinear.full_state(ls, c.head_dim, c.num_heads, c.num_kv_heads)["weight"])
             return {"q": q, "k": k, "v": v}[module[len("self_attn.")]]
         if module in ("mlp.gate_proj", "mlp.up_proj"):
-            gate, up = MergedColumnParallelLinear.full_state(self._locals(f"{p}mlp.gate_up.weight"), [c.intermediate_size] * 2)["weight"]
+            gate, up = self._rebuild_fused(f"{p}mlp.gate_up.weight", lambda ls: MergedColumnParallelLinear.full_state(ls, [c.intermediate_size] * 2)["weight"])
             return gate if module == "mlp.gate_proj" else up
         row = {"self_attn.o_proj": "attention.o_proj", "mlp.down_proj": "mlp.down"}.get(module)
         if row is not None:

@@ -439,8 +439,9 @@ class TorchrunWorld:
     collective, and torchrun tears the job down when a rank fails.
     """
 
-    def __init__(self, device: str = "cpu", backend: str = "auto", timeout_s: float = 300.0):
-        self.manager = ProcessGroupManager.from_env(device=device, backend=backend, timeout_s=timeout_s).init()
+    def __init__(self, device: str = "cpu", backend: str = "auto", timeout_s: float = 300.0, tp_size: int | None = None):
+        # tp_size < world size keeps TP inside a node (e.g. tp_size=LOCAL_WORLD_SIZE), so all-reduces stay off the network
+        self.manager = ProcessGroupManager.from_env(device=device, backend=backend, timeout_s=timeout_s, tp_size=tp_size).init()
         m = self.manager
         self.world_size, self.rank = m.world_size, m.rank
         self.ctx = RankContext(m.rank, m.world_size, m.device, m.backend, m.communicator(), m)

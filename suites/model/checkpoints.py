@@ -15,7 +15,7 @@ VARIANTS = {
     "llama3-rope-scaling": ("LlamaConfig", dict(BASE, vocab_size=128, num_key_value_heads=4, rope_scaling=ROPE_LLAMA3, rope_theta=500000.0)),
     "llama-mqa-tied": ("LlamaConfig", dict(BASE, vocab_size=77, num_key_value_heads=1, tie_word_embeddings=True)),
     "llama-attention-bias": ("LlamaConfig", dict(BASE, vocab_size=96, num_key_value_heads=8, attention_bias=True)),
-    "mistral": ("MistralConfig", dict(BASE, vocab_size=99, num_key_value_heads=2, sliding_window=None)),
+    "mistral": ("MistralConfig", dict(BASE, vocab_size=99, num_key_value_heads=2, sliding_window=32)),
     "qwen2": ("Qwen2Config", dict(BASE, vocab_size=103, num_key_value_heads=2)),
 }
 

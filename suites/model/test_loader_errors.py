@@ -124,3 +124,10 @@ def test_error_on_ranks_reaches_the_driver_with_the_file_name(ckpt, worlds):
     _rewrite(ckpt, lambda t: t.pop("model.norm.weight"))
     with pytest.raises(RankError, match=r"CheckpointError: tensor model\.norm\.weight missing"):
         worlds[2].run(rank_fns.load_error, str(ckpt))
+
+
+def test_sequence_beyond_sliding_window_is_refused(checkpoint):
+    model = _load(checkpoint("mistral"))
+    assert model.config.extra["sliding_window"] == 32
+    with pytest.raises(TPConfigError, match="sliding_window=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
