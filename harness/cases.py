@@ -126,10 +126,13 @@ def output_grad(case: LayerCase, out_shape) -> torch.Tensor:
     return _randn(g, *out_shape).to(parse_dtype(case.dtype)).float()
 
 
-def forward_backward(layer, case: LayerCase, dtype: torch.dtype, comm: Communicator):
-    """Forward, then backward of sum(out * grad_out). Returns CPU tensors: out, input grad, local param grads."""
+def forward_backward(layer, case: LayerCase, dtype: torch.dtype, comm: Communicator, absolute: bool = False):
+    """Forward, then backward of sum(out * grad_out). Returns CPU tensors: out, input grad, local param grads.
+
+    `absolute`: inputs and output gradient replaced by their absolute values (see run_single)."""
     device = next(layer.parameters()).device
     x = inputs(case).to(device)
+    x = x.abs() if absolute and case.kind != "embedding" else x
     x = x if case.kind == "embedding" else x.to(dtype).requires_grad_(True)
     out = layer(x)
     forward_collectives = len(getattr(comm, "records", ()))
@@ -138,7 +141,7 @@ def forward_backward(layer, case: LayerCase, dtype: torch.dtype, comm: Communica
         grad = local_layout(case, full, comm.rank, comm.world_size)
     else:
         grad = output_grad(case, out.shape)
-    out.backward(grad.to(device, dtype))
+    out.backward((grad.abs() if absolute else grad).to(device, dtype))
     grads = {n: p.grad.detach().cpu().clone() for n, p in layer.named_parameters() if p.grad is not None}
     return {"out": out.detach().cpu(), "grad_in": None if case.kind == "embedding" else x.grad.detach().cpu(), "grads": grads,
             "forward_collectives": forward_collectives}
@@ -242,9 +245,18 @@ def run_on_rank(ctx, case: LayerCase) -> dict:
     return result
 
 
-def run_single(case: LayerCase, dtype: torch.dtype) -> dict:
-    """The unsharded layer on one device, in `dtype` (float64 gives the exact reference)."""
+def run_single(case: LayerCase, dtype: torch.dtype, absolute: bool = False) -> dict:
+    """The unsharded layer on one device, in `dtype` (float64 gives the exact reference).
+
+    `absolute=True` evaluates it with |weights|, |inputs| and |output gradient|: for every
+    reduction (matmul, sum over vocab) that gives the sum of the absolute values of the terms,
+    the magnitude the rounding of any partial sum is proportional to (harness/tolerance.py)."""
     comm = NullCommunicator(1)
-    result = forward_backward(build_layer(case, comm, dtype), case, dtype, comm)
+    layer = build_layer(case, comm, dtype)
+    if absolute:
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.abs_()
+    result = forward_backward(layer, case, dtype, comm, absolute)
     result.pop("forward_collectives")
     return result

@@ -24,18 +24,19 @@ def evaluate(world, case: LayerCase, rank_fn=run_on_rank) -> list[dict]:
     tp = len(per_rank)
     single = run_single(case, dtype)
     exact = run_single(case, torch.float64)
+    magnitude = run_single(case, torch.float64, absolute=True)
     base = {**case.as_row(), "world_size": tp, "case": case.describe()}
     rows = []
 
-    def add(name, got, ref1, ref64):
-        rows.append({**base, **compare(name, got, ref1, ref64, dtype, tp)})
+    def add(name, got, ref1, ref64, mag):
+        rows.append({**base, **compare(name, got, ref1, ref64, dtype, tp, magnitude=mag)})
 
-    add("output", gather_outputs(case, [r["out"] for r in per_rank]), single["out"], exact["out"])
+    add("output", gather_outputs(case, [r["out"] for r in per_rank]), single["out"], exact["out"], magnitude["out"])
     if single["grad_in"] is not None:
-        add("grad_input", per_rank[0]["grad_in"], single["grad_in"], exact["grad_in"])
+        add("grad_input", per_rank[0]["grad_in"], single["grad_in"], exact["grad_in"], magnitude["grad_in"])
     full_grads = gather_grads(case, [r["grads"] for r in per_rank])
     for name in sorted(single["grads"]):
-        add(f"grad_{name}", full_grads[name], single["grads"][name], exact["grads"][name])
+        add(f"grad_{name}", full_grads[name], single["grads"][name], exact["grads"][name], magnitude["grads"][name])
 
     replicated = case.kind in REPLICATED_OUTPUT or case.params.get("gather", False)
     consistent = all(torch.equal(r["out"], per_rank[0]["out"]) for r in per_rank) if replicated else True

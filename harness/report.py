@@ -42,7 +42,7 @@ METRIC_COLUMNS = ["layer", "dtype", "seed", "batch", "seq", "params", "world_siz
                   "ulp", "err_single", "err_tp", "bound", "budget_used", "passed", "ranks_consistent", "test"]
 TEST_COLUMNS = ["nodeid", "outcome", "duration_s", "message"]
 DTYPE_ORDER = ["float32", "bfloat16", "float16"]
-BOUND_FORMULA = "2*E1 + (tp+1)*sqrt(tp)*u*max|y*|"
+BOUND_FORMULA = "2*E1 + (tp+1)*u*max S  (S: the computation on absolute values; model rows: S = sqrt(tp)*max|y*|)"
 BUDGET_FLOOR = 1e-4  # budget_used below this (including exact 0) is drawn at the floor on the log axis
 OK_OUTCOMES = {"passed", "skipped"}
 MAX_MESSAGE = 4000  # hypothesis failure messages can be very long; the full text stays in results.json
@@ -199,7 +199,7 @@ def _tolerance_table(m: pd.DataFrame) -> str:
         u = next((v for k, v in UNIT_ROUNDOFF.items() if str(k).removeprefix("torch.") == name), None)
         row = {"dtype": name, "unit roundoff u": f"2^{round(math.log2(u))} = {u:.3g}" if u else "?", "bound": BOUND_FORMULA}
         for tp in sizes:
-            row[f"rounding term / max|y*| at tp={tp}"] = f"{(tp + 1) * math.sqrt(tp) * u:.3g}" if u else "?"
+            row[f"rounding term / max S at tp={tp}"] = f"{(tp + 1) * u:.3g}" if u else "?"
         rows.append(row)
     return pd.DataFrame(rows).to_html(index=False, classes="data", border=0)
 

@@ -1,0 +1,254 @@
+"""Collective microbenchmarks on a rank world, nccl-tests style, and a linear cost model.
+
+`bench_collectives(world, sizes)` times all-reduce / all-gather / reduce-scatter on every
+rank of `world` (a MultiGPUOrchestrator or TorchrunWorld) and returns one row per
+(op, message size):
+
+    op, bytes, requested_bytes, world_size, dtype, iters, latency_us, latency_p90_us,
+    algbw_GBps, busbw_GBps, backend, device, note
+
+`bytes` is nccl-tests' "size" column, i.e. the size of the *full* buffer:
+    all_reduce      the tensor each rank reduces (input = output size)
+    all_gather      the gathered *output* (each rank contributes bytes / world_size)
+    reduce_scatter  the *input* each rank reduces (each rank keeps bytes / world_size)
+Requested sizes are rounded up to a multiple of elsize (all_reduce) or elsize*world_size
+(the others); `requested_bytes` keeps what was asked.
+
+    algbw = bytes / latency        busbw = algbw * factor(op, n)
+    factor: all_reduce 2(n-1)/n, all_gather and reduce_scatter (n-1)/n (nccl-tests' PERFORMANCE.md)
+
+Timing per rank: buffers are allocated once per (op, size); `warmup` untimed calls; a
+barrier; then `iters` calls, each timed alone (CUDA events around each call and one
+torch.cuda.synchronize after the batch on GPU; time.perf_counter on CPU). Each rank
+reports the median and p90 (nearest rank) of its own calls; the driver keeps the max over
+ranks, the slowest rank being what a TP layer waits for. GB/s are 1e9 bytes per second.
+
+A world of one rank still times the (local) calls, but has no bus: busbw_GBps is 0 and
+`note` says so. Gloo worlds, and worlds whose ranks share a GPU, measure host staging,
+not the interconnect: use their figures for plumbing, never for projections.
+
+`fit_cost_model(rows)` fits, per op, the alpha-beta model
+
+    t(n) = alpha + n * factor(op, world_size) / busbw      (t in us, n in bytes)
+
+by least squares, so one fit spans rows of several world sizes; `predict_latency_us`
+evaluates it for the projection.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from impl.architecture import DTYPES, TPConfigError, parse_dtype, require
+
+OPS = ("all_reduce", "all_gather", "reduce_scatter")
+
+# torch >= 2.12 renamed the tensor variants; 2.5-2.11 only have the old names.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+KIB, MIB = 1 << 10, 1 << 20
+
+
+def busbw_factor(op: str, world_size: int) -> float:
+    """nccl-tests' bus-bandwidth factor: busbw = algbw * factor. 0 for a world of one."""
+    require(op in OPS, "op", op, f"must be one of {OPS}")
+    require(isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "must be an integer >= 1")
+    n = world_size
+    return (2 * (n - 1) / n) if op == "all_reduce" else ((n - 1) / n)
+
+
+def message_bytes(op: str, requested: int, world_size: int, elsize: int) -> int:
+    """The nccl-tests size actually benchmarked for `requested` bytes (rounded up to whole elements per rank)."""
+    unit = elsize if op == "all_reduce" else elsize * world_size
+    return max(1, math.ceil(requested / unit)) * unit
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def _check_args(sizes_bytes, dtype, ops, warmup, iters) -> tuple[torch.dtype, tuple[str, ...]]:
+    require(isinstance(sizes_bytes, (list, tuple)) and len(sizes_bytes) > 0, "sizes_bytes", sizes_bytes, "must be a non-empty list of byte counts")
+    for i, s in enumerate(sizes_bytes):
+        require(isinstance(s, int) and not isinstance(s, bool) and s > 0, f"sizes_bytes[{i}]", s, "must be a positive integer")
+    torch_dtype = parse_dtype(dtype, "dtype")
+    require(isinstance(ops, (list, tuple)) and len(ops) > 0, "ops", ops, f"must be a non-empty sequence drawn from {OPS}")
+    for op in ops:
+        require(op in OPS, "ops", op, f"unknown op; must be one of {OPS}")
+    require(isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0, "warmup", warmup, "must be an integer >= 0")
+    require(isinstance(iters, int) and not isinstance(iters, bool) and iters >= 1, "iters", iters, "must be an integer >= 1")
+    return torch_dtype, tuple(dict.fromkeys(ops))
+
+
+# --------------------------------------------------------------------------- rank side
+
+
+def _collective_call(op: str, n: int, group, dtype, device, nbytes: int, elsize: int):
+    """A zero-argument closure doing one `op` of nccl-tests size `nbytes` on preallocated buffers."""
+    count = nbytes // elsize
+    if op == "all_reduce":
+        buf = torch.zeros(count, dtype=dtype, device=device)  # zeros stay zeros: no overflow over many calls
+        return lambda: dist.all_reduce(buf, group=group)
+    full = torch.zeros(count, dtype=dtype, device=device)
+    shard = torch.zeros(count // n, dtype=dtype, device=device)
+    if op == "all_gather":
+        return lambda: _all_gather_tensor(full, shard, group=group)
+    return lambda: _reduce_scatter_tensor(shard, full, group=group)
+
+
+def _time_calls(call, iters: int, cuda: bool) -> list[float]:
+    """Seconds of each of `iters` calls."""
+    if cuda:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for s, e in zip(starts, ends):
+            s.record()
+            call()
+            e.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _bench_rank(ctx, plan: list[tuple[str, int, int]], dtype_name: str, warmup: int, iters: int) -> dict:
+    """Run on every rank: time each (op, bytes) of `plan`; return this rank's median/p90."""
+    dtype = parse_dtype(dtype_name)
+    elsize = torch.empty((), dtype=dtype).element_size()
+    group, n = ctx.comm.group, ctx.comm.world_size
+    cuda = ctx.device.type == "cuda"
+    timings = []
+    for op, nbytes, _requested in plan:
+        call = _collective_call(op, n, group, dtype, ctx.device, nbytes, elsize)
+        for _ in range(warmup):
+            call()
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier(group=group)
+        times = sorted(_time_calls(call, iters, cuda))
+        timings.append({"op": op, "bytes": nbytes, "median_s": statistics.median(times), "p90_s": _percentile(times, 0.90)})
+        del call
+    return {"rank": ctx.rank, "world_size": n, "backend": ctx.backend, "device": str(ctx.device), "timings": timings}
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def bench_collectives(world, sizes_bytes: list[int], dtype="bfloat16", ops=("all_reduce", "all_gather", "reduce_scatter"), warmup: int = 5,
+                      iters: int = 20) -> list[dict]:
+    """Time `ops` at each of `sizes_bytes` on every rank of `world`; one row per (op, size). See the module doc.
+
+    Arguments are validated (TPConfigError naming the argument) before any rank is asked
+    to do anything. Collectives run over each rank's TP group (ctx.comm), so `world_size`
+    in the rows is the TP size. Under torchrun only rank 0 gets rows; the others get [].
+    """
+    torch_dtype, ops = _check_args(sizes_bytes, dtype, ops, warmup, iters)
+    n = _tp_size(world)
+    elsize = torch.empty((), dtype=torch_dtype).element_size()
+    plan, seen = [], set()
+    for op in ops:
+        for requested in sizes_bytes:
+            nbytes = message_bytes(op, requested, n, elsize)
+            if (op, nbytes) not in seen:
+                seen.add((op, nbytes))
+                plan.append((op, nbytes, requested))
+    dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
+    results = world.run(_bench_rank, plan, dtype_name, warmup, iters)
+    if results is None or results[0] is None:  # torchrun, rank != 0
+        return []
+    rows = []
+    for i, (op, nbytes, requested) in enumerate(plan):
+        median_s = max(r["timings"][i]["median_s"] for r in results)
+        p90_s = max(r["timings"][i]["p90_s"] for r in results)
+        algbw = nbytes / median_s / 1e9 if median_s > 0 else float("inf")
+        rows.append({
+            "op": op, "bytes": nbytes, "requested_bytes": requested, "world_size": n, "dtype": dtype_name, "iters": iters,
+            "latency_us": median_s * 1e6, "latency_p90_us": p90_s * 1e6, "algbw_GBps": algbw,
+            "busbw_GBps": algbw * busbw_factor(op, n) if n > 1 else 0.0,
+            "backend": results[0]["backend"], "device": results[0]["device"],
+            "note": "world_size 1: no communication, busbw undefined (0)" if n == 1 else None,
+        })
+    return rows
+
+
+def _tp_size(world) -> int:
+    """Ranks in one TP group (collectives run over ctx.comm, the TP group): tp_size if set, else the world."""
+    manager = getattr(world, "manager", None)  # TorchrunWorld
+    tp = getattr(manager, "tp_size", None) if manager is not None else getattr(world, "tp_size", None)
+    return tp or world.world_size
+
+
+def decode_and_prefill_sizes(hidden: int, batch_decode=(1, 16), prefill_tokens: int = 8 * 2048, elsize: int = 2) -> list[int]:
+    """Ascending, de-duplicated message sizes (bytes) a Llama layer's all-reduce sees.
+
+    batch*hidden*elsize per decode batch, prefill_tokens*hidden*elsize for prefill, plus the
+    powers of four from 1 KiB to 64 MiB as a curve for the cost-model fit.
+    """
+    require(isinstance(hidden, int) and hidden >= 1, "hidden", hidden, "must be a positive integer")
+    require(isinstance(batch_decode, (list, tuple)) and all(isinstance(b, int) and b >= 1 for b in batch_decode), "batch_decode", batch_decode,
+            "must be a sequence of positive integers")
+    require(isinstance(prefill_tokens, int) and prefill_tokens >= 1, "prefill_tokens", prefill_tokens, "must be a positive integer")
+    require(isinstance(elsize, int) and elsize >= 1, "elsize", elsize, "must be a positive integer")
+    sizes = {b * hidden * elsize for b in batch_decode}
+    sizes.add(prefill_tokens * hidden * elsize)
+    p = KIB
+    while p <= 64 * MIB:
+        sizes.add(p)
+        p *= 4
+    return sorted(sizes)
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+def fit_cost_model(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Least-squares alpha-beta fit per op: t(n) = alpha + n * factor(op, world_size) / busbw.
+
+    Returns {op: {"latency_us": alpha, "busbw_GBps": busbw}}. The regressor is
+    bytes * factor, so rows of several world sizes share one fit; world-size-1 rows (no bus)
+    are ignored. An op needs rows at >= 2 distinct regressor values. A non-positive slope
+    (latency not growing with size, e.g. noise at tiny sizes) gives busbw_GBps = inf.
+    """
+    require(isinstance(rows, (list, tuple)) and len(rows) > 0, "rows", rows, "must be a non-empty list of bench_collectives rows")
+    points: dict[str, list[tuple[float, float]]] = {}
+    for i, row in enumerate(rows):
+        for key in ("op", "bytes", "world_size", "latency_us"):
+            require(key in row, f"rows[{i}]", row, f"lacks {key!r}")
+        if row["world_size"] > 1:
+            points.setdefault(row["op"], []).append((row["bytes"] * busbw_factor(row["op"], row["world_size"]), float(row["latency_us"])))
+    require(bool(points), "rows", f"{len(rows)} rows", "need rows with world_size > 1 to fit a bandwidth")
+    model = {}
+    for op, pts in points.items():
+        xs = [x for x, _ in pts]
+        require(len(set(xs)) >= 2, "rows", op, "need at least two distinct message sizes per op to fit alpha and busbw")
+        mx = math.fsum(xs) / len(xs)
+        my = math.fsum(y for _, y in pts) / len(pts)
+        sxx = math.fsum((x - mx) ** 2 for x in xs)
+        sxy = math.fsum((x - mx) * (y - my) for x, y in pts)
+        slope = sxy / sxx  # us per (factor-weighted) byte
+        alpha = my - slope * mx
+        busbw = 1e6 / slope / 1e9 if slope > 0 else float("inf")  # bytes/us -> GB/s
+        model[op] = {"latency_us": alpha, "busbw_GBps": busbw}
+    return model
+
+
+def predict_latency_us(model: dict, op: str, nbytes: int, world_size: int) -> float:
+    """The fitted t(n) in microseconds; 0 for a world of one (nothing to communicate)."""
+    require(op in model, "op", op, f"not in the cost model (has {sorted(model)})")
+    if world_size == 1:
+        return 0.0
+    m = model[op]
+    return m["latency_us"] + nbytes * busbw_factor(op, world_size) / (m["busbw_GBps"] * 1e3)
+
+
+__all__ = ["OPS", "TPConfigError", "bench_collectives", "busbw_factor", "decode_and_prefill_sizes", "fit_cost_model", "message_bytes", "predict_latency_us"]

@@ -1,0 +1,175 @@
+"""The dtensor peer (PyTorch's own tensor parallelism, impl/dtensor_peer.py) against tpgate and
+transformers on the same checkpoints, at TP 1/2/4 in float32, judged by the tolerance policy.
+
+References, all single-device and computed once per variant in the driver:
+  exact   tpgate TP=1 in float64 (y* of harness/tolerance.py);
+  hf      transformers in float32 (the `single` whose error E1 calibrates the bound);
+  tp1     tpgate TP=1 in float32 (a second `single`).
+The peer applies only where kv heads and the vocabulary divide by tp (it neither replicates
+kv heads nor pads the vocabulary); other (variant, tp) pairs are skipped with the reason.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from harness.tolerance import compare
+from impl.architecture import ModelConfig, TPConfigError
+from impl.communication import NullCommunicator
+from impl.dtensor_peer import COLWISE, ROWWISE, PlainLlama, check_dtensor_tp, load_dtensor_model, parallelize, tp_plan
+from impl.model import LlamaModel, checkpoint_shapes
+from impl.model_loader import DistributedCheckpointLoader, read_config
+
+from . import dtensor_rank_fns, rank_fns
+
+WORLD_SIZES = (1, 2, 4)
+BATCH, PROMPT, SEED = 2, 12, 3
+
+
+def _ids(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (BATCH, PROMPT), generator=torch.Generator().manual_seed(SEED))
+
+
+@pytest.fixture(scope="module")
+def references(checkpoint):
+    """references(variant) -> {"directory", "config", "ids", "exact", "tp1", "hf", "tokens"}, computed once."""
+    from transformers import AutoModelForCausalLM
+
+    cache = {}
+
+    def get(variant: str) -> dict:
+        if variant not in cache:
+            directory = str(checkpoint(variant))
+            config = read_config(directory)
+            ids = _ids(config.vocab_size)
+            with torch.no_grad():
+                exact_model = DistributedCheckpointLoader(directory, NullCommunicator(1)).load(torch.float64)
+                exact = exact_model(ids).double()
+                tokens = exact_model.generate(ids, 6)
+                tp1 = DistributedCheckpointLoader(directory, NullCommunicator(1)).load(torch.float32)(ids).float()
+                hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()(ids).logits.float()
+            cache[variant] = {"directory": directory, "config": config, "ids": ids, "exact": exact, "tp1": tp1, "hf": hf, "tokens": tokens}
+        return cache[variant]
+
+    return get
+
+
+def _skip_unless_peer_applies(config: ModelConfig, world_size: int) -> None:
+    try:
+        check_dtensor_tp(config, world_size)
+    except TPConfigError as e:
+        pytest.skip(f"dtensor peer does not apply at tp={world_size}: {e}")
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_peer_matches_tpgate_and_transformers(variant, world_size, references, worlds):
+    ref = references(variant)
+    _skip_unless_peer_applies(ref["config"], world_size)
+    per_rank = worlds[world_size].run(dtensor_rank_fns.logits, ref["directory"], ref["ids"])
+    peer = per_rank[0]
+    assert all(torch.equal(r, peer) for r in per_rank), "replicated logits must be bitwise identical on every rank"
+    tpgate = worlds[world_size].run(rank_fns.logits, ref["directory"], ref["ids"])[0]
+    vs_hf = compare("logits", peer, ref["hf"], ref["exact"], torch.float32, world_size)
+    vs_tp1 = compare("logits", peer, ref["tp1"], ref["exact"], torch.float32, world_size)
+    tpgate_row = compare("logits", tpgate, ref["hf"], ref["exact"], torch.float32, world_size)
+    assert vs_hf["passed"], vs_hf
+    assert vs_tp1["passed"], vs_tp1
+    # peer and tpgate at the same tp: both within the bound of exact, and within one bound of each other
+    assert (peer - tpgate).abs().max().item() <= min(vs_hf["bound"], tpgate_row["bound"]), ((peer - tpgate).abs().max().item(), vs_hf, tpgate_row)
+    assert torch.equal(peer.argmax(-1), ref["exact"].argmax(-1))  # fp32 has no near-ties at these margins
+
+
+@pytest.mark.parametrize("world_size", (2, 4))
+def test_peer_greedy_decode_with_kv_cache(world_size, references, worlds):
+    ref = references("llama3-rope-scaling")
+    _skip_unless_peer_applies(ref["config"], world_size)
+    per_rank = worlds[world_size].run(dtensor_rank_fns.greedy, ref["directory"], ref["ids"], ref["tokens"].shape[1])
+    assert all(torch.equal(r["tokens"], per_rank[0]["tokens"]) for r in per_rank)
+    assert torch.equal(per_rank[0]["tokens"], ref["tokens"])  # the exact (tpgate float64) greedy tokens
+    cached, full = per_rank[0]["cached"], per_rank[0]["full"]
+    assert (cached - full).abs().max().item() <= 1e-5 * full.abs().max().item()
+
+
+def _random_tensors(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: (1.0 + 0.1 * torch.randn(shape, generator=g)) if name.endswith("norm.weight") else 0.05 * torch.randn(shape, generator=g)
+            for name, shape in checkpoint_shapes(config).items()}
+
+
+TIED = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8, num_kv_heads=2, qkv_bias=True, o_bias=True,
+                   tie_word_embeddings=True, max_seq_len=64)
+
+
+def test_tied_embedding_and_biases_at_tp2(worlds):
+    """Tied LM head (re-tied to the sharded embedding) and q/k/v/o biases, on random weights."""
+    tensors = _random_tensors(TIED)
+    ids = _ids(TIED.vocab_size)
+    out = worlds[2].run(dtensor_rank_fns.random_peer_and_tpgate, TIED, tensors, ids)
+    assert all(o["tied"] for o in out)
+    with torch.no_grad():
+        exact = LlamaModel.from_tensors(tensors, TIED, NullCommunicator(1), dtype=torch.float64)(ids)
+        single = PlainLlama.from_tensors(tensors, TIED)(ids)  # the peer's own single-device model
+    row = compare("logits", out[0]["peer"], single, exact, torch.float32, 2)
+    assert row["passed"], row
+    assert (out[0]["peer"] - out[0]["tpgate"]).abs().max().item() <= row["bound"]
+
+
+def test_tp_plan_names_exactly_the_column_and_row_wise_modules():
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    config = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
+    plan = tp_plan(config)
+    layers = [f"model.layers.{i}." for i in range(config.num_layers)]
+    col = {p + n for p in layers for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
+    row = {p + n for p in layers for n in ("self_attn.o_proj", "mlp.down_proj")}
+    assert set(COLWISE) | set(ROWWISE) == {n.split(".", 3)[3] for n in col | row}
+    assert set(plan) == col | row | {"model.embed_tokens", "lm_head"}
+    assert all(type(plan[n]) is ColwiseParallel for n in col) and all(type(plan[n]) is RowwiseParallel for n in row)
+    assert type(plan["lm_head"]) is ColwiseParallel and plan["lm_head"].output_layouts == (Replicate(),)
+    assert type(plan["model.embed_tokens"]) is RowwiseParallel and plan["model.embed_tokens"].input_layouts == (Replicate(),)
+    # every plan path is a module of the plain model, and every Linear/Embedding of it is in the plan
+    model = PlainLlama.from_tensors(_random_tensors(config), config)
+    modules = dict(model.named_modules())
+    assert all(n in modules for n in plan)
+    assert {n for n, m in modules.items() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))} == set(plan)
+
+
+class _NoCollectiveMesh:
+    """A mesh that knows its size and nothing else: any use beyond size() fails loudly."""
+
+    def __init__(self, size: int):
+        self._size = size
+
+    def size(self, dim=None):
+        return self._size
+
+    def __getattr__(self, name):
+        raise AssertionError(f"mesh.{name} used: parallelize went past its config check")
+
+
+@pytest.mark.parametrize("tp,argument", [(2, "vocab_size"), (4, "num_kv_heads"), (3, "num_heads")])
+def test_unsupported_config_raises_before_any_collective(tp, argument):
+    config = ModelConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_layers=1, num_heads=4, num_kv_heads=2)
+    model = PlainLlama.from_tensors(_random_tensors(config), config)
+    with pytest.raises(TPConfigError, match=rf"^{argument}="):
+        parallelize(model, _NoCollectiveMesh(tp))
+    assert all(type(p) is torch.nn.Parameter and type(p.data) is torch.Tensor for p in model.parameters())  # nothing distributed
+
+
+@pytest.mark.parametrize("variant,tp,argument", [("qwen2", 2, "vocab_size"), ("llama-mqa-tied", 2, "num_kv_heads"), ("llama-gqa", 4, "num_kv_heads")])
+def test_loader_refuses_before_reading_tensors(variant, tp, argument, checkpoint, monkeypatch):
+    import impl.model_loader
+
+    monkeypatch.setattr(impl.model_loader, "HFCheckpoint", lambda *a, **k: pytest.fail("tensors read before the config check"))
+    ctx = SimpleNamespace(comm=NullCommunicator(tp), device=torch.device("cpu"), manager=None)  # no process group: a collective would fail
+    with pytest.raises(TPConfigError, match=rf"^{argument}=.*dtensor peer"):
+        load_dtensor_model(str(checkpoint(variant)), ctx)
+
+
+def test_refusal_on_ranks_leaves_the_world_usable(checkpoint, worlds):
+    replies = worlds[2].run(dtensor_rank_fns.refused, str(checkpoint("qwen2")))
+    assert [r["argument"] for r in replies] == ["vocab_size", "vocab_size"]
+    assert worlds[2].run(rank_fns.logits, str(checkpoint("qwen2")), _ids(103))[0].shape == (BATCH, PROMPT, 103)
