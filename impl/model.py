@@ -218,3 +218,26 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def random_model(config: ModelConfig, comm: Communicator, dtype=torch.bfloat16, device="cpu", seed: int = 0, std: float = 0.02) -> LlamaModel:
+    """A model of `config` whose local shards are drawn directly on this rank (no full tensors
+    exist anywhere): for timing and memory sweeps, where values do not matter but shapes do."""
+    config.check_tp(comm.world_size)
+    kw = dict(dtype=dtype, device=device)
+    embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, comm, **kw)
+    layers = []
+    for _ in range(config.num_layers):
+        attention = ParallelAttention(config.hidden_size, config.num_heads, config.num_kv_heads, comm, head_dim=config.head_dim, qkv_bias=config.qkv_bias,
+                                      rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, **kw)
+        mlp = ParallelMLP(config.hidden_size, config.intermediate_size, comm, **kw)
+        layers.append(TransformerBlock(attention, mlp, RMSNorm(config.hidden_size, config.rms_norm_eps, **kw), RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)))
+    norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+    lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, comm, tied_to=embed if config.tie_word_embeddings else None, **kw)
+    model = LlamaModel(config, comm, embed, layers, norm, lm_head)
+    generator = torch.Generator(device=device).manual_seed(seed + comm.rank)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, std, generator=generator)
+    return model
