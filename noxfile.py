@@ -57,3 +57,10 @@ def correctness(session: nox.Session) -> None:
     """The TP-equivalence suites at world sizes 1/2/4 and the report in reports/correctness/."""
     install(session)
     session.run("tpgate", "correctness", *session.posargs)
+
+
+@nox.session(**VENV)
+def scaling(session: nox.Session) -> None:
+    """The scaling sweep ([tool.tpgate.scaling]), the gate and reports/scaling/ + reports/index.html."""
+    install(session)
+    session.run("tpgate", "scaling", *session.posargs)

@@ -30,6 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--calls", type=_positive_int, default=500)
     d.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     sub.add_parser("env", help="print the environment the reports record")
+    sc = sub.add_parser("scaling", help="sweep world sizes, evaluate the gate and write reports/scaling/ (config: [tool.tpgate.scaling])")
+    sc.add_argument("--config", default=None, help="TOML file with [tool.tpgate.scaling] / [tool.tpgate.gate] (default: pyproject.toml)")
+    sc.add_argument("--world-sizes", type=_tp_list, default=None, help="e.g. 1,2,4")
+    sc.add_argument("--presets", type=_name_list, default=None, help="comma-separated preset names")
+    sc.add_argument("--implementations", type=_name_list, default=None)
+    sc.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    sc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    sc.add_argument("--repeats", type=_positive_int, default=None)
+    sc.add_argument("--project", action="store_true", default=None, help="project world sizes larger than the GPUs present (marked projected)")
+    sc.add_argument("--baseline", default=None, help="a results.csv of an earlier run to compare against")
+    sc.add_argument("--out", default="reports/scaling")
+    g = sub.add_parser("gate", help="print the Go/No-Go verdict of the last scaling report; exit 0 only on GO")
+    g.add_argument("--reports", default="reports")
     lm = sub.add_parser("loader-memory", help="peak memory per rank loading a checkpoint: sharded (lazy slices) vs naive (whole tensors)")
     lm.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a Hugging Face safetensors checkpoint; created if --synthetic-layers is given and it is absent")
     lm.add_argument("--tp", type=_positive_int, default=4)
@@ -62,6 +75,53 @@ def _loader_memory(args) -> int:
         print(f"{r['mode']:22s} rank {r['rank']}: peak +{r['load_anon'] / gb:.2f} GB allocated (goal <= shard {r['shard'] / gb:.2f} + largest tensor "
               f"{r['largest_tensor'] / gb:.2f} + 0.5 = {goal / gb:.2f} GB), page cache of the mmapped files {r['peak_file'] / gb:.2f} GB")
     return 0
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    values = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing")
+    return values
+
+
+def _scaling(args) -> int:
+    from harness.gate import GateConfig
+    from harness.scaling import read_baseline, read_tables, run_scaling
+    from harness.sweep import load_config
+
+    table, gate_table = read_tables(args.config)
+    overrides = {"world_sizes": args.world_sizes, "presets": args.presets, "implementations": args.implementations, "device": args.device,
+                 "dtype": args.dtype, "repeats": args.repeats, "project": args.project}
+    cfg = load_config(table, overrides)
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TPConfigError("--device", "cuda", "no CUDA device is visible")
+    summary = run_scaling(cfg, GateConfig.from_table(gate_table), args.out, read_baseline(args.baseline, cfg))
+    _print_gate(summary["gate"])
+    print(f"report: {summary['index']}")
+    return 0
+
+
+def _print_gate(gate: dict) -> None:
+    for c in gate["criteria"]:
+        value = "-" if c["measured"] is None else (f"{c['measured']:.3g}" if isinstance(c["measured"], float) else str(c["measured"]))
+        print(f"  {c['status']:10s} {c['name']}: {value} (threshold {c['threshold']}){'  — ' + c['note'] if c['note'] else ''}")
+    print(f"gate: {gate['verdict']}")
+
+
+def _gate(args) -> int:
+    import json
+    from pathlib import Path
+
+    path = Path(args.reports) / "scaling" / "results.json"
+    if not path.is_file():
+        print(f"tpgate gate: error: {path} missing — run `tpgate scaling` (or nox -s scaling) first", file=sys.stderr)
+        return 2
+    gate = json.loads(path.read_text())["gate"]
+    _print_gate(gate)
+    return 0 if gate["verdict"] == "GO" else 1
 
 
 def _tp_list(text: str) -> tuple[int, ...]:
@@ -132,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tpgate correctness: {summary['verdict']} — {summary['n_tests']} tests, {summary['n_failed']} failed, "
                   f"{summary['n_examples']} examples; report: {summary['index']}")
             return 0 if summary["verdict"] == "PASS" else 1
+        if args.command == "scaling":
+            return _scaling(args)
+        if args.command == "gate":
+            return _gate(args)
         if args.command == "loader-memory":
             return _loader_memory(args)
         if args.command == "verify":
