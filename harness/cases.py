@@ -8,6 +8,7 @@ the float64 run is the "exact" reference the tolerance policy measures both agai
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -245,6 +246,10 @@ def run_on_rank(ctx, case: LayerCase) -> dict:
     return result
 
 
+def reference_device() -> torch.device:
+    return torch.device("cuda" if os.environ.get("TPGATE_DEVICE") == "cuda" and torch.cuda.is_available() else "cpu")
+
+
 def run_single(case: LayerCase, dtype: torch.dtype, absolute: bool = False) -> dict:
     """The unsharded layer on one device, in `dtype` (float64 gives the exact reference).
 
@@ -252,7 +257,8 @@ def run_single(case: LayerCase, dtype: torch.dtype, absolute: bool = False) -> d
     reduction (matmul, sum over vocab) that gives the sum of the absolute values of the terms,
     the magnitude the rounding of any partial sum is proportional to (harness/tolerance.py)."""
     comm = NullCommunicator(1)
-    layer = build_layer(case, comm, dtype)
+    # the reference runs on the ranks' device kind, so E1 reflects the same kernels
+    layer = build_layer(case, comm, dtype).to(reference_device())
     if absolute:
         with torch.no_grad():
             for p in layer.parameters():

@@ -9,7 +9,7 @@ import torch
 from impl.architecture import parse_dtype
 from impl.communication import NullCommunicator
 
-from .cases import LayerCase, block_config, build_layer, full_tensors, inputs
+from .cases import LayerCase, block_config, build_layer, full_tensors, inputs, reference_device
 from impl.model import TransformerBlock
 
 
@@ -41,12 +41,14 @@ def sequence_parallel_block(ctx, case: LayerCase) -> dict:
 
 
 def block_reference(case: LayerCase, dtype, grad: torch.Tensor | None = None) -> dict:
-    layer = build_layer(case, NullCommunicator(1), dtype)
-    x = inputs(case).to(dtype).requires_grad_(True)
+    device = reference_device()
+    layer = build_layer(case, NullCommunicator(1), dtype).to(device)
+    x = inputs(case).to(device, dtype).requires_grad_(True)
     out = layer(x)
     if grad is not None:
-        out.backward(grad.to(dtype))
-    return {"out": out.detach().float() if dtype != torch.float64 else out.detach(), "grad_in": None if grad is None else x.grad}
+        out.backward(grad.to(device, dtype))
+    out = out.detach().cpu()
+    return {"out": out.float() if dtype != torch.float64 else out, "grad_in": None if grad is None else x.grad.cpu()}
 
 
 def lm_head_argmax(ctx, case: LayerCase) -> dict:
