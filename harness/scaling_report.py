@@ -1,0 +1,600 @@
+"""The scaling report: sweep results + gate -> results.csv, results.json, index.html; and the reports index.
+
+`write_scaling_report(results, gate, environment, out_dir, baseline=None)`:
+  results: the frame of harness.sweep.run_sweep (one row per point). Any column may be missing
+    or NaN (missing ones are added as NaN); failed rows carry NaN metrics and an `error`.
+    `projected` is true only for a literal true value (NaN / missing reads as measured).
+  gate: harness.gate.evaluate_gate's dict ({"verdict", "criteria": [...]}); a missing verdict
+    reads as INCOMPLETE.
+  baseline: an earlier results frame (e.g. a committed results.csv). Successful rows of both are
+    joined on BASELINE_KEYS (plus `dtype` where both frames have it: latencies of different
+    dtypes are not comparable) and shown as latency now / baseline.
+  Output: out_dir is replaced as a whole (staged in a sibling directory, then publish_dir_atomic),
+    so a reader sees the old report or the new one, never a mix. results.json is strict JSON
+    {"gate", "environment", "rows"} (NaN -> null). index.html is self-contained: inline CSS,
+    plots as base64 PNG data URIs, tables from DataFrame.to_html inserted with |safe, the rest
+    autoescaped (templates/scaling.html.j2). Gate evidence is a link only when it is a relative
+    reference (no scheme): anything else is shown as text, so the page never links off the disk.
+  Projected points (a single rank's shard timed alone, collectives priced by a cost model) are
+    drawn with hollow markers and dashed lines and never mixed with measured ones.
+
+`write_index(reports_root)`: reports_root/index.html (atomic write) linking correctness/, scaling/
+  and the gate (scaling/index.html#gate), each with the verdict read from that directory's
+  results.json ("not run yet" when absent, "unreadable" when it cannot be parsed).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import jinja2
+import matplotlib
+
+matplotlib.use("Agg")  # headless: built on CI boxes and GPU nodes without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+
+from .atomic import publish_dir_atomic, write_bytes_atomic, write_text_atomic  # noqa: E402
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+COLUMNS = ["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device", "dtype", "projected", "status",
+           "error", "latency_s", "latency_p90_s", "null_latency_s", "exposed_comm", "tokens_per_s", "peak_memory_bytes",
+           "collectives_per_step", "comm_bytes_per_step", "rank_latency_s", "dispatch_us_per_call", "dispatch_fraction",
+           "dispatch_us_per_step", "speedup", "efficiency", "backend", "cost_model"]
+NUMERIC = ["batch", "prompt", "steps", "world_size", "latency_s", "latency_p90_s", "null_latency_s", "exposed_comm", "tokens_per_s",
+           "peak_memory_bytes", "collectives_per_step", "comm_bytes_per_step", "dispatch_us_per_call", "dispatch_fraction",
+           "dispatch_us_per_step", "speedup", "efficiency"]
+TEXT = ["implementation", "preset", "phase", "device", "dtype", "backend", "cost_model"]
+BASELINE_KEYS = ["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device"]
+POINT_KEYS = ["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device", "dtype"]
+VERDICT_CLASS = {"GO": "GO", "NO-GO": "NOGO", "INCOMPLETE": "INCOMPLETE"}
+CPU_WARNING = "CPU run (gloo, shared cores): not representative of GPUs"
+MAX_ERROR = 2000
+PALETTE = ["#1c7ed6", "#e8590c", "#2b8a3e", "#7048e8", "#c2255c", "#0c8599", "#5c940d", "#495057"]
+PARTS = [("compute", "#1c7ed6"), ("exposed comm", "#f08c00"), ("dispatch", "#7048e8")]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _truthy(v) -> bool:
+    return v is True or v is np.True_ or str(v).strip().lower() in ("true", "1", "1.0")
+
+
+def _normalise(results: pd.DataFrame | None) -> pd.DataFrame:
+    r = (results if results is not None else pd.DataFrame()).copy().reset_index(drop=True)
+    for col in COLUMNS:
+        if col not in r:
+            r[col] = np.nan
+    r = r[COLUMNS + [c for c in r.columns if c not in COLUMNS]]
+    for col in NUMERIC:
+        r[col] = pd.to_numeric(r[col], errors="coerce").astype(float)
+    for col in TEXT:
+        r[col] = r[col].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)).astype(object)
+    r["projected"] = r["projected"].map(_truthy).astype(bool)
+    # a row without a status is ok only if it carries a latency
+    status = r["status"].map(lambda v: str(v).strip().lower() if isinstance(v, str) else "")
+    r["status"] = [s if s in ("ok", "failed") else ("ok" if np.isfinite(lat) else "failed") for s, lat in zip(status, r["latency_s"])]
+    r["error"] = r["error"].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)).astype(object)
+    return r
+
+
+def _ok(r: pd.DataFrame) -> pd.DataFrame:
+    return r[(r["status"] == "ok") & np.isfinite(r["world_size"])]
+
+
+def _fmt_num(v, spec=".3g", na="—") -> str:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return na if v is None or v == "" else str(v)
+    return na if not math.isfinite(v) else format(v, spec)
+
+
+def _int(v) -> str:
+    return _fmt_num(v, ".0f")
+
+
+def _workload(row) -> str:
+    """'batch 2 · prompt 64' (+ '· 16 steps' for decode)."""
+    parts = [f"batch {_int(row['batch'])}", f"prompt {_int(row['prompt'])}"]
+    if row["phase"] == "decode" and np.isfinite(row["steps"]):
+        parts.append(f"{_int(row['steps'])} steps")
+    return " · ".join(parts)
+
+
+def _summary(r: pd.DataFrame, gate: dict) -> dict:
+    ok = r[r["status"] == "ok"]
+    devices = [d for d in dict.fromkeys(r["device"]) if d]
+    return {
+        "verdict": gate["verdict"],
+        "n_points": len(r), "n_ok": len(ok), "n_measured": int((~ok["projected"]).sum()), "n_projected": int(ok["projected"].sum()),
+        "n_failed": int((r["status"] == "failed").sum()),
+        "world_sizes": sorted(int(w) for w in r["world_size"].dropna().unique()),
+        "devices": devices,
+        "implementations": [i for i in dict.fromkeys(r["implementation"]) if i],
+    }
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _panels(ok: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, rows) per (preset, phase), in first-seen order."""
+    out = []
+    for (preset, phase), d in ok.groupby(["preset", "phase"], sort=False):
+        title = f"{preset or '?'} · {phase or '?'}"
+        shapes = d.drop_duplicates(["batch", "prompt", "steps"])
+        if len(shapes) == 1:
+            title += f"\n{_workload(shapes.iloc[0])}"
+        dtypes = [x for x in dict.fromkeys(d["dtype"]) if x]
+        if len(dtypes) == 1:
+            title += f" · {dtypes[0]}"
+        out.append((title, d))
+    return out
+
+
+def _line_keys(d: pd.DataFrame) -> pd.Series:
+    """Line label per row: the implementation, plus whatever else varies inside the panel."""
+    label = d["implementation"].replace("", "?")
+    for col, fmt in (("batch", "b={}"), ("prompt", "p={}"), ("steps", "s={}"), ("dtype", "{}"), ("device", "{}")):
+        if d[col].nunique(dropna=False) > 1:
+            label = label + " " + d[col].map(lambda v: fmt.format(_int(v) if isinstance(v, float) else v))
+    return label
+
+
+def _colours(r: pd.DataFrame) -> dict:
+    impls = sorted({i or "?" for i in r["implementation"]})
+    return {impl: PALETTE[i % len(PALETTE)] for i, impl in enumerate(impls)}
+
+
+def _grid(n: int, width=4.3, height=3.3):
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = axes.ravel()
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _ws_axis(ax, sizes):
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(sizes))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(s) for s in sizes])
+    lo, hi = min(sizes), max(sizes)
+    ax.set_xlim(lo / 1.35, hi * 1.35)
+    ax.set_xlabel("world size")
+    ax.grid(alpha=0.3, lw=0.5)
+
+
+def _style_legend(fig, handles, ncols=None):
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=ncols or min(len(handles), 6), frameon=False, fontsize=9)
+
+
+def _kind_handles(any_projected: bool) -> list:
+    measured = Line2D([], [], color="#495057", ls="-", marker="o", ms=6, label="measured")
+    if not any_projected:
+        return [measured]
+    return [measured, Line2D([], [], color="#495057", ls="--", marker="o", ms=6, markerfacecolor="white", label="projected")]
+
+
+def _line_plot(r: pd.DataFrame, column: str, ylabel: str, scale: float = 1.0, ideal: bool = False, unity: bool = False,
+               zero: bool = True) -> str | None:
+    ok = _ok(r)
+    ok = ok[np.isfinite(ok[column])]
+    if ok.empty:
+        return None
+    colours = _colours(r)
+    panels = _panels(ok)
+    fig, axes = _grid(len(panels))
+    impls_seen = {}
+    for ax, (title, d) in zip(axes, panels):
+        d = d.assign(_line=_line_keys(d))
+        sizes = sorted(int(w) for w in d["world_size"].unique())
+        if ideal:
+            xs = np.array([min(sizes), max(sizes)], dtype=float)
+            ax.plot(xs, xs, color="#868e96", ls=":", lw=1.3, zorder=1)
+        if unity:
+            ax.axhline(1.0, color="#868e96", ls=":", lw=1.3, zorder=1)
+        for line, g in d.groupby("_line", sort=False):
+            impl = g["implementation"].iloc[0] or "?"
+            colour = colours[impl]
+            impls_seen.setdefault(impl, colour)
+            g = g.sort_values("world_size")
+            meas, proj = g[~g["projected"]], g[g["projected"]]
+            y = lambda s: s[column].to_numpy(dtype=float) * scale  # noqa: E731
+            if len(meas):
+                ax.plot(meas["world_size"], y(meas), color=colour, ls="-", marker="o", ms=6, lw=1.8, zorder=3,
+                        label=line if d["_line"].nunique() > 1 else None)
+            if len(proj):
+                # the dashed segment starts at the last measured point below the first projection
+                anchor = meas[meas["world_size"] < proj["world_size"].min()].tail(1)
+                px = np.concatenate([anchor["world_size"].to_numpy(float), proj["world_size"].to_numpy(float)])
+                py = np.concatenate([y(anchor), y(proj)])
+                ax.plot(px, py, color=colour, ls="--", lw=1.5, zorder=2)
+                ax.plot(proj["world_size"], y(proj), ls="none", marker="o", ms=7, markerfacecolor="white",
+                        markeredgecolor=colour, markeredgewidth=1.6, zorder=4)
+        _ws_axis(ax, sizes)
+        if ideal:
+            ax.set_yscale("log", base=2)
+            ticks = sorted({float(s) for s in sizes} | {1.0})
+            ax.yaxis.set_major_locator(FixedLocator(ticks))
+            ax.yaxis.set_minor_locator(NullLocator())
+            ax.set_yticklabels([f"{t:g}" for t in ticks])
+            vals = d[column].to_numpy(float) * scale
+            lo = min(0.5, float(np.nanmin(vals)) / 1.3)
+            hi = max(float(max(sizes)) * 1.3, float(np.nanmax(vals)) * 1.3)
+            ax.set_ylim(lo, hi)
+        elif zero:
+            top = float(np.nanmax(d[column].to_numpy(float) * scale))
+            ax.set_ylim(0, max(top * 1.15, 1.15 if unity else 0) or 1.0)
+        ax.set_title(title, fontsize=9.5)
+        if d["_line"].nunique() > 1:
+            ax.legend(fontsize=7, frameon=False)
+    for ax in axes[:: min(3, len(axes))]:
+        ax.set_ylabel(ylabel)
+    handles = [Line2D([], [], color=c, lw=2, label=i) for i, c in impls_seen.items()] + _kind_handles(bool(ok["projected"].any()))
+    if ideal:
+        handles.append(Line2D([], [], color="#868e96", ls=":", lw=1.3, label="ideal (y = x)"))
+    if unity:
+        handles.append(Line2D([], [], color="#868e96", ls=":", lw=1.3, label="ideal (1.0)"))
+    fig.tight_layout()
+    _style_legend(fig, handles)
+    return _png(fig)
+
+
+def _time_unit(seconds: float) -> tuple[str, float]:
+    if seconds < 1e-3:
+        return "µs", 1e6
+    if seconds < 1.0:
+        return "ms", 1e3
+    return "s", 1.0
+
+
+def _breakdown(ok: pd.DataFrame) -> pd.DataFrame:
+    lat, null = ok["latency_s"], ok["null_latency_s"]
+    # without a null-communicator time the latency cannot be split: all of it is drawn as compute
+    compute = null.where(np.isfinite(null), lat).clip(lower=0)
+    comm = (lat - null).clip(lower=0).where(np.isfinite(null), 0.0)
+    dispatch = (ok["dispatch_us_per_step"] * 1e-6).where(np.isfinite(ok["dispatch_us_per_step"]), 0.0).clip(lower=0)
+    return pd.DataFrame({"compute": compute, "exposed comm": comm, "dispatch": dispatch}, index=ok.index).fillna(0.0)
+
+
+def _breakdown_plot(r: pd.DataFrame) -> str | None:
+    ok = _ok(r)
+    ok = ok[np.isfinite(ok["latency_s"])]
+    if ok.empty:
+        return None
+    parts = _breakdown(ok)
+    unit, scale = _time_unit(float(parts.sum(axis=1).max()) or 1e-3)
+    panels = _panels(ok)
+    fig, axes = _grid(len(panels), width=4.5, height=3.5)
+    for ax, (title, d) in zip(axes, panels):
+        d = d.assign(_line=_line_keys(d))
+        sizes = sorted(int(w) for w in d["world_size"].unique())
+        lines = list(dict.fromkeys(d["_line"]))
+        width = 0.8 / len(lines)
+        top = 0.0
+        for j, line in enumerate(lines):
+            g = d[d["_line"] == line]
+            for _, row in g.iterrows():
+                x = sizes.index(int(row["world_size"])) + (j - (len(lines) - 1) / 2) * width
+                bottom = 0.0
+                for part, colour in PARTS:
+                    h = float(parts.loc[row.name, part]) * scale
+                    if h <= 0:
+                        continue
+                    if row["projected"]:
+                        ax.bar(x, h, width * 0.92, bottom=bottom, facecolor="white", edgecolor=colour, hatch="///", lw=1.2, ls="--")
+                    else:
+                        ax.bar(x, h, width * 0.92, bottom=bottom, color=colour, edgecolor="white", lw=0.5)
+                    bottom += h
+                top = max(top, bottom)
+                label = f"{bottom:.3g}" + ("\nproj." if row["projected"] else "")
+                ax.annotate(label, (x, bottom), ha="center", va="bottom", fontsize=6.5, xytext=(0, 1), textcoords="offset points")
+                if len(lines) > 1:
+                    ax.annotate(line, (x, 0), ha="center", va="bottom", rotation=90, fontsize=6.5, color="#212529", xytext=(0, 2),
+                                textcoords="offset points")
+        ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
+        ax.set_xlim(-0.6, len(sizes) - 0.4)
+        ax.set_ylim(0, top * 1.22 or 1.0)
+        ax.set_xlabel("world size")
+        ax.set_title(title, fontsize=9.5)
+        ax.grid(axis="y", alpha=0.3, lw=0.5)
+    for ax in axes[:: min(3, len(axes))]:
+        ax.set_ylabel(f"latency per step ({unit})")
+    handles = [Patch(color=c, label=p) for p, c in PARTS]
+    if ok["projected"].any():
+        handles.append(Patch(facecolor="white", edgecolor="#495057", hatch="///", ls="--", label="projected"))
+    fig.tight_layout()
+    _style_legend(fig, handles)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _pct(v) -> str:
+    return _fmt_num(v, ".1%")
+
+
+def _results_table(r: pd.DataFrame) -> str | None:
+    ok = r[r["status"] == "ok"]
+    if ok.empty:
+        return None
+    unit, scale = _time_unit(float(np.nanmax(ok["latency_s"].to_numpy(float))) if np.isfinite(ok["latency_s"]).any() else 1e-3)
+    t = pd.DataFrame({
+        "impl": ok["implementation"], "preset": ok["preset"], "phase": ok["phase"], "workload": ok.apply(_workload, axis=1),
+        "dtype": ok["dtype"], "device": ok["device"], "ws": ok["world_size"].map(_int),
+        "point": ok["projected"].map({True: "projected", False: "measured"}),
+        f"latency ({unit}/step)": (ok["latency_s"] * scale).map(_fmt_num),
+        f"p90 ({unit})": (ok["latency_p90_s"] * scale).map(_fmt_num),
+        "speedup": ok["speedup"].map(lambda v: _fmt_num(v, ".2f")),
+        "efficiency": ok["efficiency"].map(_pct),
+        "exposed comm": ok["exposed_comm"].map(_pct),
+        "dispatch": ok["dispatch_fraction"].map(_pct),
+        "tokens/s": ok["tokens_per_s"].map(lambda v: _fmt_num(v, ",.0f")),
+        "peak mem (GB)": (ok["peak_memory_bytes"] / 1e9).map(lambda v: _fmt_num(v, ".2f")),
+        "collectives/step": ok["collectives_per_step"].map(lambda v: _fmt_num(v, ".4g")),
+        "comm MB/step": (ok["comm_bytes_per_step"] / 1e6).map(_fmt_num),
+    })
+    # a column that holds one value everywhere is stated once (device banner, panel titles) rather than on every row
+    t = t.drop(columns=[c for c in ("dtype", "device") if t[c].nunique() <= 1])
+    return t.to_html(index=False, classes="data results", border=0, na_rep="—")
+
+
+def _failed_table(r: pd.DataFrame) -> str | None:
+    bad = r[r["status"] == "failed"]
+    if bad.empty:
+        return None
+    t = bad[["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device", "dtype", "projected", "error"]].copy()
+    for col in ("batch", "prompt", "steps", "world_size"):
+        t[col] = t[col].map(_int)
+    t["projected"] = t["projected"].map({True: "yes", False: "no"})
+    t["error"] = t["error"].map(lambda s: (s if len(s) <= MAX_ERROR else s[:MAX_ERROR] + " … (truncated)") or "(no error recorded)")
+    t = t.rename(columns={"implementation": "impl", "world_size": "ws"})
+    return t.to_html(index=False, classes="data failed", border=0, na_rep="—", formatters={"error": str})
+
+
+def _join_frame(f: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    f = f.copy()
+    for k in keys:
+        if k not in f:
+            f[k] = np.nan
+        if k in ("batch", "prompt", "steps", "world_size"):
+            f[k] = pd.to_numeric(f[k], errors="coerce").astype(float)
+        else:
+            f[k] = f[k].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)).astype(object)
+    if "latency_s" not in f:
+        f["latency_s"] = np.nan
+    f["latency_s"] = pd.to_numeric(f["latency_s"], errors="coerce").astype(float)
+    return f
+
+
+def _baseline_table(r: pd.DataFrame, baseline: pd.DataFrame | None) -> dict | None:
+    if baseline is None:
+        return None
+    keys = BASELINE_KEYS + (["dtype"] if "dtype" in baseline.columns and r["dtype"].ne("").any() else [])
+    base = _join_frame(baseline, keys)
+    if "status" in base:
+        base = base[base["status"].astype(str).str.lower() == "ok"]
+    base = base.assign(projected=base["projected"].map(_truthy).astype(bool) if "projected" in base else False)
+    base = base[np.isfinite(base["latency_s"])].drop_duplicates(keys, keep="last")
+    now = _join_frame(r[r["status"] == "ok"], keys)
+    now = now[np.isfinite(now["latency_s"])]
+    j = now.merge(base[keys + ["latency_s", "projected"]], on=keys, how="inner", suffixes=("", "_base"))
+    info = {"n_now": len(now), "n_base": len(base), "n_joined": len(j), "keys": keys, "table": None}
+    if j.empty:
+        return info
+    unit, scale = _time_unit(float(max(j["latency_s"].max(), j["latency_s_base"].max())))
+    ratio = j["latency_s"] / j["latency_s_base"]
+    t = pd.DataFrame({
+        "impl": j["implementation"], "preset": j["preset"], "phase": j["phase"], "workload": j.apply(_workload, axis=1),
+        "device": j["device"], **({"dtype": j["dtype"]} if "dtype" in keys else {}), "ws": j["world_size"].map(_int),
+        "point (now / baseline)": [f"{'projected' if a else 'measured'} / {'projected' if b else 'measured'}"
+                                   for a, b in zip(j["projected"], j["projected_base"])],
+        f"latency now ({unit})": (j["latency_s"] * scale).map(_fmt_num),
+        f"baseline ({unit})": (j["latency_s_base"] * scale).map(_fmt_num),
+        "ratio now / baseline": ratio.map(lambda v: _fmt_num(v, ".3f")),
+        "change": (ratio - 1).map(lambda v: _fmt_num(v, "+.1%")),
+    })
+    info["table"] = t.to_html(index=False, classes="data baseline", border=0, na_rep="—")
+    return info
+
+
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+def _evidence(text) -> dict:
+    """A relative reference (no scheme, no spaces) becomes a link; anything else is shown as text."""
+    s = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text).strip()
+    is_link = bool(s) and not _SCHEME.match(s) and not s.startswith("//") and not re.search(r"\s", s)
+    return {"text": s or "—", "href": s if is_link else None}
+
+
+def _gate(gate: dict | None) -> dict:
+    gate = dict(gate or {})
+    verdict = str(gate.get("verdict") or "INCOMPLETE")
+    criteria = []
+    for c in gate.get("criteria") or []:
+        measured = c.get("measured")
+        status = str(c.get("status") or "INCOMPLETE")
+        criteria.append({
+            "name": str(c.get("name", "?")),
+            "measured": "—" if measured is None else (_fmt_num(measured, ".4g") if isinstance(measured, (int, float, np.number)) and not isinstance(measured, bool) else str(measured)),
+            "threshold": "—" if c.get("threshold") in (None, "") else str(c.get("threshold")),
+            "status": status, "cls": {"PASS": "ok", "FAIL": "bad"}.get(status, "warn"),
+            "evidence": _evidence(c.get("evidence")), "note": str(c.get("note") or ""),
+        })
+    counts = {s: sum(c["status"] == s for c in criteria) for s in ("PASS", "FAIL", "INCOMPLETE")}
+    return {"verdict": verdict, "cls": VERDICT_CLASS.get(verdict, "INCOMPLETE"), "criteria": criteria, "counts": counts}
+
+
+def _env_table(environment: dict) -> str:
+    env = pd.DataFrame([(k, "—" if v is None else str(v)) for k, v in (environment or {}).items()], columns=["key", "value"])
+    return env.to_html(index=False, header=False, classes="data env", border=0)
+
+
+def _device_banner(r: pd.DataFrame, environment: dict) -> dict:
+    devices = [d for d in dict.fromkeys(r["device"]) if d] or ([str(environment["device"])] if environment.get("device") else [])
+    parts = []
+    for d in devices or ["unknown"]:
+        text = d
+        if d == "cuda" and environment.get("gpu_name"):
+            n = environment.get("gpu_count")
+            text += f" — {environment['gpu_name']}" + (f" × {n}" if n else "")
+        parts.append(text)
+    backends = [b for b in dict.fromkeys(r["backend"]) if b] or ([str(environment["backend"])] if environment.get("backend") else [])
+    return {"text": ", ".join(parts), "backend": ", ".join(backends), "cpu": "cpu" in devices,
+            "host": str(environment.get("hostname") or ""), "when": str(environment.get("timestamp_utc") or "")}
+
+
+def _json_safe(v):
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def _csv(r: pd.DataFrame) -> str:
+    out = r.copy()
+    # lists as JSON text, so the cell reads back unambiguously
+    out["rank_latency_s"] = out["rank_latency_s"].map(lambda v: json.dumps(_json_safe(v)) if isinstance(v, (list, tuple, np.ndarray)) else v)
+    return out.to_csv(index=False)
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True, undefined=jinja2.StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def write_scaling_report(results: pd.DataFrame, gate: dict, environment: dict, out_dir: str | Path,
+                         baseline: pd.DataFrame | None = None) -> dict:
+    out_dir = Path(out_dir).resolve()
+    environment = dict(environment or {})
+    r = _normalise(results)
+    g = _gate(gate)
+    summary = _summary(r, g)
+    cost_models = [c for c in dict.fromkeys(r.loc[r["projected"], "cost_model"]) if c]
+    plots = {
+        "speedup": _line_plot(r, "speedup", "speedup vs world size 1", ideal=True),
+        "efficiency": _line_plot(r, "efficiency", "efficiency = speedup / world size", unity=True),
+        "breakdown": _breakdown_plot(r),
+        "tokens": _line_plot(r, "tokens_per_s", "tokens / s"),
+        "memory": _line_plot(r, "peak_memory_bytes", "peak memory per device (GB)", scale=1e-9),
+    }
+    html = _env().get_template("scaling.html.j2").render(
+        summary=summary, gate=g, device=_device_banner(r, environment), cpu_warning=CPU_WARNING, plots=plots,
+        cost_models=cost_models, results_table=_results_table(r), failed_table=_failed_table(r),
+        baseline=_baseline_table(r, baseline), env_table=_env_table(environment))
+    # the stored gate always has a verdict and criteria (`tpgate gate` reads them back)
+    payload = {"gate": {**(gate or {}), "verdict": g["verdict"], "criteria": list((gate or {}).get("criteria") or [])},
+               "environment": environment, "rows": r.to_dict(orient="records")}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # staging next to out_dir: the final rename must stay on one filesystem
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.staging-"))
+    try:
+        write_text_atomic(staging / "results.csv", _csv(r))
+        write_text_atomic(staging / "results.json", json.dumps(_json_safe(payload), indent=1, default=str, allow_nan=False))
+        write_bytes_atomic(staging / "index.html", html.encode("utf-8"))
+        staging.chmod(0o755)  # mkdtemp makes it 0700
+        publish_dir_atomic(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"verdict": g["verdict"], "n_points": summary["n_points"], "n_measured": summary["n_measured"],
+            "n_projected": summary["n_projected"], "n_failed": summary["n_failed"], "out_dir": str(out_dir),
+            "index": str(out_dir / "index.html")}
+
+
+def _read_json(path: Path):
+    """(data, problem): problem is 'not run yet' / 'unreadable results.json' when data is None."""
+    if not path.is_file():
+        return None, "not run yet"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), ""
+    except (OSError, ValueError):
+        return None, "unreadable results.json"
+
+
+def _entry(name: str, href: str, desc: str, present: bool) -> dict:
+    return {"name": name, "href": href, "desc": desc, "present": present, "verdict": "not run yet", "cls": "none", "detail": "", "when": ""}
+
+
+def write_index(reports_root: str | Path) -> Path:
+    root = Path(reports_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+
+    corr = _entry("Correctness", "correctness/index.html", "TP layers and models vs the single-device baseline",
+                  (root / "correctness" / "index.html").is_file())
+    data, problem = _read_json(root / "correctness" / "results.json")
+    if data is None:
+        corr["verdict"] = problem
+    else:
+        v = str(data.get("verdict") or "unknown") if isinstance(data, dict) else "unknown"
+        s = data.get("summary", {}) if isinstance(data, dict) else {}
+        corr.update(verdict=v, cls={"PASS": "ok", "FAIL": "bad"}.get(v, "warn"),
+                    detail=f"{s.get('n_failed', '?')} of {s.get('n_tests', '?')} tests failed" if isinstance(s, dict) and s else "",
+                    when=str((data.get("environment") or {}).get("timestamp_utc") or ""))
+    entries.append(corr)
+
+    present = (root / "scaling" / "index.html").is_file()
+    scal = _entry("Scaling", "scaling/index.html", "speedup, efficiency, latency breakdown, throughput, memory per world size", present)
+    gate = _entry("Go/No-Go gate", "scaling/index.html#gate", "release criteria (lives in the scaling report)", present)
+    data, problem = _read_json(root / "scaling" / "results.json")
+    if data is None or not isinstance(data, dict):
+        scal["verdict"] = gate["verdict"] = problem or "unreadable results.json"
+    else:
+        rows = [x for x in (data.get("rows") or []) if isinstance(x, dict)]
+        failed = sum(x.get("status") != "ok" for x in rows)
+        projected = sum(bool(x.get("projected")) and x.get("status") == "ok" for x in rows)
+        devices = sorted({str(x.get("device")) for x in rows if x.get("device")})
+        scal.update(verdict=f"{len(rows)} points, {failed} failed", cls="warn" if failed or not rows else "ok",
+                    detail=f"{len(rows) - failed - projected} measured, {projected} projected" + (f" · {', '.join(devices)}" if devices else "")
+                    + (" · CPU run: not representative of GPUs" if "cpu" in devices else ""),
+                    when=str((data.get("environment") or {}).get("timestamp_utc") or ""))
+        g = data.get("gate") if isinstance(data.get("gate"), dict) else {}
+        v = str(g.get("verdict") or "INCOMPLETE")
+        crit = [c for c in (g.get("criteria") or []) if isinstance(c, dict)]
+        gate.update(verdict=v, cls={"GO": "ok", "NO-GO": "bad"}.get(v, "warn"), when=scal["when"],
+                    detail=", ".join(f"{sum(c.get('status') == s for c in crit)} {s.lower()}" for s in ("PASS", "FAIL", "INCOMPLETE")) if crit else "")
+    entries += [scal, gate]
+
+    known = {"correctness", "scaling", "baselines"}
+    others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in known and not p.name.startswith(".")
+                    and (p / "index.html").is_file())
+    html = _env().get_template("index.html.j2").render(entries=entries, others=others)
+    path = root / "index.html"
+    write_text_atomic(path, html)
+    return path
