@@ -178,7 +178,7 @@ class PlainLlama(nn.Module):
 
     def rotary(self, positions: torch.Tensor):
         wide = torch.promote_types(self.dtype, torch.float32)  # float64 tables for a float64 model, as tpgate
-        freqs = positions.to(wide)[..., None] * self.inv_freq.to(wide)
+        freqs = positions.to(wide)[..., None] * self.inv_freq.to(positions.device, wide)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
