@@ -238,7 +238,9 @@ def _env_table(environment: dict) -> str:
 
 
 def _json_safe(v):
-    # results.json is strict JSON: NaN/inf become null, numpy scalars become Python ones
+    # results.json is strict JSON: NaN/inf become null, numpy arrays and scalars become Python ones
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
     if isinstance(v, np.generic):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):

@@ -45,6 +45,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
 from .atomic import publish_dir_atomic, write_bytes_atomic, write_text_atomic  # noqa: E402
+from .report import _json_safe  # noqa: E402  (one strict-JSON converter for both reports)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 COLUMNS = ["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device", "dtype", "projected", "status",
@@ -468,18 +469,6 @@ def _device_banner(r: pd.DataFrame, environment: dict) -> dict:
             "host": str(environment.get("hostname") or ""), "when": str(environment.get("timestamp_utc") or "")}
 
 
-def _json_safe(v):
-    if isinstance(v, np.ndarray):
-        v = v.tolist()
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
 
 
 def _csv(r: pd.DataFrame) -> str:
