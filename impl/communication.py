@@ -241,34 +241,51 @@ class _GatherFromSequence(torch.autograd.Function):
         return ctx.comm.reduce_scatter(grad.contiguous(), ctx.dim), None, None
 
 
+def _needs_autograd(x: torch.Tensor) -> bool:
+    """Inference calls the collective directly: the autograd pair exists only to give x a
+    gradient, and skipping it keeps the forward traceable by torch.compile (which cannot
+    trace an in-place autograd.Function, see impl/decoding.py)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def copy_to_parallel(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
     """Enter a TP region with a replicated input: identity forward, all-reduce backward."""
-    return _CopyToParallel.apply(x, comm) if comm.world_size > 1 else x
+    return _CopyToParallel.apply(x, comm) if comm.world_size > 1 and _needs_autograd(x) else x
 
 
 def reduce_from_parallel(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
     """Leave a TP region by summing partial results: all-reduce forward, identity backward."""
-    return _ReduceFromParallel.apply(x, comm) if comm.world_size > 1 else x
+    if comm.world_size == 1:
+        return x
+    return _ReduceFromParallel.apply(x, comm) if _needs_autograd(x) else comm.all_reduce(x.contiguous())
 
 
 def gather_from_parallel(x: torch.Tensor, comm: Communicator, dim: int = -1) -> torch.Tensor:
     """Concatenate per-rank shards along `dim`: all-gather forward, keep own slice backward."""
-    return _GatherFromParallel.apply(x, comm, dim) if comm.world_size > 1 else x
+    if comm.world_size == 1:
+        return x
+    return _GatherFromParallel.apply(x, comm, dim) if _needs_autograd(x) else comm.all_gather(x, dim)
 
 
 def scatter_to_parallel(x: torch.Tensor, comm: Communicator, dim: int = -1) -> torch.Tensor:
     """Keep this rank's slice of a replicated tensor: slice forward, all-gather backward."""
-    return _ScatterToParallel.apply(x, comm, dim) if comm.world_size > 1 else x
+    if comm.world_size == 1:
+        return x
+    return _ScatterToParallel.apply(x, comm, dim) if _needs_autograd(x) else comm.shard(x, dim)
 
 
 def reduce_scatter_to_sequence(x: torch.Tensor, comm: Communicator, dim: int = 1) -> torch.Tensor:
     """Sequence parallelism: sum partials and keep own sequence shard (backward: all-gather)."""
-    return _ReduceScatterToSequence.apply(x, comm, dim) if comm.world_size > 1 else x
+    if comm.world_size == 1:
+        return x
+    return _ReduceScatterToSequence.apply(x, comm, dim) if _needs_autograd(x) else comm.reduce_scatter(x, dim)
 
 
 def gather_from_sequence(x: torch.Tensor, comm: Communicator, dim: int = 1) -> torch.Tensor:
     """Sequence parallelism: rebuild the full sequence (backward: reduce-scatter)."""
-    return _GatherFromSequence.apply(x, comm, dim) if comm.world_size > 1 else x
+    if comm.world_size == 1:
+        return x
+    return _GatherFromSequence.apply(x, comm, dim) if _needs_autograd(x) else comm.all_gather(x, dim)
 
 
 def gather_objects(obj, dst: int = 0, group: dist.ProcessGroup | None = None) -> list | None:

@@ -44,7 +44,7 @@ class TransformerBlock(nn.Module):
         self.attention, self.mlp = attention, mlp
         self.input_norm, self.post_attention_norm = input_norm, post_attention_norm
 
-    def forward(self, x, start_pos: int = 0, use_cache: bool = False):
+    def forward(self, x, start_pos: int | torch.Tensor = 0, use_cache: bool = False):
         h = x + self.attention(self.input_norm(x), start_pos, use_cache)
         return h + self.mlp(self.post_attention_norm(h))
 
@@ -149,6 +149,8 @@ class LlamaModel(nn.Module):
 
     def allocate_kv_cache(self, max_batch: int, max_seq_len: int) -> None:
         require(max_seq_len <= self.config.max_seq_len, "max_seq_len", max_seq_len, f"must be <= the model's max_position_embeddings={self.config.max_seq_len}")
+        window = self.config.extra.get("sliding_window")
+        require(window is None or max_seq_len <= window, "max_seq_len", max_seq_len, f"must be <= sliding_window={window} (sliding-window attention is not implemented)")
         for layer in self.layers:
             layer.attention.allocate_kv_cache(max_batch, max_seq_len)
 
@@ -160,11 +162,13 @@ class LlamaModel(nn.Module):
                 module.sequence_parallel = active
         self._sp_active = active
 
-    def forward(self, ids: torch.Tensor, start_pos: int = 0, use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor = 0, use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
+        """`start_pos` may be a long tensor on ids' device (static decode, see ParallelAttention)."""
         tp, seq = self.comm.world_size, ids.shape[1]
         window = self.config.extra.get("sliding_window")
-        # sliding-window attention is not implemented; within the window full attention is identical
-        require(window is None or start_pos + seq <= window, "sequence length", start_pos + seq, f"must be <= sliding_window={window} (sliding-window attention is not implemented)")
+        # sliding-window attention is not implemented; within the window full attention is identical.
+        # A tensor start_pos is bounded by the KV cache, which allocate_kv_cache checks against the window.
+        require(window is None or isinstance(start_pos, torch.Tensor) or start_pos + seq <= window, "sequence length", start_pos + seq, f"must be <= sliding_window={window} (sliding-window attention is not implemented)")
         sp = self.sequence_parallel and tp > 1 and seq % tp == 0
         self._use_sequence_parallel(sp)
         h = self.embed(ids)

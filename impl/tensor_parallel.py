@@ -408,7 +408,12 @@ class ParallelAttention(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
-    def forward(self, x, start_pos: int = 0, use_cache: bool = False):
+    def forward(self, x, start_pos: int | torch.Tensor = 0, use_cache: bool = False):
+        """`start_pos`: tokens already in the KV cache, a Python int or a 0-dim/1-element long
+        tensor on x's device. With a tensor, every shape and every kernel is independent of the
+        position (cache written with index_copy_, attention over the whole cache under a mask),
+        so the call can be captured once as a CUDA graph and replayed at every decode step
+        without a host synchronisation (impl/decoding.py)."""
         b = x.shape[0]
         qkv = self.qkv(x)
         s = qkv.shape[1]
@@ -417,24 +422,26 @@ class ParallelAttention(nn.Module):
         q = q.view(b, s, hq, d).transpose(1, 2)
         k = k.view(b, s, hkv, d).transpose(1, 2)
         v = v.view(b, s, hkv, d).transpose(1, 2)
-        positions = torch.arange(start_pos, start_pos + s, device=x.device)[None]
-        cos, sin = self.rotary(positions)
+        static = isinstance(start_pos, torch.Tensor)
+        require(use_cache or not static, "start_pos", "tensor", "a tensor start_pos needs use_cache=True (it addresses the static KV cache)")
+        positions = start_pos.reshape(1) + torch.arange(s, device=x.device) if static else torch.arange(start_pos, start_pos + s, device=x.device)
+        cos, sin = self.rotary(positions[None])
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if use_cache:
             require(self.k_cache is not None, "use_cache", use_cache, "call allocate_kv_cache() first")
-            require(start_pos + s <= self.k_cache.shape[2] and b <= self.k_cache.shape[0], "start_pos+seq", (b, start_pos + s), f"must fit the KV cache {tuple(self.k_cache.shape[:3])}")
-            self.k_cache[:b, :, start_pos:start_pos + s] = k
-            self.v_cache[:b, :, start_pos:start_pos + s] = v
-            k, v = self.k_cache[:b, :, : start_pos + s], self.v_cache[:b, :, : start_pos + s]
-        if hkv != hq:
-            k = k.repeat_interleave(hq // hkv, dim=1)
-            v = v.repeat_interleave(hq // hkv, dim=1)
-        if start_pos == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            # a tensor position is checked by whoever owns the decode loop (reading it here would sync)
+            require(static or (start_pos + s <= self.k_cache.shape[2] and b <= self.k_cache.shape[0]), "start_pos+seq", (b, start_pos + s), f"must fit the KV cache {tuple(self.k_cache.shape[:3])}")
+            self.k_cache[:b].index_copy_(2, positions, k)
+            self.v_cache[:b].index_copy_(2, positions, v)
+            if static or start_pos > 0:
+                # attend over the whole static cache; later slots are masked out (exp(-inf) = 0 exactly)
+                k, v = self.k_cache[:b], self.v_cache[:b]
+        gqa = dict(enable_gqa=True) if hkv != hq else {}
+        if not static and start_pos == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         else:
-            q_pos = torch.arange(start_pos, start_pos + s, device=x.device)[:, None]
-            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= positions[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, hq * d))
 
     @classmethod

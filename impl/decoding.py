@@ -1,0 +1,124 @@
+"""Fast decode: a static KV cache and one decode step compiled and captured as a CUDA graph.
+
+Eager decode is launch-bound: an 8B model's step is ~1,300 small kernels whose launch costs
+more than the weights take to read. `StaticDecoder` makes every shape of the decode step
+independent of the position — the position is a device tensor, the KV cache is written with
+`index_copy_` and attention runs over the whole cache under a mask — so the step is traced
+once by torch.compile (fullgraph: no graph break, hence no hidden host round trip) and, on
+CUDA, captured once as a CUDA graph and replayed for every token. The loop never reads a
+device value on the host: the next token goes from the sampler's output into the graph's
+static input buffer by a device copy.
+
+The step is the model's own `forward`, so at TP > 1 the same step carries its collectives:
+under torch.compile the c10d calls in `impl/communication.py` are traced as functional
+collectives, and NCCL kernels are captured into the graph like any other kernel
+(suites/correctness/test_static_decode.py checks the traced graph at world size 2).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+
+from .architecture import require
+from .model import LlamaModel, sample
+
+GRAPH_FREE_COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
+
+
+class StaticDecoder:
+    """Decode `batch` sequences of up to `max_seq_len` tokens with `model` (any TP degree).
+
+    The decoder (re)allocates the model's KV cache and owns it: a later `allocate_kv_cache` or
+    `model.generate` makes this decoder refuse to run rather than replay into freed memory.
+
+    compile: a torch.compile backend name ("inductor", or "eager"/"aot_eager" to check tracing
+    without code generation), or None for eager kernels. compile_mode is passed to
+    torch.compile (e.g. "max-autotune-no-cudagraphs"; never a cudagraph mode: the graph is
+    captured here, explicitly). cuda_graph: capture the step (default: when on CUDA).
+    Timings of the first call (compile) and of the capture are kept in `self.setup_s`.
+    """
+
+    def __init__(self, model: LlamaModel, batch: int, max_seq_len: int, compile: str | None = "inductor", compile_mode: str | None = None,
+                 cuda_graph: bool | None = None):
+        require(isinstance(batch, int) and batch >= 1, "batch", batch, "must be an integer >= 1")
+        device = next(model.parameters()).device
+        cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        require(not cuda_graph or device.type == "cuda", "cuda_graph", cuda_graph, f"needs the model on a CUDA device, not {device}")
+        # torch.compile's own cudagraph modes would capture a second time, around our capture
+        require(compile_mode in GRAPH_FREE_COMPILE_MODES, "compile_mode", compile_mode, f"must be one of {GRAPH_FREE_COMPILE_MODES} (the graph is captured by cuda_graph=True)")
+        model.allocate_kv_cache(batch, max_seq_len)
+        self._cache = model.layers[0].attention.k_cache  # the graph holds its address
+        self.model, self.batch, self.max_seq_len, self.device = model, batch, max_seq_len, device
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # static input of the step
+        self.position = torch.zeros((), dtype=torch.long, device=device)  # tokens already cached
+        self.step = self._eager_step if compile is None else torch.compile(self._eager_step, backend=compile, mode=compile_mode, fullgraph=True, dynamic=False)
+        self.use_graph, self.graph, self.logits = cuda_graph, None, None
+        self.setup_s: dict[str, float] = {}
+
+    @torch.no_grad()
+    def _eager_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """token (batch, 1) long, position () long -> logits (batch, vocab), replicated on every rank."""
+        return self.model(token, position, use_cache=True)[:, -1]
+
+    def _run_step(self) -> torch.Tensor:
+        # a later allocate_kv_cache (another decoder, generate) would leave the graph writing freed memory
+        require(self.model.layers[0].attention.k_cache is self._cache, "model KV cache", "reallocated",
+                "belongs to this decoder while it is used: build one StaticDecoder per model at a time")
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        return self.step(self.token, self.position)
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Compile (first call) and capture the graph; both write only cache slot max_seq_len-1,
+        which every real decode overwrites before it is attended to. Idempotent."""
+        if "compile_s" in self.setup_s:
+            return
+        self.position.fill_(self.max_seq_len - 1)
+        started = time.perf_counter()
+        side = torch.cuda.Stream() if self.use_graph else None
+        if side is not None:  # warm-up off the default stream, as CUDA graph capture requires
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            for _ in range(3):
+                self.step(self.token, self.position)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+        self.setup_s["compile_s"] = time.perf_counter() - started
+        if self.use_graph:
+            started = time.perf_counter()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.step(self.token, self.position)
+            torch.cuda.synchronize()
+            self.setup_s["capture_s"] = time.perf_counter() - started
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Same contract and same sampling as `LlamaModel.generate` (ids (batch, prompt) ->
+        (batch, max_new_tokens)); the prompt is prefilled eagerly, each further token is one
+        replay. `on_step(step)` is called after each step is enqueued (for timing; it must not sync)."""
+        require(ids.dim() == 2 and ids.shape[0] == self.batch, "ids.shape", tuple(ids.shape), f"must be (batch={self.batch}, prompt)")
+        require(max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "must be >= 1")
+        prompt = ids.shape[1]
+        require(prompt + max_new_tokens <= self.max_seq_len, "prompt + max_new_tokens", prompt + max_new_tokens, f"must be <= max_seq_len={self.max_seq_len} of the static KV cache")
+        self.warm_up()
+        generator = torch.Generator(device=ids.device).manual_seed(seed)
+        out = torch.empty(self.batch, max_new_tokens, dtype=torch.long, device=ids.device)
+        logits = self.model(ids, 0, use_cache=True, last_only=True)[:, -1]
+        for step in range(max_new_tokens):
+            out[:, step] = sample(logits.float(), temperature, top_k, top_p, generator)
+            if step + 1 < max_new_tokens:
+                self.token.copy_(out[:, step, None])
+                self.position.fill_(prompt + step)
+                logits = self._run_step()
+            if on_step is not None:
+                on_step(step)
+        return out
+
