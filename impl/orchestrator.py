@@ -15,15 +15,20 @@ import atexit
 import contextlib
 import ctypes
 import datetime
+import faulthandler
 import os
 import queue
+import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from multiprocessing.reduction import ForkingPickler
 
 import torch
@@ -49,24 +54,63 @@ class WorldError(RuntimeError):
 
 
 class RankError(WorldError):
-    """fn raised on one or more ranks; `tracebacks[rank]` holds each rank's traceback text."""
+    """fn raised on one or more ranks; `tracebacks[rank]` holds each rank's traceback text.
 
-    def __init__(self, tracebacks: dict[int, str], call: str):
-        self.tracebacks = tracebacks
+    `silent` lists ranks that had not answered when the driver stopped waiting (usually
+    stuck in a collective with a failed rank); `stacks[rank]` is where each of them was.
+    """
+
+    def __init__(self, tracebacks: dict[int, str], call: str, stacks: dict[int, str] | None = None):
+        self.tracebacks, self.stacks = tracebacks, stacks or {}
+        self.silent = sorted(self.stacks)
         first = min(tracebacks)
-        super().__init__(f"{call} raised on rank(s) {sorted(tracebacks)}; rank {first}'s traceback:\n{tracebacks[first]}", list(tracebacks))
+        silent = f"\nrank(s) {self.silent} had not answered:\n{_describe_stacks(self.stacks)}" if self.stacks else ""
+        super().__init__(f"{call} raised on rank(s) {sorted(tracebacks)}; rank {first}'s traceback:\n{tracebacks[first]}{silent}", list(tracebacks))
 
 
 class RankDiedError(WorldError):
-    """A rank process exited while the driver waited for it."""
+    """A rank process exited while the driver waited for it (or since the last call)."""
 
 
 class CallTimeoutError(WorldError, TimeoutError):
-    """Ranks did not answer within the call's timeout."""
+    """Ranks did not answer within the call's timeout.
+
+    `stacks[rank]` is each late rank's Python stack when the deadline passed; `suspects` are
+    the late ranks that were not inside a torch.distributed call (the others are usually
+    waiting for them), or every late rank when that does not tell them apart.
+    """
+
+    def __init__(self, message: str, ranks: list[int], stacks: dict[int, str] | None = None):
+        self.stacks = stacks or {}
+        waiting = {r for r, s in self.stacks.items() if _in_collective(s)}
+        self.suspects = sorted(set(ranks) - waiting) or sorted(ranks)
+        if self.stacks:
+            message += f"; likely cause: rank(s) {self.suspects}\n{_describe_stacks(self.stacks)}"
+        super().__init__(message, ranks)
 
 
 class WorldStartError(WorldError):
     """The ranks could not initialise their process group."""
+
+
+def _in_collective(stack: str) -> bool:
+    return "distributed_c10d.py" in stack
+
+
+def _describe_stacks(stacks: dict[int, str], frames: int = 3) -> str:
+    """One line per rank: where it was (innermost frames first), and whether in a collective."""
+    lines = []
+    for rank, stack in sorted(stacks.items()):
+        found = (re.match(r'\s*File "(.*)", line (\d+) in (.*)', line) for line in stack.splitlines())
+        where = [f"{m[3]} ({os.path.basename(m[1])}:{m[2]})" for m in found if m][:frames]
+        state = "waiting in a collective" if _in_collective(stack) else "not in a collective"
+        lines.append(f"  rank {rank} ({state}): {' <- '.join(where) or 'no stack'}")
+    return "\n".join(lines)
+
+
+def _exit_codes(codes: dict[int, int]) -> str:
+    killed = {r: signal.Signals(-c).name for r, c in codes.items() if c is not None and c < 0 and -c in signal.valid_signals()}
+    return f"exit codes {codes}" + (f"; killed by {killed}" if killed else "")
 
 
 # --------------------------------------------------------------------------- backend choice
@@ -98,6 +142,17 @@ def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """TPConfigError naming `port` unless it is a valid TCP port that can be bound now."""
+    require(isinstance(port, int) and 1 <= port <= 65535, "master_port", port, "must be an integer in [1, 65535]")
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise TPConfigError("master_port", port, f"cannot be bound on {host} ({e.strerror}); another process holds it: "
+                                                     "pass a free port, or master_port=None to pick one") from None
 
 
 # --------------------------------------------------------------------------- one rank
@@ -193,9 +248,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid):
+def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid, stack_file=None):
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    if stack_file:  # SIGUSR1 -> Python stacks into stack_file, even while blocked in C (a collective)
+        stacks = open(stack_file, "w")  # noqa: SIM115 - must stay open for the process's life
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True, chain=False)
     if init_kwargs.get("device") == "cpu":  # ranks share the cores; oversubscription costs more than it gives
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
@@ -267,18 +325,26 @@ class MultiGPUOrchestrator:
     """
 
     def __init__(self, world_size: int, device: str = "cpu", backend: str = "auto", tp_size: int | None = None, timeout_s: float = 120.0,
-                 start_timeout_s: float = 120.0, grace_s: float = 2.0):
+                 start_timeout_s: float = 120.0, grace_s: float = 2.0, master_port: int | None = None):
+        # every argument is checked here, before any process exists (ranks would only fail later, one by one)
         require(isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "must be an integer >= 1")
         require(device in DEVICES, "device", device, f"must be one of {DEVICES}")
-        require(timeout_s > 0, "timeout_s", timeout_s, "must be > 0")
+        require(tp_size is None or (isinstance(tp_size, int) and tp_size >= 1 and world_size % tp_size == 0), "tp_size", tp_size,
+                f"must be an integer >= 1 dividing world_size={world_size}")
+        for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
+            require(value > 0, name, value, "must be > 0")
+        require(grace_s >= 0, "grace_s", grace_s, "must be >= 0")
+        if master_port is not None:
+            check_port_free(master_port)  # a port the user chose: fail naming it rather than silently move
         gpus = torch.cuda.device_count() if device == "cuda" else 0
         self.backend = choose_backend(device, world_size, gpus, backend)  # validates before any process starts
         if device == "cuda" and self.backend == "gloo" and gpus < world_size:
             print(f"tpgate: {world_size} ranks share {gpus} GPU(s) over gloo; correctness only, not for timing", file=sys.stderr)
         self.world_size, self.device, self.tp_size = world_size, device, tp_size
-        self.timeout_s, self.start_timeout_s, self.grace_s = timeout_s, start_timeout_s, grace_s
+        self.timeout_s, self.start_timeout_s, self.grace_s, self.master_port = timeout_s, start_timeout_s, grace_s, master_port
         self.dispatch: list[DispatchRecord] = []
         self._procs: list = []
+        self._stack_dir: str | None = None
         self._call_id = 0
 
     # -- lifecycle
@@ -290,8 +356,9 @@ class MultiGPUOrchestrator:
     def start(self, port_attempts: int = 3) -> "MultiGPUOrchestrator":
         """Spawn the ranks and wait until each has joined the process group.
 
-        The rendezvous port is picked free; if another process takes it before rank 0
-        binds it, the start is retried on a new port (`port_attempts` in all).
+        The rendezvous port is `master_port` if one was given (a port taken by then fails
+        naming it); otherwise it is picked free, and if another process takes it before
+        rank 0 binds it, the start is retried on a new port (`port_attempts` in all).
         """
         if self.alive:
             return self
@@ -299,7 +366,7 @@ class MultiGPUOrchestrator:
             try:
                 return self._start_once()
             except WorldStartError as e:
-                if attempt == port_attempts - 1 or "address already in use" not in str(e).lower():
+                if self.master_port is not None or attempt == port_attempts - 1 or "address already in use" not in str(e).lower():
                     raise
         raise AssertionError("unreachable")
 
@@ -308,17 +375,23 @@ class MultiGPUOrchestrator:
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._requests = [ctx.Queue() for _ in range(self.world_size)]
-        init_kwargs = dict(device=self.device, backend=self.backend, tp_size=self.tp_size, master_port=free_port(), timeout_s=self.timeout_s)
-        self._procs = [ctx.Process(target=_rank_main, args=(r, self.world_size, init_kwargs, self._requests[r], self._results, os.getpid()), daemon=True, name=f"tpgate-rank{r}")
+        self._stack_dir = tempfile.mkdtemp(prefix="tpgate-stacks-")
+        port = free_port() if self.master_port is None else self.master_port
+        init_kwargs = dict(device=self.device, backend=self.backend, tp_size=self.tp_size, master_port=port, timeout_s=self.timeout_s)
+        self._procs = [ctx.Process(target=_rank_main, args=(r, self.world_size, init_kwargs, self._requests[r], self._results, os.getpid(), self._stack_file(r)),
+                                   daemon=True, name=f"tpgate-rank{r}")
                        for r in range(self.world_size)]
-        for p in self._procs:
-            p.start()
         _live_worlds.add(self)
         try:
-            replies = self._collect("init", self.start_timeout_s)
+            for p in self._procs:
+                p.start()
+            replies, _ = self._collect("init", self.start_timeout_s)
         except WorldError as e:
             self.shutdown()
-            raise WorldStartError(f"world of {self.world_size} failed to start: {e}", e.ranks) from e
+            raise WorldStartError(f"world of {self.world_size} failed to start (port {port}): {e}", e.ranks) from e
+        except BaseException:  # Ctrl-C during start: leave no rank behind
+            self.shutdown(join_s=0.0)
+            raise
         failed = {r: v for r, (ok, v, _) in replies.items() if not ok}
         if failed:
             self.shutdown()
@@ -330,6 +403,7 @@ class MultiGPUOrchestrator:
         procs, self._procs = self._procs, []
         if not procs:
             return
+        procs = [p for p in procs if p.pid is not None]  # interrupted start: some never ran
         for r, p in enumerate(procs):
             if p.is_alive():
                 with contextlib.suppress(Exception):
@@ -348,6 +422,9 @@ class MultiGPUOrchestrator:
         for q in [self._results, *self._requests]:
             q.cancel_join_thread()
             q.close()
+        if self._stack_dir:
+            shutil.rmtree(self._stack_dir, ignore_errors=True)
+            self._stack_dir = None
         _live_worlds.discard(self)
 
     def __enter__(self):
@@ -368,7 +445,7 @@ class MultiGPUOrchestrator:
         dead = {r: p.exitcode for r, p in enumerate(self._procs) if p.exitcode is not None}
         if dead:  # died between calls: say so rather than silently restart and lose rank state
             self.shutdown(join_s=0.0)
-            raise RankDiedError(f"rank(s) {sorted(dead)} exited since the last call (exit codes {dead})", list(dead))
+            raise RankDiedError(f"rank(s) {sorted(dead)} exited since the last call ({_exit_codes(dead)})", list(dead))
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         require(timeout_s > 0, "timeout_s", timeout_s, "must be > 0")
         self._call_id += 1
@@ -377,7 +454,7 @@ class MultiGPUOrchestrator:
         try:
             for q in self._requests:
                 q.put((self._call_id, fn, args, kwargs))
-            replies = self._collect(self._call_id, timeout_s)
+            replies, silent = self._collect(self._call_id, timeout_s, call)
         except BaseException:  # timeout, dead rank, Ctrl-C: ranks may be stuck in a collective
             self.shutdown(join_s=0.0)
             raise
@@ -385,19 +462,49 @@ class MultiGPUOrchestrator:
         failed = {r: v for r, (ok, v, _) in replies.items() if not ok}
         if failed:
             self.shutdown(join_s=0.0 if len(failed) < self.world_size else 5.0)
-            raise RankError(failed, call)
+            raise RankError(failed, call, silent)
         self.dispatch.append(DispatchRecord(call, driver_s, max(t for _, _, t in replies.values())))
         return [replies[r][1] for r in range(self.world_size)]
 
     def barrier(self, timeout_s: float | None = None) -> None:
         self.run(_barrier, timeout_s=timeout_s)
 
-    def _collect(self, call_id, timeout_s: float) -> dict:
+    def _stack_file(self, rank: int) -> str:
+        return os.path.join(self._stack_dir, f"rank{rank}.stack")
+
+    def _stacks(self, ranks: list[int], wait_s: float = 1.0) -> dict[int, str]:
+        """Each live rank's Python stack (main thread, innermost first), via faulthandler on SIGUSR1.
+
+        Only called once the ranks have initialised (they register the handler before init).
+        A rank that does not dump within `wait_s` is left out.
+        """
+        offsets = {}
+        for r in ranks:
+            path, proc = Path(self._stack_file(r)), self._procs[r]
+            if proc.is_alive() and path.exists():
+                offsets[r] = path.stat().st_size
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGUSR1)
+        stacks, last = {}, {}
+        deadline = time.monotonic() + wait_s
+        while offsets and time.monotonic() < deadline:
+            time.sleep(0.02)
+            for r in list(offsets):
+                text = Path(self._stack_file(r)).read_bytes()[offsets[r]:].decode(errors="replace")
+                if text and last.get(r) == text:  # unchanged for one poll: the dump is complete
+                    stacks[r] = _main_thread(text)
+                    del offsets[r]
+                last[r] = text
+        return stacks
+
+    def _collect(self, call_id, timeout_s: float, call: str | None = None) -> tuple[dict, dict]:
         """Wait for every rank's reply to `call_id`, watching for deaths and the deadline.
 
-        Once one rank has failed, the others get `grace_s` to report too (they are often
-        stuck in a collective with the failed rank), so the error names every failure seen.
+        Returns (replies, stacks of the ranks that never answered). Once one rank has failed,
+        the others get `grace_s` to report too (they are often stuck in a collective with
+        the failed rank), so the error names every failure seen and where the rest were.
         """
+        call = call or repr(call_id)
         replies: dict[int, tuple] = {}
         deadline = time.monotonic() + timeout_s
         while len(replies) < self.world_size:
@@ -411,16 +518,27 @@ class MultiGPUOrchestrator:
             except queue.Empty:
                 dead = {r: p.exitcode for r, p in enumerate(self._procs) if r not in replies and p.exitcode is not None}
                 if dead:
-                    raise RankDiedError(f"rank(s) {sorted(dead)} exited during {call_id!r} (exit codes {dead})", list(dead))
+                    raise RankDiedError(f"rank(s) {sorted(dead)} exited during {call} ({_exit_codes(dead)})", list(dead))
                 if time.monotonic() >= deadline:
-                    waiting = [r for r in range(self.world_size) if r not in replies]
                     if any(not ok for ok, _, _ in replies.values()):
                         break
-                    raise CallTimeoutError(f"rank(s) {waiting} did not answer {call_id!r} within {timeout_s:.1f}s", waiting)
+                    waiting = [r for r in range(self.world_size) if r not in replies]
+                    stacks = self._stacks(waiting) if call_id != "init" else {}
+                    raise CallTimeoutError(f"rank(s) {waiting} did not answer {call} within {timeout_s:.1f}s", waiting, stacks)
                 continue
             if cid == call_id:
                 replies[rank] = (ok, value, elapsed)
-        return replies
+        silent = [r for r in range(self.world_size) if r not in replies]
+        return replies, (self._stacks(silent) if silent and call_id != "init" else {})
+
+
+def _main_thread(dump: str) -> str:
+    """The block of a faulthandler dump that runs the rank loop, cut at `_rank_main`."""
+    blocks = [b for b in dump.split("\n\n") if b.strip()]
+    block = next((b for b in blocks if "in _rank_main" in b), blocks[0] if blocks else "")
+    lines = block.splitlines()
+    end = next((i for i, line in enumerate(lines) if line.rstrip().endswith("in _rank_main")), len(lines) - 1)
+    return "\n".join(lines[: end + 1])
 
 
 def _barrier(ctx: RankContext) -> None:
@@ -462,5 +580,5 @@ def in_torchrun() -> bool:
 
 __all__ = [
     "CallTimeoutError", "MultiGPUOrchestrator", "ProcessGroupManager", "RankContext", "RankDiedError", "RankError", "TPConfigError",
-    "TorchrunWorld", "WorldError", "WorldStartError", "choose_backend", "free_port", "in_torchrun",
+    "TorchrunWorld", "WorldError", "WorldStartError", "check_port_free", "choose_backend", "free_port", "in_torchrun",
 ]
