@@ -48,7 +48,10 @@ def _safe_open(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # SafetensorError and OSError: header corrupt, file truncated, unreadable
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        size = path.stat().st_size if path.is_file() else None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({size} bytes; {type(e).__name__}: {e}); "
+                              "a safetensors file is an 8-byte header length, a JSON header and the tensor data it describes: "
+                              "re-download or re-save it") from None
 
 
 def read_config(directory: str | Path) -> ModelConfig:
@@ -116,7 +119,7 @@ class HFCheckpoint(Mapping):
         missing = sorted(set(expected) - present)
         if missing:
             where = self.file_of and sorted(set(map(str, self.file_of.values())))
-            raise CheckpointError(f"tensor {missing[0]} missing from {where} ({len(missing)} missing in all; config: {self.directory / 'config.json'})")
+            raise CheckpointError(f"tensor {missing[0]} missing from {where} ({len(missing)} missing in all; required by {self.directory / 'config.json'})")
         unexpected = sorted(present - set(expected))
         if unexpected:
             raise CheckpointError(f"{self.file_of[unexpected[0]]}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all) for a {config.extra.get('model_type')} config")
