@@ -9,10 +9,18 @@ Contracts:
     `final_dir`. The old directory is renamed aside first (rename is atomic per call), so at
     every instant `final_dir` is either the complete old tree, absent for the instant between
     two renames, or the complete new tree; never a mix. Both must be on one filesystem.
+    An interrupt (KeyboardInterrupt included) between the renames puts the old tree back.
+    It first removes what killed publishers left beside `final_dir` (`remove_stale`), so an
+    interrupted run never leaves a later one with stray directories.
+  make_staging_dir(final_dir): a new empty directory beside `final_dir` whose name carries this
+    process's id, so `remove_stale` can tell a dead publisher's leftovers from a live one's.
+  remove_stale(final_dir): deletes `.{name}.old-{pid}-*` backups and `.{name}.staging-{pid}-*`
+    directories whose process no longer runs. A reader never looks at dot-directories.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,8 +64,39 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: running
+        return True
+    return True
+
+
+def make_staging_dir(final_dir: str | Path) -> Path:
+    final = Path(final_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging-{os.getpid()}-"))
+
+
+def remove_stale(final_dir: str | Path) -> list[Path]:
+    final = Path(final_dir)
+    if not final.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(old|staging)-(\d+)-")
+    removed = []
+    for p in final.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not _running(int(m[2])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def publish_dir_atomic(staging_dir: str | Path, final_dir: str | Path) -> None:
     staging, final = Path(staging_dir), Path(final_dir)
+    remove_stale(final)
     backup = None
     if final.exists():
         backup = final.with_name(f".{final.name}.old-{os.getpid()}-{os.urandom(4).hex()}")

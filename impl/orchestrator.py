@@ -387,15 +387,15 @@ class MultiGPUOrchestrator:
                 p.start()
             replies, _ = self._collect("init", self.start_timeout_s)
         except WorldError as e:
-            self.shutdown()
+            self.shutdown(join_s=0.0)  # ranks still in init never read the polite stop
             raise WorldStartError(f"world of {self.world_size} failed to start (port {port}): {e}", e.ranks) from e
         except BaseException:  # Ctrl-C during start: leave no rank behind
             self.shutdown(join_s=0.0)
             raise
         failed = {r: v for r, (ok, v, _) in replies.items() if not ok}
         if failed:
-            self.shutdown()
-            raise WorldStartError(f"rank(s) {sorted(failed)} failed to initialise:\n{failed[min(failed)]}", list(failed))
+            self.shutdown(join_s=0.0)
+            raise WorldStartError(f"rank(s) {sorted(failed)} failed to initialise on port {port}:\n{failed[min(failed)]}", list(failed))
         return self
 
     def shutdown(self, join_s: float = 5.0) -> None:

@@ -33,7 +33,7 @@ def test_nonfinite_activation_names_rank_and_layer(fault_worlds, world_size, tim
     assert set(downstream) == set(range(world_size)) - {BAD}
     assert all(o.call_index > err.first.call_index and o.module != ORIGIN for o in downstream.values())
     assert world.pids == pids and world.run(rank_fns.all_reduce_rank) == [world_size * (world_size + 1) / 2] * world_size, "the world stays usable"
-    time_table.record(f"{kind.upper()} in one rank's weight shard → NumericalError (rank, module)", world_size, NONFINITE_BOUND_S, f.elapsed_s)
+    time_table.record(f"{'NaN' if kind == 'nan' else 'Inf'} in one rank's weight shard → NumericalError (rank, module)", world_size, NONFINITE_BOUND_S, f.elapsed_s)
 
 
 def test_finite_forward_raises_nothing(fault_worlds):
