@@ -54,3 +54,7 @@ def unpicklable(ctx):
 def sleep_all(ctx, seconds):
     time.sleep(seconds)
     ctx.comm.barrier()
+
+
+def master_port(ctx):
+    return ctx.manager.master_port

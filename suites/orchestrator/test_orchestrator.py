@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from impl.orchestrator import CallTimeoutError, MultiGPUOrchestrator, RankDiedError, RankError
+from impl.orchestrator import CallTimeoutError, MultiGPUOrchestrator, RankDiedError, RankError, free_port
 
 from . import rank_fns
 
@@ -115,3 +115,10 @@ def test_rank_killed_during_a_call_is_reported(world):
     threading.Timer(0.5, os.kill, (victim, signal.SIGKILL)).start()
     err = _expect(world, RankDiedError, rank_fns.sleep_all, 3.0, bound_s=3.0 + SLACK_S)
     assert err.ranks == [world.world_size - 1] and "-9" in str(err)
+
+
+def test_explicit_free_port_is_used():
+    port = free_port()
+    with MultiGPUOrchestrator(2, timeout_s=30.0, master_port=port) as w:
+        assert w.run(rank_fns.all_reduce_rank) == [3.0, 3.0]
+        assert w.run(rank_fns.master_port) == [port, port]
