@@ -21,6 +21,7 @@ attention (same guard as tpgate), no sequence parallelism.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +197,15 @@ class PlainLlama(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h)
 
+    def truncate_cache(self, length: int) -> None:
+        """Keep only the first `length` cached positions of every layer (rewinds the KV cache, e.g.
+        to the prompt before each timed decode run of a benchmark)."""
+        for layer in self.model.layers:
+            past = layer.self_attn.past
+            require(past is None or past[0].shape[2] >= length, "length", length, f"must be <= the cached length {0 if past is None else past[0].shape[2]}")
+            if past is not None:
+                layer.self_attn.past = (past[0][:, :, :length], past[1][:, :, :length])
+
     @torch.no_grad()
     def generate_greedy(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy continuation (batch, max_new_tokens) with the KV cache."""
@@ -284,4 +294,69 @@ def load_dtensor_model(directory, ctx, dtype=torch.float32) -> PlainLlama:
     return model.eval()
 
 
-__all__ = ["PlainLlama", "TPConfigError", "check_dtensor_tp", "load_dtensor_model", "parallelize", "tp_mesh", "tp_plan"]
+# --------------------------------------------------------------------------- random weights (sweeps)
+
+
+class _RandomSlice:
+    """A lazy, safetensors-slice-like random tensor: `get_shape()` costs nothing, `[:]` draws it.
+
+    PlainLlama.from_tensors checks every shape before it reads any tensor, so a sweep never
+    holds more than the model plus one tensor being drawn (8B in bf16 fits one GPU)."""
+
+    def __init__(self, shape, dtype, device, generator, std: float, norm: bool):
+        self.shape, self.dtype, self.device, self.generator, self.std, self.norm = tuple(shape), dtype, device, generator, std, norm
+
+    def get_shape(self):
+        return list(self.shape)
+
+    def __getitem__(self, _all):
+        if self.norm:  # RMSNorm weights near 1, as trained models have them
+            return torch.ones(self.shape, dtype=self.dtype, device=self.device)
+        t = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return t.normal_(0.0, self.std, generator=self.generator)
+
+
+def random_plain_model(config: ModelConfig, dtype=torch.bfloat16, device="cpu", seed: int = 0, std: float = 0.02) -> PlainLlama:
+    """A full single-device PlainLlama of `config` with random weights drawn directly on `device`
+    in `dtype` (no float32 or host copy): the peer's model for timing sweeps, where values do not
+    matter but shapes do. Every rank passes the same `seed`, so the replicated weights
+    `parallelize` starts from agree."""
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tensors = {name: _RandomSlice(shape, dtype, device, generator, std, name.endswith("norm.weight")) for name, shape in checkpoint_shapes(config).items()}
+    return PlainLlama.from_tensors(tensors, config, dtype=dtype, device=device)
+
+
+def shard_config(config: ModelConfig, tp: int) -> ModelConfig:
+    """The config of a plain model whose every matrix has one rank's shard shape at `tp`.
+
+    A PlainLlama of this config computes exactly one rank's share of the parallelized peer's
+    work (num_heads/tp query heads, num_kv_heads/tp kv heads, intermediate/tp, vocab/tp
+    embedding rows and LM-head columns) and issues no collective: the peer's T_null, and the
+    compute part of its projection. head_dim stays the full model's."""
+    check_dtensor_tp(config, tp)
+    return replace(config, vocab_size=config.vocab_size // tp, intermediate_size=config.intermediate_size // tp,
+                   num_heads=config.num_heads // tp, num_kv_heads=config.num_kv_heads // tp, head_dim=config.head_dim)
+
+
+def peer_collectives(config: ModelConfig, batch: int, seq: int, tp: int, dtype, last_only: bool) -> list[dict]:
+    """The collectives one forward of the parallelized peer issues, in CountingCommunicator's
+    record form ({"kind", "nbytes"}; nbytes = the input tensor's bytes on one rank).
+
+    DTensor issues them itself, out of impl.communication's sight, so they are listed from the
+    plan: the vocab-row-wise embedding's all-reduce (Partial -> Replicate), one all-reduce per
+    row-wise o_proj and down_proj, and the LM head's all-gather of the vocab-sharded logits
+    (last position only with `last_only`). None at tp == 1. The dtensor suite checks this list
+    against torch's CommDebugMode on a real parallelized peer."""
+    check_dtensor_tp(config, tp)
+    if tp == 1:
+        return []
+    elsize = torch.empty((), dtype=dtype).element_size()
+    hidden = batch * seq * config.hidden_size * elsize
+    reduce = {"kind": "all_reduce", "nbytes": hidden}
+    gather = {"kind": "all_gather", "nbytes": batch * (1 if last_only else seq) * (config.vocab_size // tp) * elsize}
+    return [dict(reduce)] + [dict(reduce) for _ in range(2 * config.num_layers)] + [gather]
+
+
+__all__ = ["PlainLlama", "TPConfigError", "check_dtensor_tp", "load_dtensor_model", "parallelize", "peer_collectives", "random_plain_model",
+           "shard_config", "tp_mesh", "tp_plan"]

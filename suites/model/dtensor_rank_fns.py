@@ -43,3 +43,18 @@ def random_peer_and_tpgate(ctx, config: ModelConfig, tensors: dict, ids):
     tied = peer.lm_head.weight is peer.model.embed_tokens.weight
     with torch.no_grad():
         return {"peer": peer(ids).float().cpu(), "tpgate": ref(ids).float().cpu(), "tied": tied}
+
+
+def counted_collectives(ctx, config: ModelConfig, batch: int, seq: int, last_only: bool):
+    """{op name: count} that torch's CommDebugMode sees in one forward of the parallelized,
+    random-weight peer (every rank builds the same weights from one seed)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from impl.dtensor_peer import random_plain_model
+
+    model = parallelize(random_plain_model(config, torch.float32, ctx.device), tp_mesh(ctx))
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    mode = CommDebugMode()
+    with torch.no_grad(), mode:
+        model(ids, last_only=last_only)[:, -1].argmax(-1)
+    return {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items()}

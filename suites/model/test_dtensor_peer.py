@@ -173,3 +173,67 @@ def test_refusal_on_ranks_leaves_the_world_usable(checkpoint, worlds):
     replies = worlds[2].run(dtensor_rank_fns.refused, str(checkpoint("qwen2")))
     assert [r["argument"] for r in replies] == ["vocab_size", "vocab_size"]
     assert worlds[2].run(rank_fns.logits, str(checkpoint("qwen2")), _ids(103))[0].shape == (BATCH, PROMPT, 103)
+
+
+# --------------------------------------------------------------------------- the sweep's builders
+
+
+SWEEP = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
+
+
+@pytest.mark.parametrize("last_only", (True, False))
+def test_listed_collectives_are_what_dtensor_issues(worlds, last_only):
+    """peer_collectives (what projections price) against torch's own count on a real tp=2 peer."""
+    from impl.dtensor_peer import peer_collectives
+
+    counted = worlds[2].run(dtensor_rank_fns.counted_collectives, SWEEP, 2, 5, last_only)[0]
+    listed = peer_collectives(SWEEP, 2, 5, 2, torch.float32, last_only)
+    kinds = {k: sum(r["kind"] == k for r in listed) for k in ("all_reduce", "all_gather")}
+    assert sum(n for op, n in counted.items() if "all_reduce" in op) == kinds["all_reduce"] == 2 * SWEEP.num_layers + 1, counted
+    assert sum(n for op, n in counted.items() if "all_gather" in op) == kinds["all_gather"] == 1, counted
+    assert sum(counted.values()) == len(listed), counted
+    assert {r["nbytes"] for r in listed if r["kind"] == "all_reduce"} == {2 * 5 * SWEEP.hidden_size * 4}
+    assert [r["nbytes"] for r in listed if r["kind"] == "all_gather"] == [2 * (1 if last_only else 5) * (SWEEP.vocab_size // 2) * 4]
+    assert peer_collectives(SWEEP, 2, 5, 1, torch.float32, last_only) == []
+
+
+def test_shard_config_model_has_one_ranks_shapes():
+    from impl.dtensor_peer import random_plain_model, shard_config
+
+    shard = random_plain_model(shard_config(SWEEP, 2), torch.float32)
+    full = random_plain_model(SWEEP, torch.float32)
+    attn, full_attn = shard.model.layers[0].self_attn, full.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (full_attn.q_proj.weight.shape[0] // 2, SWEEP.hidden_size)
+    assert attn.k_proj.weight.shape[0] == full_attn.k_proj.weight.shape[0] // 2
+    assert attn.o_proj.weight.shape == (SWEEP.hidden_size, full_attn.o_proj.weight.shape[1] // 2)
+    assert shard.model.layers[0].mlp.down_proj.weight.shape == (SWEEP.hidden_size, SWEEP.intermediate_size // 2)
+    assert shard.lm_head.weight.shape == (SWEEP.vocab_size // 2, SWEEP.hidden_size)
+    ids = torch.randint(0, SWEEP.vocab_size // 2, (2, 6))
+    assert shard(ids, last_only=True).shape == (2, 1, SWEEP.vocab_size // 2)
+    with pytest.raises(TPConfigError, match="^num_kv_heads="):
+        shard_config(SWEEP, 4)
+
+
+def test_random_weights_follow_the_seed_and_norms_are_one():
+    from impl.dtensor_peer import random_plain_model
+
+    a, b, c = (random_plain_model(SWEEP, torch.float32, seed=s) for s in (0, 0, 1))
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight) and not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    assert torch.equal(a.model.norm.weight, torch.ones(SWEEP.hidden_size))
+    assert a.lm_head.weight.dtype == torch.float32 and 0.01 < a.lm_head.weight.std().item() < 0.03
+
+
+def test_truncate_cache_rewinds_decode():
+    from impl.dtensor_peer import random_plain_model
+
+    model = random_plain_model(SWEEP, torch.float32)
+    ids = torch.randint(0, SWEEP.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    first = model.generate_greedy(ids, 4)
+    with torch.no_grad():
+        model(ids, 0, use_cache=True)
+        step = model(first[:, :1], 6, use_cache=True)
+        model(first[:, 1:2], 7, use_cache=True)
+        model.truncate_cache(6)  # back to the prompt: the same step again gives the same logits
+        assert torch.equal(model(first[:, :1], 6, use_cache=True), step)
+    with pytest.raises(TPConfigError, match="^length="):
+        model.truncate_cache(99)
