@@ -34,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--config", default=None, help="TOML file with [tool.tpgate.scaling] / [tool.tpgate.gate] (default: pyproject.toml)")
     sc.add_argument("--world-sizes", type=_tp_list, default=None, help="e.g. 1,2,4")
     sc.add_argument("--presets", type=_name_list, default=None, help="comma-separated preset names")
-    sc.add_argument("--implementations", type=_name_list, default=None)
+    sc.add_argument("--implementations", type=_name_list, default=None, help="comma-separated: reference, dtensor")
     sc.add_argument("--device", choices=("cpu", "cuda"), default=None)
     sc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     sc.add_argument("--repeats", type=_positive_int, default=None)
     sc.add_argument("--project", action="store_true", default=None, help="project world sizes larger than the GPUs present (marked projected)")
+    sc.add_argument("--compare-projection", action="store_true", default=None,
+                    help="also project the measured world sizes > 1, so the report shows the projection's error")
     sc.add_argument("--baseline", default=None, help="a results.csv of an earlier run to compare against")
     sc.add_argument("--out", default="reports/scaling")
     g = sub.add_parser("gate", help="print the Go/No-Go verdict of the last scaling report; exit 0 only on GO")
@@ -91,7 +93,7 @@ def _scaling(args) -> int:
 
     table, gate_table = read_tables(args.config)
     overrides = {"world_sizes": args.world_sizes, "presets": args.presets, "implementations": args.implementations, "device": args.device,
-                 "dtype": args.dtype, "repeats": args.repeats, "project": args.project}
+                 "dtype": args.dtype, "repeats": args.repeats, "project": args.project, "compare_projection": args.compare_projection}
     cfg = load_config(table, overrides)
     if cfg.device == "cuda":
         import torch

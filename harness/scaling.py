@@ -1,4 +1,11 @@
-"""`tpgate scaling` / `nox -s scaling`: sweep -> results table -> gate -> report."""
+"""`tpgate scaling` / `nox -s scaling`: collective benchmark -> cost model -> sweep -> results table -> gate -> report.
+
+The collective microbenchmark (harness.collectives) runs whenever at least two ranks can really
+be measured here (gloo worlds on CPU; NCCL worlds of one GPU per rank). Its alpha-beta fit prices
+projected points only when it was measured on the kind of backend and device the projection is
+for (gloo/CPU for a CPU sweep, NCCL/CUDA for a GPU sweep); otherwise the documented defaults
+(harness.sweep.DEFAULT_COST_MODEL) are used, and the report says which and why.
+"""
 from __future__ import annotations
 
 import sys
@@ -6,12 +13,14 @@ import tomllib
 from pathlib import Path
 
 import pandas as pd
+import torch
 
-from impl.architecture import TPConfigError, require
+from impl.architecture import TPConfigError, parse_dtype, require
 
 from .environment import collect_environment
 from .gate import GateConfig, evaluate_gate
-from .sweep import SweepConfig, load_config, run_sweep
+from .collectives import bench_collectives, fit_cost_model
+from .sweep import DEFAULT_COST_MODEL, PRESETS, SweepConfig, load_config, run_sweep, sweep_tasks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,6 +49,88 @@ def read_baseline(path: str | None, cfg: SweepConfig) -> pd.DataFrame | None:
     return frame
 
 
+def measurable_world_sizes(cfg: SweepConfig, gpus: int) -> list[int]:
+    """World sizes >= 2 of the sweep whose ranks each get a real device here (CPU: always)."""
+    return [ws for ws in cfg.world_sizes if ws >= 2 and (cfg.device == "cpu" or ws <= gpus)]
+
+
+def collective_sizes(cfg: SweepConfig) -> list[int]:
+    """Message sizes (bytes, nccl-tests convention) the swept points communicate, plus powers of
+    4 from 1 KiB up to the largest of them or 4 MiB (the curve the cost model is fitted to).
+
+    Per preset and phase: the hidden-state all-reduce (batch x tokens x hidden) and the LM head's
+    gathered logits (batch x vocab for the last position)."""
+    elsize = torch.empty((), dtype=parse_dtype(cfg.dtype)).element_size()
+    sizes = set()
+    for preset in cfg.presets:
+        config = PRESETS[preset]
+        for phase in cfg.phases:
+            tokens = phase.prompt if phase.kind == "prefill" else 1
+            sizes.add(phase.batch * tokens * config.hidden_size * elsize)
+            sizes.add(phase.batch * config.vocab_size * elsize)
+    # up to >= 4 MiB: below that, gloo's and NCCL's latency swamps the bandwidth term and the slope is noise
+    p, top = 1 << 10, max(max(sizes), 4 << 20)
+    while p <= top:
+        sizes.add(p)
+        p *= 4
+    return sorted(sizes)
+
+
+def collective_benchmark(cfg: SweepConfig, world_for, gpus: int, iters: int = 20, warmup: int = 5) -> dict:
+    """{"rows": bench_collectives rows of every measurable world size, "world_sizes", "reason"}.
+
+    No rows (and the reason) when fewer than two ranks can be measured; a failing benchmark is
+    recorded as the reason, and the sweep goes on with the default cost model."""
+    sizes = measurable_world_sizes(cfg, gpus)
+    if not sizes:
+        where = f"{gpus} GPU(s)" if cfg.device == "cuda" else "this sweep's world sizes"
+        return {"rows": [], "world_sizes": [], "reason": f"no collective benchmark: {where} give no world of >= 2 ranks to measure"}
+    rows = []
+    try:
+        for ws in sizes:
+            rows += bench_collectives(world_for(ws), collective_sizes(cfg), dtype=cfg.dtype, warmup=warmup, iters=iters)
+    except Exception as e:  # noqa: BLE001 - a failed benchmark leaves the default cost model, recorded
+        return {"rows": rows, "world_sizes": sizes, "reason": f"collective benchmark failed: {type(e).__name__}: {e}"[:2000]}
+    return {"rows": rows, "world_sizes": sizes, "reason": ""}
+
+
+def choose_cost_model(cfg: SweepConfig, bench: dict) -> dict:
+    """The cost model projections use: {op: {latency_us, busbw_GBps[, by_world_size]}, "source", "reason", "fit"}.
+
+    The fit of `bench` is used when its rows were measured with the backend and device kind the
+    projection is for (gloo on CPU for a CPU sweep, NCCL on CUDA for a GPU sweep); ops it lacks
+    keep their defaults; `by_world_size` {n: {latency_us, busbw_GBps}} holds each measured world
+    size's own fit (harness.sweep.collective_time_s prefers it). Otherwise DEFAULT_COST_MODEL,
+    with the reason."""
+    target = ("gloo", "cpu") if cfg.device == "cpu" else ("nccl", "cuda")
+    defaults = {k: v for k, v in DEFAULT_COST_MODEL.items() if k != "source"}
+    fit, reason = None, bench.get("reason") or ""
+    rows = [r for r in bench.get("rows") or [] if r["world_size"] > 1]
+    if rows:
+        try:
+            fit = fit_cost_model(rows)
+        except TPConfigError as e:
+            reason = f"the collective benchmark could not be fitted ({e})"
+    if fit:
+        # latency grows with the number of ranks (ring steps; on CPU, ranks contending for cores):
+        # each measured world size also gets its own fit, used when projecting that world size
+        for ws in sorted({r["world_size"] for r in rows}):
+            try:
+                per_ws = fit_cost_model([r for r in rows if r["world_size"] == ws])
+            except TPConfigError:
+                continue
+            for op, params in per_ws.items():
+                fit[op].setdefault("by_world_size", {})[ws] = params
+        measured_on = (rows[0]["backend"], str(rows[0]["device"]).split(":")[0])
+        if measured_on == target:
+            ws = sorted({r["world_size"] for r in rows})
+            source = f"fitted to this run's {measured_on[0]} collective benchmark ({measured_on[1]}, world sizes {', '.join(map(str, ws))})"
+            return {**defaults, **fit, "source": source, "reason": f"measured on {measured_on[0]}/{measured_on[1]}, the kind of backend and device projected", "fit": fit}
+        reason = (f"the collective benchmark ran on {measured_on[0]}/{measured_on[1]}, projections are for {target[0]}/{target[1]}: "
+                  "its figures would misprice them")
+    return {**defaults, "source": DEFAULT_COST_MODEL["source"], "reason": reason or "no collective benchmark", "fit": fit}
+
+
 def run_scaling(cfg: SweepConfig, gate_cfg: GateConfig, out_dir: str | Path = "reports/scaling", baseline: pd.DataFrame | None = None) -> dict:
     from tqdm import tqdm
 
@@ -54,14 +145,18 @@ def run_scaling(cfg: SweepConfig, gate_cfg: GateConfig, out_dir: str | Path = "r
             worlds[n] = MultiGPUOrchestrator(n, device=cfg.device, timeout_s=900)
         return worlds[n]
 
-    bar = tqdm(total=len(cfg.implementations) * len(cfg.presets) * len(cfg.phases) * len(cfg.world_sizes), desc="scaling sweep", unit="point", file=sys.stderr)
+    gpus = torch.cuda.device_count() if cfg.device == "cuda" else 0
+    bar = tqdm(total=len(sweep_tasks(cfg, gpus)), desc="scaling sweep", unit="point", file=sys.stderr)
 
     def progress(i, n, label):
         bar.set_postfix_str(label)
         bar.update(1)
 
     try:
-        results = run_sweep(cfg, world_for, progress=progress)
+        bar.set_postfix_str("collective benchmark")
+        bench = collective_benchmark(cfg, world_for, gpus)
+        cost_model = choose_cost_model(cfg, bench)
+        results = run_sweep(cfg, world_for, cost_model, progress=progress)
     finally:
         bar.close()
         for w in worlds.values():
@@ -70,6 +165,7 @@ def run_scaling(cfg: SweepConfig, gate_cfg: GateConfig, out_dir: str | Path = "r
     reports = out_dir.parent
     gate = evaluate_gate(results, gate_cfg, reports / "correctness" / "results.json", reports / "coverage" / "coverage.json", baseline)
     backend = "nccl" if cfg.device == "cuda" else "gloo"
-    summary = write_scaling_report(results, gate, collect_environment(backend, cfg.device), out_dir, baseline)
+    summary = write_scaling_report(results, gate, collect_environment(backend, cfg.device), out_dir, baseline,
+                                   collectives={**bench, "cost_model": cost_model})
     write_index(reports)
-    return {**summary, "gate": gate, "results": results}
+    return {**summary, "gate": gate, "results": results, "cost_model": cost_model}

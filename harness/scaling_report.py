@@ -16,7 +16,14 @@
     autoescaped (templates/scaling.html.j2). Gate evidence is a link only when it is a relative
     reference (no scheme): anything else is shown as text, so the page never links off the disk.
   Projected points (a single rank's shard timed alone, collectives priced by a cost model) are
-    drawn with hollow markers and dashed lines and never mixed with measured ones.
+    drawn with hollow markers and dashed lines and never mixed with measured ones. Where a
+    measured and a projected point share POINT_KEYS (this run's projections, or the baseline's),
+    the projection error (projected / measured - 1) is tabulated and stored in results.json.
+  collectives: harness.scaling's {"rows": harness.collectives.bench_collectives rows, "world_sizes",
+    "reason", "cost_model": the model projections used, with "source", "reason" and "fit"}; drawn as
+    a table and latency/busbw plots, written as collectives.csv, stored in results.json.
+  Layer benchmarks: a pytest-benchmark JSON named LAYER_BENCHMARKS in out_dir (written there by
+    `nox -s benchmarks`) is carried into the new report directory and tabulated.
 
 `write_index(reports_root)`: reports_root/index.html (atomic write) linking correctness/, scaling/
   and the gate (scaling/index.html#gate), each with the verdict read from that directory's
@@ -61,6 +68,7 @@ POINT_KEYS = ["implementation", "preset", "phase", "batch", "prompt", "steps", "
 VERDICT_CLASS = {"GO": "GO", "NO-GO": "NOGO", "INCOMPLETE": "INCOMPLETE"}
 CPU_WARNING = "CPU run (gloo, shared cores): not representative of GPUs"
 MAX_ERROR = 2000
+LAYER_BENCHMARKS = "layer-benchmarks.json"
 PALETTE = ["#1c7ed6", "#e8590c", "#2b8a3e", "#7048e8", "#c2255c", "#0c8599", "#5c940d", "#495057"]
 PARTS = [("compute", "#1c7ed6"), ("exposed comm", "#f08c00"), ("dispatch", "#7048e8")]
 
@@ -291,6 +299,8 @@ def _breakdown_plot(r: pd.DataFrame) -> str | None:
     fig, axes = _grid(len(panels), width=4.5, height=3.5)
     for ax, (title, d) in zip(axes, panels):
         d = d.assign(_line=_line_keys(d))
+        if d.duplicated(["_line", "world_size"]).any():  # a projection of a measured point: side by side, not stacked over it
+            d["_line"] = d["_line"] + d["projected"].map({True: " (proj.)", False: ""})
         sizes = sorted(int(w) for w in d["world_size"].unique())
         lines = list(dict.fromkeys(d["_line"]))
         width = 0.8 / len(lines)
@@ -399,7 +409,8 @@ def _baseline_table(r: pd.DataFrame, baseline: pd.DataFrame | None) -> dict | No
     if "status" in base:
         base = base[base["status"].astype(str).str.lower() == "ok"]
     base = base.assign(projected=base["projected"].map(_truthy).astype(bool) if "projected" in base else False)
-    base = base[np.isfinite(base["latency_s"])].drop_duplicates(keys, keep="last")
+    # one baseline row per point; where a point was both measured and projected, the measurement
+    base = base[np.isfinite(base["latency_s"])].sort_values("projected", ascending=False, kind="stable").drop_duplicates(keys, keep="last")
     now = _join_frame(r[r["status"] == "ok"], keys)
     now = now[np.isfinite(now["latency_s"])]
     j = now.merge(base[keys + ["latency_s", "projected"]], on=keys, how="inner", suffixes=("", "_base"))
@@ -420,6 +431,145 @@ def _baseline_table(r: pd.DataFrame, baseline: pd.DataFrame | None) -> dict | No
     })
     info["table"] = t.to_html(index=False, classes="data baseline", border=0, na_rep="—")
     return info
+
+
+def projection_errors(r: pd.DataFrame, baseline: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (projection, measurement) of the same point (POINT_KEYS): this run's
+    projections and, when given, the baseline's, against this run's measurements.
+    error = projected latency / measured latency - 1 (positive: the projection was too slow)."""
+    measured = _join_frame(r[(r["status"] == "ok") & ~r["projected"]], POINT_KEYS)
+    sources = [("this run", r[(r["status"] == "ok") & r["projected"]])]
+    if baseline is not None and "projected" in baseline:
+        b = baseline[baseline["projected"].map(_truthy)]
+        if "status" in b:
+            b = b[b["status"].astype(str).str.lower() == "ok"]
+        sources.append(("baseline", b))
+    cols = POINT_KEYS + ["latency_s", "exposed_comm", "cost_model"]
+    out = []
+    for name, proj in sources:
+        proj = _join_frame(proj, POINT_KEYS)
+        for c in ("exposed_comm", "cost_model"):
+            if c not in proj:
+                proj[c] = np.nan
+        j = measured[cols].merge(proj[cols], on=POINT_KEYS, suffixes=("_measured", "_projected"))
+        j = j[np.isfinite(j["latency_s_measured"]) & np.isfinite(j["latency_s_projected"])]
+        out.append(j.assign(projection=name, error=j["latency_s_projected"] / j["latency_s_measured"] - 1))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def _projection_table(errors: pd.DataFrame) -> str | None:
+    if errors.empty:
+        return None
+    unit, scale = _time_unit(float(errors[["latency_s_measured", "latency_s_projected"]].max().max()))
+    t = pd.DataFrame({
+        "impl": errors["implementation"], "preset": errors["preset"], "phase": errors["phase"], "workload": errors.apply(_workload, axis=1),
+        "device": errors["device"], "ws": errors["world_size"].map(_int), "projection": errors["projection"],
+        f"measured ({unit}/step)": (errors["latency_s_measured"] * scale).map(_fmt_num),
+        f"projected ({unit}/step)": (errors["latency_s_projected"] * scale).map(_fmt_num),
+        "error": errors["error"].map(lambda v: _fmt_num(v, "+.1%")),
+        "exposed comm measured / projected": [f"{_pct(a)} / {_pct(b)}" for a, b in zip(errors["exposed_comm_measured"], errors["exposed_comm_projected"])],
+        "cost model": errors["cost_model_projected"].map(lambda v: "" if not isinstance(v, str) else v),
+    })
+    return t.to_html(index=False, classes="data projection", border=0, na_rep="—")
+
+
+def _collectives_frame(collectives: dict | None) -> pd.DataFrame:
+    return pd.DataFrame((collectives or {}).get("rows") or [])
+
+
+def _collectives_table(c: pd.DataFrame) -> str | None:
+    if c.empty:
+        return None
+    t = pd.DataFrame({
+        "op": c["op"], "ws": c["world_size"].map(_int), "backend": c["backend"], "dtype": c["dtype"], "bytes": c["bytes"].map(lambda v: f"{int(v):,}"),
+        "latency (µs)": c["latency_us"].map(lambda v: _fmt_num(v, ".4g")), "p90 (µs)": c["latency_p90_us"].map(lambda v: _fmt_num(v, ".4g")),
+        "algbw (GB/s)": c["algbw_GBps"].map(lambda v: _fmt_num(v, ".3g")), "busbw (GB/s)": c["busbw_GBps"].map(lambda v: _fmt_num(v, ".3g")),
+    })
+    return t.to_html(index=False, classes="data collectives", border=0, na_rep="—")
+
+
+def _collectives_plot(c: pd.DataFrame, fit: dict | None) -> str | None:
+    """Latency vs message size per op (one line per world size, the fitted model dotted) and busbw."""
+    if c.empty:
+        return None
+    from .collectives import predict_latency_us
+
+    ops = list(dict.fromkeys(c["op"]))
+    fig, axes = plt.subplots(2, len(ops), figsize=(4.3 * len(ops), 6.4), squeeze=False)
+    sizes = sorted(int(w) for w in c["world_size"].unique())
+    colours = {ws: PALETTE[i % len(PALETTE)] for i, ws in enumerate(sizes)}
+    for j, op in enumerate(ops):
+        d = c[c["op"] == op]
+        for ws, g in d.groupby("world_size"):
+            g = g.sort_values("bytes")
+            axes[0, j].plot(g["bytes"], g["latency_us"], marker="o", ms=4, color=colours[int(ws)], label=f"ws={int(ws)}")
+            axes[1, j].plot(g["bytes"], g["busbw_GBps"], marker="o", ms=4, color=colours[int(ws)])
+            if fit and op in fit and ws > 1:
+                by_ws = fit[op].get("by_world_size") or {}
+                params = by_ws.get(int(ws), by_ws.get(str(int(ws)), fit[op]))  # this world size's own fit where there is one
+                xs = np.geomspace(float(g["bytes"].min()), float(g["bytes"].max()), 40)
+                axes[0, j].plot(xs, [predict_latency_us({op: params}, op, int(x), int(ws)) for x in xs], ls=":", color=colours[int(ws)], lw=1.3)
+        for ax in axes[:, j]:
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3, lw=0.5)
+            ax.set_xlabel("message size (bytes, nccl-tests convention)")
+        axes[0, j].set_yscale("log")
+        axes[0, j].set_title(op, fontsize=10)
+    axes[0, 0].set_ylabel("latency (µs, slowest rank's median)")
+    axes[1, 0].set_ylabel("busbw (GB/s)")
+    handles = [Line2D([], [], color=colours[ws], marker="o", label=f"world size {ws}") for ws in sizes]
+    if fit:
+        handles.append(Line2D([], [], color="#495057", ls=":", label="fitted alpha-beta model"))
+    fig.tight_layout()
+    _style_legend(fig, handles)
+    return _png(fig)
+
+
+def _cost_model_info(collectives: dict | None, r: pd.DataFrame) -> dict | None:
+    model = (collectives or {}).get("cost_model")
+    if not model:
+        return None
+
+    def table(m: dict) -> str:
+        rows = []
+        for op in ("all_reduce", "all_gather", "reduce_scatter"):
+            if not isinstance(m.get(op), dict):
+                continue
+            rows.append((op, "any (pooled fit)" if m[op].get("by_world_size") else "any", m[op]))
+            rows += [(op, str(ws), p) for ws, p in sorted((m[op].get("by_world_size") or {}).items(), key=lambda kv: int(kv[0]))]
+        t = pd.DataFrame({"op": [r[0] for r in rows], "world size": [r[1] for r in rows],
+                          "latency α (µs)": [_fmt_num(r[2]["latency_us"], ".4g") for r in rows],
+                          "busbw (GB/s)": [_fmt_num(r[2]["busbw_GBps"], ".4g") for r in rows]})
+        return t.to_html(index=False, classes="data cost", border=0)
+
+    fit = model.get("fit")
+    return {"source": str(model.get("source") or ""), "reason": str(model.get("reason") or ""), "table": table(model),
+            "fit_table": table(fit) if fit else None, "used_fit": bool(fit) and model.get("source") != _default_source(),
+            "n_projected": int((r["projected"] & (r["status"] == "ok")).sum())}
+
+
+def _default_source() -> str:
+    from .sweep import DEFAULT_COST_MODEL
+
+    return DEFAULT_COST_MODEL["source"]
+
+
+def _layer_benchmarks(path: Path) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, a table of it) for a pytest-benchmark JSON; (None, None) when absent."""
+    if not path.is_file():
+        return None, None
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw)
+        rows = [{"benchmark": b.get("name", "?"), "median (ms/round)": _fmt_num(b["stats"]["median"] * 1e3, ".4g"),
+                 "iqr (ms)": _fmt_num(b["stats"]["iqr"] * 1e3, ".3g"), "rounds": b["stats"]["rounds"],
+                 "slowest rank µs/forward": _fmt_num((b.get("extra_info") or {}).get("slowest_rank_us_per_forward"), ".4g")}
+                for b in data.get("benchmarks", [])]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return raw, None
+    when = str(data.get("datetime") or "")
+    table = pd.DataFrame(rows).to_html(index=False, classes="data bench", border=0) if rows else None
+    return raw, (f"<p class=\"hint\">pytest-benchmark run of {when}</p>" if when else "") + table if table else None
 
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
@@ -487,13 +637,16 @@ def _env() -> jinja2.Environment:
 
 
 def write_scaling_report(results: pd.DataFrame, gate: dict, environment: dict, out_dir: str | Path,
-                         baseline: pd.DataFrame | None = None) -> dict:
+                         baseline: pd.DataFrame | None = None, collectives: dict | None = None) -> dict:
     out_dir = Path(out_dir).resolve()
+    bench_raw, bench_table = _layer_benchmarks(out_dir / LAYER_BENCHMARKS)
     environment = dict(environment or {})
     r = _normalise(results)
     g = _gate(gate)
     summary = _summary(r, g)
     cost_models = [c for c in dict.fromkeys(r.loc[r["projected"], "cost_model"]) if c]
+    errors = projection_errors(r, baseline)
+    coll = _collectives_frame(collectives)
     plots = {
         "speedup": _line_plot(r, "speedup", "speedup vs world size 1", ideal=True),
         "efficiency": _line_plot(r, "efficiency", "efficiency = speedup / world size", unity=True),
@@ -504,10 +657,16 @@ def write_scaling_report(results: pd.DataFrame, gate: dict, environment: dict, o
     html = _env().get_template("scaling.html.j2").render(
         summary=summary, gate=g, device=_device_banner(r, environment), cpu_warning=CPU_WARNING, plots=plots,
         cost_models=cost_models, results_table=_results_table(r), failed_table=_failed_table(r),
-        baseline=_baseline_table(r, baseline), env_table=_env_table(environment))
+        baseline=_baseline_table(r, baseline), env_table=_env_table(environment),
+        projection_table=_projection_table(errors), collectives_table=_collectives_table(coll),
+        collectives_plot=_collectives_plot(coll, ((collectives or {}).get("cost_model") or {}).get("fit")),
+        collectives_reason=str((collectives or {}).get("reason") or ""), cost_model=_cost_model_info(collectives, r), bench_table=bench_table,
+        has_bench=bench_raw is not None)
     # the stored gate always has a verdict and criteria (`tpgate gate` reads them back)
     payload = {"gate": {**(gate or {}), "verdict": g["verdict"], "criteria": list((gate or {}).get("criteria") or [])},
-               "environment": environment, "rows": r.to_dict(orient="records")}
+               "environment": environment, "rows": r.to_dict(orient="records"),
+               "projection_errors": errors.to_dict(orient="records"),
+               "collectives": {k: v for k, v in (collectives or {}).items()}}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # staging next to out_dir: the final rename must stay on one filesystem
@@ -516,6 +675,10 @@ def write_scaling_report(results: pd.DataFrame, gate: dict, environment: dict, o
         write_text_atomic(staging / "results.csv", _csv(r))
         write_text_atomic(staging / "results.json", json.dumps(_json_safe(payload), indent=1, default=str, allow_nan=False))
         write_bytes_atomic(staging / "index.html", html.encode("utf-8"))
+        if not coll.empty:
+            write_text_atomic(staging / "collectives.csv", coll.to_csv(index=False))
+        if bench_raw is not None:  # the layer benchmarks' JSON outlives the sweep's report directory
+            write_bytes_atomic(staging / LAYER_BENCHMARKS, bench_raw)
         staging.chmod(0o755)  # mkdtemp makes it 0700
         publish_dir_atomic(staging, out_dir)
     except BaseException:

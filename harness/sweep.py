@@ -1,18 +1,23 @@
 """Scaling sweeps: sweep definition -> points -> world -> results table.
 
-A point is (implementation, preset, phase, world size). Each measured point runs on a world
-of that many ranks twice: with the real communicator (T_tp) and with the NullCommunicator
-(T_null: the same shards, no data moved), so exposed communication = (T_tp - T_null) / T_tp.
-Where the machine has fewer devices than a world size needs (GPU runs), the point is
-*projected*: one rank's shard runs alone on one device with the NullCommunicator and the
-collectives it would issue (counted per step) are priced by a cost model. Projected points
-are labelled as such everywhere and never count towards a GO.
+A point is (implementation, preset, phase, world size). Implementations: `reference` (tpgate's
+impl/ layers) and `dtensor` (PyTorch's parallelize_module over a plain model, impl/dtensor_peer.py).
+Each measured point runs on a world of that many ranks twice: with real collectives (T_tp) and
+without any (T_null: the same shard shapes, no data moved — the NullCommunicator for the
+reference, a plain model of one rank's shard shapes for the peer), so exposed communication =
+(T_tp - T_null) / T_tp. Where the machine has fewer devices than a world size needs (GPU runs),
+the point is *projected*: one rank's shard runs alone on one device without collectives and the
+collectives it would issue (counted per step; listed from the plan for the peer) are priced by a
+cost model. `compare_projection` also projects the world sizes it measured, so the report can
+state the projection's error. Projected points are labelled as such everywhere and never count
+towards a GO.
 
 Timing: CUDA events on GPU, a monotonic clock on CPU; warm-up, then `repeats` timed runs,
 median and p90 per rank; the slowest rank's median is the point's latency.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -21,6 +26,7 @@ import torch
 
 from impl.architecture import ModelConfig, TPConfigError, parse_dtype, require
 from impl.communication import CountingCommunicator, NullCommunicator
+from impl.dtensor_peer import check_dtensor_tp, parallelize, peer_collectives, random_plain_model, shard_config, tp_mesh
 from impl.model import random_model
 
 # Named model shapes (random weights). tiny: CPU; llama3-8b and llama2-13b: GPU shapes (13b fits one H100 in bf16).
@@ -30,7 +36,7 @@ PRESETS = {
                              rope_theta=500000.0, max_seq_len=8192),
     "llama2-13b": ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40, max_seq_len=4096),
 }
-IMPLEMENTATIONS = ("reference",)  # the dtensor peer joins once it has a random-weight builder
+IMPLEMENTATIONS = ("reference", "dtensor")
 PHASES = ("prefill", "decode")
 
 # Cost-model defaults when no collective benchmark of this machine exists (projection only).
@@ -65,11 +71,13 @@ class SweepConfig:
     warmup: int = 2
     repeats: int = 5
     project: bool = False  # allow world sizes beyond the devices present (projected)
+    compare_projection: bool = False  # also project the measured world sizes > 1 (projection-error table)
     gate_workload: dict = field(default_factory=lambda: {"preset": "llama3-8b", "phase": "prefill"})
 
     def validate(self) -> "SweepConfig":
         for p in self.presets:
             require(p in PRESETS, "presets", p, f"must be one of {sorted(PRESETS)}")
+        require(len(self.implementations) >= 1, "implementations", list(self.implementations), f"must name at least one of {IMPLEMENTATIONS}")
         for i in self.implementations:
             require(i in IMPLEMENTATIONS, "implementations", i, f"must be one of {IMPLEMENTATIONS}")
         for ws in self.world_sizes:
@@ -87,6 +95,13 @@ class SweepConfig:
                     PRESETS[preset].check_tp(ws)
                 except TPConfigError as e:
                     raise TPConfigError("world_sizes", ws, f"preset {preset} cannot be sharded {ws} ways ({e})") from None
+                if "dtensor" in self.implementations:
+                    try:
+                        check_dtensor_tp(PRESETS[preset], ws)
+                    except TPConfigError as e:
+                        raise TPConfigError("world_sizes", ws, f"the dtensor implementation cannot shard preset {preset} {ws} ways ({e})") from None
+        for key in ("project", "compare_projection"):
+            require(isinstance(getattr(self, key), bool), key, getattr(self, key), "must be true or false")
         return self
 
 
@@ -135,43 +150,118 @@ def _peak_memory(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_on_rank(ctx, preset: str, phase: Phase, dtype: str, warmup: int, repeats: int, null: bool, projected_world: int | None = None) -> dict:
-    """Time one phase on this rank. `null`: NullCommunicator (T_null). `projected_world`: this
-    single rank plays rank 0 of a world of that size (projection)."""
-    config = PRESETS[preset]
-    world = projected_world or ctx.world_size
-    base = NullCommunicator(world, 0 if projected_world else ctx.rank) if (null or projected_world) else ctx.comm
-    comm = CountingCommunicator(base)
-    model = random_model(config, comm, parse_dtype(dtype), ctx.device).eval()
-    ids = torch.randint(0, config.vocab_size, (phase.batch, phase.prompt), device=ctx.device)
-    timed = _clock(ctx.device)
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
+@dataclass
+class BuiltModel:
+    """One rank's model for a sweep point and how to list the collectives of one timed run.
+
+    `vocab`: token ids are drawn below it (a shard-shaped peer model holds vocab/tp rows).
+    `records(phase)`: collectives since the last `reset()`, as dicts {"kind", "nbytes", ...}."""
+
+    model: torch.nn.Module
+    vocab: int
+    reset: object
+    records: object
+
+
+MODES = ("tp", "null", "projected")
+
+
+def build_model(ctx, implementation: str, preset: str, dtype: str, mode: str, world: int) -> BuiltModel:
+    """This rank's model for one point. mode: "tp" (its part of the world's TP model, real
+    collectives), "null" (the same shard shapes, no collectives: T_null), "projected" (rank 0's
+    shard of a `world`-way model alone on this device, no collectives)."""
+    config, torch_dtype = PRESETS[preset], parse_dtype(dtype)
+    if implementation == "reference":
+        rank = ctx.rank if mode == "null" else 0
+        comm = CountingCommunicator(ctx.comm if mode == "tp" else NullCommunicator(world, rank))
+        model = random_model(config, comm, torch_dtype, ctx.device).eval()
+        return BuiltModel(model, config.vocab_size, comm.reset, lambda phase: [asdict(r) for r in comm.records])
+    # the peer: DTensor's collectives are invisible to a Communicator, so they are listed from its plan
+    if mode == "tp" and world > 1:
+        model = parallelize(random_plain_model(config, torch_dtype, ctx.device), tp_mesh(ctx)).eval()
+        vocab = config.vocab_size
+    else:  # one rank's shard shapes, no collectives (at world 1 this is the whole model)
+        model = random_plain_model(shard_config(config, world), torch_dtype, ctx.device).eval()
+        vocab = config.vocab_size // world
+    collective = mode == "tp" and world > 1
+
+    def records(phase: "Phase") -> list[dict]:
+        if not collective:
+            return []
+        if phase.kind == "prefill":
+            return peer_collectives(config, phase.batch, phase.prompt, world, torch_dtype, last_only=True)
+        return peer_collectives(config, phase.batch, 1, world, torch_dtype, last_only=False) * phase.steps
+
+    return BuiltModel(model, vocab, lambda: None, records)
+
+
+# The two timed workloads. Each returns (setup, run): `setup` runs untimed before every timed
+# `run`. A faster decode path (e.g. CUDA graphs) replaces decode_step / make_decode only.
+
+
+def make_prefill(model, ids):
+    @torch.no_grad()
+    def run():
+        # the argmax consumes the logits: DTensor's last all-gather is asynchronous and would
+        # otherwise still be in flight when the clock stops
+        model(ids, last_only=True)[:, -1].argmax(-1)
+
+    return (lambda: None), run
+
+
+def decode_step(model, token, position: int):
+    """One decode step: the next token (batch, 1) from `token` at `position` (KV cache in the model)."""
+    return model(token, position, use_cache=True)[:, -1].argmax(-1, keepdim=True)
+
+
+def make_decode(model, ids, steps: int):
+    """Prefill the prompt into the KV cache once (untimed); each run decodes `steps` tokens after it."""
+    prompt = ids.shape[1]
+    if hasattr(model, "allocate_kv_cache"):  # tpgate: preallocated cache, rewritten in place by every run
+        model.allocate_kv_cache(ids.shape[0], prompt + steps)
+    with torch.no_grad():
+        model(ids, 0, use_cache=True, last_only=True)[:, -1].argmax(-1)  # consumed: see make_prefill
+    # the peer's cache grows by concatenation: cut it back to the prompt before every run
+    setup = (lambda: model.truncate_cache(prompt)) if hasattr(model, "truncate_cache") else (lambda: None)
 
     @torch.no_grad()
-    def prefill():
-        model(ids, last_only=True)
-
-    @torch.no_grad()
-    def decode():
+    def run():
         token = ids[:, -1:]
-        for step in range(phase.steps):
-            token = model(token, phase.prompt + step, use_cache=True)[:, -1].argmax(-1, keepdim=True)
+        for step in range(steps):
+            token = decode_step(model, token, prompt + step)
 
-    if phase.kind == "decode":
-        model.allocate_kv_cache(phase.batch, phase.prompt + phase.steps)
-        with torch.no_grad():
-            model(ids, 0, use_cache=True, last_only=True)
-    run = prefill if phase.kind == "prefill" else decode
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        if not (null or projected_world):
-            ctx.comm.barrier()  # ranks start each repeat together
-        comm.reset()
-        times.append(timed(run))
-    collectives = [asdict(r) for r in comm.records]  # one repeat's worth
+    return setup, run
+
+
+def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: str, warmup: int, repeats: int, mode: str,
+                    world: int | None = None) -> dict:
+    """Time one phase on this rank (see build_model for `mode`; `world` defaults to the rank's world)."""
+    require(mode in MODES, "mode", mode, f"must be one of {MODES}")
+    world = world or ctx.world_size
+    threads = torch.get_num_threads()
+    if mode == "projected" and ctx.device.type == "cpu":
+        # a CPU rank of a `world`-rank sweep gets cores // world threads (orchestrator); the projection plays such a rank
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        built = build_model(ctx, implementation, preset, dtype, mode, world)
+        ids = torch.randint(0, built.vocab, (phase.batch, phase.prompt), device=ctx.device)
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        setup, run = make_prefill(built.model, ids) if phase.kind == "prefill" else make_decode(built.model, ids, phase.steps)
+        timed = _clock(ctx.device)
+        for _ in range(warmup):
+            setup()
+            run()
+        times = []
+        for _ in range(repeats):
+            setup()
+            if mode == "tp":
+                ctx.comm.barrier()  # ranks start each repeat together
+            built.reset()
+            times.append(timed(run))
+        collectives = built.records(phase)  # one repeat's worth
+    finally:
+        torch.set_num_threads(threads)
     per_step = phase.steps if phase.kind == "decode" else 1
     return {"rank": ctx.rank, "median_s": statistics.median(times), "p90_s": sorted(times)[min(len(times) - 1, int(0.9 * len(times)))],
             "times": times, "peak_memory": _peak_memory(ctx.device), "collectives": collectives, "steps": per_step}
@@ -181,27 +271,37 @@ def measure_on_rank(ctx, preset: str, phase: Phase, dtype: str, warmup: int, rep
 
 
 def collective_time_s(records: list[dict], world: int, cost_model: dict) -> float:
-    """Seconds the collectives in `records` would take: latency + size * factor / busbw."""
+    """Seconds the collectives in `records` would take: latency + size * factor / busbw, with the
+    op's parameters for this world size when the model has them (`by_world_size`), else its own."""
     total = 0.0
     for r in records:
         params = cost_model.get(r["kind"])
         if params is None or world == 1:
             continue
+        params = (params.get("by_world_size") or {}).get(world, params)
         # nccl-tests sizes: all-reduce the tensor, all-gather the output, reduce-scatter the input
         size = r["nbytes"] * (world if r["kind"] == "all_gather" else 1)
-        total += params["latency_us"] * 1e-6 + size * BUSBW_FACTOR[r["kind"]](world) / (params["busbw_GBps"] * 1e9)
+        total += max(0.0, params["latency_us"]) * 1e-6 + size * BUSBW_FACTOR[r["kind"]](world) / (params["busbw_GBps"] * 1e9)
     return total
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def _points(cfg: SweepConfig):
+def sweep_tasks(cfg: SweepConfig, gpus: int) -> list[tuple]:
+    """(implementation, preset, phase, world size, projected) in sweep order: a measured point,
+    then (with compare_projection) its projection; beyond the GPUs present, the projection only."""
+    tasks = []
     for impl in cfg.implementations:
         for preset in cfg.presets:
             for phase in cfg.phases:
                 for ws in cfg.world_sizes:
-                    yield impl, preset, phase, ws
+                    beyond = cfg.device == "cuda" and ws > gpus
+                    if not beyond:
+                        tasks.append((impl, preset, phase, ws, False))
+                    if beyond or (cfg.compare_projection and ws > 1):
+                        tasks.append((impl, preset, phase, ws, True))
+    return tasks
 
 
 def run_sweep(cfg: SweepConfig, world_for, cost_model: dict | None = None, progress=None) -> "pd.DataFrame":
@@ -211,27 +311,28 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: dict | None = None, progr
     gpus = torch.cuda.device_count() if cfg.device == "cuda" else 0
     cost_model = cost_model or DEFAULT_COST_MODEL
     rows = []
-    points = list(_points(cfg))
-    for n, (impl, preset, phase, ws) in enumerate(points, 1):
-        projected = cfg.device == "cuda" and ws > gpus
+    tasks = sweep_tasks(cfg, gpus)
+    for n, (impl, preset, phase, ws, projected) in enumerate(tasks, 1):
         row = {"implementation": impl, "preset": preset, "phase": phase.kind, "batch": phase.batch, "prompt": phase.prompt, "steps": phase.steps,
                "world_size": ws, "device": cfg.device, "dtype": cfg.dtype, "projected": projected, "status": "ok", "error": ""}
         if progress:
-            progress(n, len(points), f"{impl} {preset} {phase.kind} ws={ws}{' (projected)' if projected else ''}")
+            progress(n, len(tasks), f"{impl} {preset} {phase.kind} ws={ws}{' (projected)' if projected else ''}")
         try:
-            if projected and not cfg.project:
-                raise TPConfigError("world_sizes", ws, f"needs {ws} GPUs, {gpus} present; pass --project to project it")
-            args = (preset, phase, cfg.dtype, cfg.warmup, cfg.repeats)
+            args = (impl, preset, phase, cfg.dtype, cfg.warmup, cfg.repeats)
             if projected:
-                null = world_for(1).run(measure_on_rank, *args, True, ws)[0]
-                tp_s = null["median_s"] + collective_time_s(null["collectives"], ws, cost_model)
-                row.update(_summarise([null], [null], tp_s, phase, ws, dispatch=None))
+                if ws > gpus and cfg.device == "cuda" and not cfg.project:
+                    raise TPConfigError("world_sizes", ws, f"needs {ws} GPUs, {gpus} present; pass --project to project it")
+                alone = world_for(1).run(measure_on_rank, *args, "projected", ws)[0]
+                issued = _would_issue(alone, impl, preset, phase, ws, cfg)
+                tp_s = alone["median_s"] + collective_time_s(issued, ws, cost_model)
+                row.update(_summarise([alone], [alone], tp_s, phase, ws, dispatch=None))
+                row["collectives_per_step"], row["comm_bytes_per_step"] = _comm_per_step(issued, phase)
                 row["cost_model"] = cost_model.get("source", "measured")
             else:
                 world = world_for(ws)
-                real = world.run(measure_on_rank, *args, False)
+                real = world.run(measure_on_rank, *args, "tp")
                 record = world.dispatch[-1]
-                null = world.run(measure_on_rank, *args, True)
+                null = world.run(measure_on_rank, *args, "null")
                 row.update(_summarise(real, null, None, phase, ws, dispatch=record))
                 row["backend"] = getattr(world, "backend", "")
         except Exception as e:  # noqa: BLE001 - a failed point is data, the sweep goes on
@@ -239,6 +340,22 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: dict | None = None, progr
         rows.append(row)
     frame = pd.DataFrame(rows)
     return add_speedups(frame)
+
+
+def _would_issue(alone: dict, impl: str, preset: str, phase: Phase, ws: int, cfg: SweepConfig) -> list[dict]:
+    """The collectives a `ws`-way run of this point issues per timed run: the reference's
+    NullCommunicator counted them on the rank; the peer's are listed from its plan."""
+    if impl == "reference":
+        return alone["collectives"]
+    config, dtype = PRESETS[preset], parse_dtype(cfg.dtype)
+    if phase.kind == "prefill":
+        return peer_collectives(config, phase.batch, phase.prompt, ws, dtype, last_only=True)
+    return peer_collectives(config, phase.batch, 1, ws, dtype, last_only=False) * phase.steps
+
+
+def _comm_per_step(records: list[dict], phase: Phase) -> tuple[float, float]:
+    per = phase.steps if phase.kind == "decode" else 1
+    return len(records) / per, sum(r["nbytes"] for r in records) / per
 
 
 def _summarise(real: list[dict], null: list[dict], projected_s: float | None, phase: Phase, ws: int, dispatch) -> dict:
@@ -251,16 +368,13 @@ def _summarise(real: list[dict], null: list[dict], projected_s: float | None, ph
         "exposed_comm": max(0.0, (tp_s - null_s) / tp_s) if tp_s > 0 else float("nan"),
         "tokens_per_s": phase.tokens() / tp_s if tp_s > 0 else float("nan"),
         "peak_memory_bytes": max(r["peak_memory"] for r in real),
-        "collectives_per_step": len(slowest["collectives"]) / per,
-        "comm_bytes_per_step": sum(c["nbytes"] for c in slowest["collectives"]) / per,
         "rank_latency_s": [round(r["median_s"] / per, 9) for r in real],
     }
+    out["collectives_per_step"], out["comm_bytes_per_step"] = _comm_per_step(slowest["collectives"], phase)
     if dispatch is not None:
-        work = dispatch.worker_s
         out["dispatch_us_per_call"] = dispatch.overhead_s * 1e6
         out["dispatch_fraction"] = dispatch.overhead_s / dispatch.driver_s if dispatch.driver_s > 0 else float("nan")
         out["dispatch_us_per_step"] = dispatch.overhead_s * 1e6 / (per * max(1, len(real[0]["times"])))
-        del work
     return out
 
 
@@ -270,7 +384,7 @@ def add_speedups(frame):
         return frame
     keys = ["implementation", "preset", "phase", "batch", "prompt", "steps"]
     ok = frame[frame["status"] == "ok"]
-    base = ok[ok["world_size"] == 1].set_index(keys)["latency_s"]
+    base = ok[(ok["world_size"] == 1) & ~ok["projected"].astype(bool)].set_index(keys)["latency_s"]
     frame["speedup"] = [base.get(tuple(r[k] for k in keys), float("nan")) / r["latency_s"] if r["status"] == "ok" else float("nan")
                         for _, r in frame.iterrows()]
     frame["efficiency"] = frame["speedup"] / frame["world_size"]

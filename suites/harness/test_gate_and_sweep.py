@@ -77,11 +77,87 @@ def test_regression_beyond_noise_fails_within_noise_passes(passing_inputs):
     ({"dtype": "int8"}, "dtype"),
     ({"colour": "blue"}, "[tool.tpgate.scaling]"),
     ({"presets": ["llama2-13b"], "world_sizes": [1, 3]}, "world_sizes"),
+    ({"implementations": []}, "implementations"),
+    ({"compare_projection": "yes"}, "compare_projection"),
 ])
 def test_malformed_sweep_definition_is_named(table, argument):
     with pytest.raises(TPConfigError) as info:
         load_config(table)
     assert info.value.argument == argument
+
+
+def test_unknown_implementation_names_the_allowed_ones():
+    with pytest.raises(TPConfigError) as info:
+        load_config({"implementations": ["reference", "megatron"]})
+    assert info.value.argument == "implementations" and "'reference', 'dtensor'" in str(info.value)
+
+
+def test_dtensor_limits_are_checked_before_any_process(monkeypatch):
+    from impl.architecture import ModelConfig
+
+    # kv heads 2 at world size 4: tpgate replicates them, the peer cannot
+    monkeypatch.setitem(PRESETS, "kv2", ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2))
+    load_config({"presets": ["kv2"], "implementations": ["reference"], "world_sizes": [1, 4]})
+    with pytest.raises(TPConfigError) as info:
+        load_config({"presets": ["kv2"], "implementations": ["reference", "dtensor"], "world_sizes": [1, 4]})
+    assert info.value.argument == "world_sizes" and "dtensor" in str(info.value) and "num_kv_heads" in str(info.value)
+
+
+def test_tasks_measure_then_project():
+    from harness.sweep import SweepConfig, sweep_tasks
+
+    cfg = SweepConfig(world_sizes=(1, 2, 4), phases=(Phase("prefill", 1, 4),), device="cuda", project=True)
+    assert [(ws, proj) for _, _, _, ws, proj in sweep_tasks(cfg, gpus=1)] == [(1, False), (2, True), (4, True)]
+    cfg = SweepConfig(world_sizes=(1, 2, 4), phases=(Phase("prefill", 1, 4),), compare_projection=True)
+    assert [(ws, proj) for _, _, _, ws, proj in sweep_tasks(cfg, gpus=0)] == [(1, False), (2, False), (2, True), (4, False), (4, True)]
+
+
+def test_cost_model_prefers_the_world_sizes_own_fit():
+    model = {"all_reduce": {"latency_us": 10.0, "busbw_GBps": 100.0, "by_world_size": {2: {"latency_us": 1.0, "busbw_GBps": 1000.0}}}}
+    records = [{"kind": "all_reduce", "nbytes": 1_000_000}]
+    assert collective_time_s(records, 2, model) == pytest.approx(1e-6 + 1e6 * 1.0 / 1000e9)
+    assert collective_time_s(records, 4, model) == pytest.approx(10e-6 + 1e6 * 1.5 / 100e9)  # no fit of 4: the pooled one
+
+
+def _bench_rows(backend, device, sizes=(1 << 10, 1 << 16, 1 << 20)):
+    from harness.collectives import busbw_factor
+
+    rows = []
+    for ws, alpha in ((2, 100.0), (4, 400.0)):
+        for op in ("all_reduce", "all_gather", "reduce_scatter"):
+            rows += [{"op": op, "bytes": b, "world_size": ws, "latency_us": alpha + b * busbw_factor(op, ws) / 2e3, "backend": backend, "device": device}
+                     for b in sizes]
+    return rows
+
+
+def test_fit_prices_projections_only_for_the_backend_it_measured():
+    from harness.scaling import choose_cost_model
+    from harness.sweep import DEFAULT_COST_MODEL, SweepConfig
+
+    cpu = choose_cost_model(SweepConfig(), {"rows": _bench_rows("gloo", "cpu")})
+    assert "fitted" in cpu["source"] and cpu["all_reduce"]["by_world_size"][4]["latency_us"] == pytest.approx(400.0)
+    assert cpu["all_reduce"]["by_world_size"][2]["busbw_GBps"] == pytest.approx(2.0)
+    shared_gpu = choose_cost_model(SweepConfig(device="cuda"), {"rows": _bench_rows("gloo", "cuda:0")})
+    assert shared_gpu["source"] == DEFAULT_COST_MODEL["source"] and "gloo/cuda" in shared_gpu["reason"] and shared_gpu["fit"]
+    assert shared_gpu["all_reduce"] == DEFAULT_COST_MODEL["all_reduce"]
+    nccl = choose_cost_model(SweepConfig(device="cuda"), {"rows": _bench_rows("nccl", "cuda:0")})
+    assert "nccl" in nccl["source"]
+    none = choose_cost_model(SweepConfig(device="cuda"), {"rows": [], "reason": "no collective benchmark: 1 GPU(s) give no world"})
+    assert none["source"] == DEFAULT_COST_MODEL["source"] and "1 GPU" in none["reason"]
+
+
+def test_collective_sizes_cover_the_swept_messages():
+    from harness.scaling import collective_sizes, collective_benchmark
+    from harness.sweep import SweepConfig
+
+    cfg = SweepConfig(phases=(Phase("prefill", 2, 64), Phase("decode", 3, 16, 4)))
+    tiny = PRESETS["tiny"]
+    sizes = collective_sizes(cfg)
+    for expected in (2 * 64 * tiny.hidden_size * 4, 3 * tiny.hidden_size * 4, 3 * tiny.vocab_size * 4, 1 << 10, 4 << 20):
+        assert expected in sizes
+    assert sizes == sorted(set(sizes))
+    out = collective_benchmark(SweepConfig(world_sizes=(1,)), lambda n: pytest.fail("no world may start"), gpus=0)
+    assert out["rows"] == [] and "no world of >= 2 ranks" in out["reason"]
 
 
 def test_cost_model_prices_collectives_like_nccl_tests():
@@ -102,17 +178,24 @@ def test_presets_shard_at_1_2_4():
 def test_cpu_sweep_measures_every_point(worlds):
     from harness.sweep import SweepConfig, run_sweep
 
-    cfg = SweepConfig(world_sizes=(1, 2), phases=(Phase("prefill", 1, 8), Phase("decode", 1, 4, 3)), warmup=0, repeats=2).validate()
+    cfg = SweepConfig(world_sizes=(1, 2), phases=(Phase("prefill", 1, 8), Phase("decode", 1, 4, 3)), implementations=("reference", "dtensor"),
+                      compare_projection=True, warmup=0, repeats=2).validate()
     frame = run_sweep(cfg, lambda n: worlds[n])
     assert (frame["status"] == "ok").all(), frame["error"].tolist()
+    assert len(frame) == 2 * 2 * 3  # implementations x phases x (ws 1, ws 2, ws 2 projected)
     layers = PRESETS["tiny"].num_layers
     tp2 = frame[frame["world_size"] == 2]
-    # per forward: 2 all-reduces per block + the embedding's all-reduce + the LM head's all-gather
+    # per forward: 2 all-reduces per block + the embedding's all-reduce + the LM head's all-gather, for both implementations
     assert (tp2["collectives_per_step"] == 2 * layers + 2).all()
+    by_impl = tp2[~tp2["projected"]].set_index(["phase", "implementation"])["comm_bytes_per_step"].unstack()
+    assert (by_impl["reference"] == by_impl["dtensor"]).all(), by_impl  # the same messages
     assert (frame[frame["world_size"] == 1]["collectives_per_step"] == 0).all()
     assert frame["exposed_comm"].between(0, 1).all() and (frame["latency_s"] > 0).all()
     assert (frame[frame["world_size"] == 1]["speedup"] == 1.0).all()
-    assert not frame["projected"].any()
+    projected = frame[frame["projected"]]
+    assert set(projected["world_size"]) == {2} and len(projected) == 4
+    assert projected["cost_model"].str.contains("not measured").all() and projected["dispatch_fraction"].isna().all()
+    assert (frame[~frame["projected"]]["backend"] == "gloo").all()
 
 
 def test_failed_point_is_recorded_and_sweep_goes_on(worlds, monkeypatch):
@@ -129,8 +212,8 @@ def test_failed_point_is_recorded_and_sweep_goes_on(worlds, monkeypatch):
                 dispatch = world.dispatch
                 backend = world.backend
                 def run(self, fn, *args):
-                    calls.append(args[1].kind)
-                    if args[1].kind == "prefill":
+                    calls.append(args[2].kind)
+                    if args[2].kind == "prefill":
                         raise RuntimeError("injected failure")
                     return world.run(fn, *args)
             return Proxy()

@@ -56,7 +56,7 @@ def test_report_files_self_contained_verdict_and_projection(tmp_path):
     assert csv.loc[csv["world_size"] == 8, "projected"].tolist() == [True, False]
     assert csv.loc[csv["status"] == "ok", "projected"].sum() == 1
     data = json.loads((out / "results.json").read_text())
-    assert set(data) == {"gate", "environment", "rows"} and data["gate"]["verdict"] == "NO-GO" and len(data["rows"]) == 5
+    assert set(data) == {"gate", "environment", "rows", "projection_errors", "collectives"} and data["gate"]["verdict"] == "NO-GO" and len(data["rows"]) == 5
     assert data["rows"][4]["latency_s"] is None, "NaN is stored as null"
 
 
@@ -98,3 +98,53 @@ def test_failure_in_the_middle_keeps_previous_report(tmp_path, monkeypatch, targ
         write_scaling_report(_results().iloc[:2], {"verdict": "GO", "criteria": []}, ENV, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["scaling"], "no staging directory may be left behind"
+
+
+def _with_projection(frame):
+    """A measured and a projected row of the same point at world size 2 (+50 % projection error)."""
+    proj = frame[frame["world_size"] == 2].assign(projected=True, latency_s=0.009, cost_model="fitted")
+    return pd.concat([frame, proj], ignore_index=True)
+
+
+def test_projection_error_of_this_run_and_of_the_baseline(tmp_path):
+    results = _with_projection(_results())
+    baseline = _results().assign(projected=lambda f: f["world_size"] == 4, latency_s=lambda f: f["latency_s"] * 0.75)
+    errors = scaling_report.projection_errors(scaling_report._normalise(results), baseline)
+    assert list(errors["projection"]) == ["this run", "baseline"]
+    assert errors.loc[0, "world_size"] == 2 and errors.loc[0, "error"] == pytest.approx(0.009 / 0.006 - 1)
+    assert errors.loc[1, "world_size"] == 4 and errors.loc[1, "error"] == pytest.approx(-0.25)
+    write_scaling_report(results, GATE, ENV, tmp_path / "s", baseline)
+    html = (tmp_path / "s" / "index.html").read_text()
+    assert 'id="projection-error"' in html and "+50.0%" in html and "-25.0%" in html
+    data = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert [round(e["error"], 6) for e in data["projection_errors"]] == [0.5, -0.25]
+
+
+def test_no_projection_error_without_a_pair(tmp_path):
+    assert scaling_report.projection_errors(scaling_report._normalise(_results())).empty
+    write_scaling_report(_results(), GATE, ENV, tmp_path / "s")
+    assert "No point was both measured and projected" in (tmp_path / "s" / "index.html").read_text()
+
+
+def test_collectives_cost_model_and_layer_benchmarks(tmp_path):
+    rows = [{"op": op, "bytes": b, "requested_bytes": b, "world_size": 2, "dtype": "float32", "iters": 3, "latency_us": 100.0 + b / 1e3,
+             "latency_p90_us": 120.0 + b / 1e3, "algbw_GBps": b / (100.0 + b / 1e3) / 1e3, "busbw_GBps": 1.0, "backend": "gloo", "device": "cpu", "note": None}
+            for op in ("all_reduce", "all_gather") for b in (1024, 65536)]
+    fit = {"all_reduce": {"latency_us": 100.0, "busbw_GBps": 1.0, "by_world_size": {2: {"latency_us": 99.0, "busbw_GBps": 1.1}}}}
+    model = {**fit, "source": "fitted to this run's gloo collective benchmark", "reason": "same backend", "fit": fit}
+    out = tmp_path / "s"
+    out.mkdir()
+    bench = {"datetime": "2025-01-01T00:00:00", "benchmarks": [{"name": "test_layer_forward[ParallelMLP-2]",
+             "stats": {"median": 0.002, "iqr": 0.0001, "rounds": 3}, "extra_info": {"slowest_rank_us_per_forward": 150.0}}]}
+    (out / scaling_report.LAYER_BENCHMARKS).write_text(json.dumps(bench))
+    write_scaling_report(_with_projection(_results()), GATE, ENV, out, collectives={"rows": rows, "world_sizes": [2], "reason": "", "cost_model": model})
+    html = (out / "index.html").read_text()
+    assert "fitted to this run&#39;s gloo collective benchmark" in html and "99" in html  # the per-world-size fit is listed
+    assert "test_layer_forward[ParallelMLP-2]" in html and 'href="layer-benchmarks.json"' in html
+    assert json.loads((out / scaling_report.LAYER_BENCHMARKS).read_text()) == bench, "carried into the new report directory"
+    assert len(pd.read_csv(out / "collectives.csv")) == 4
+    assert html.count("data:image/png;base64,") >= 6  # five result plots + the collective plot
+    data = json.loads((out / "results.json").read_text())
+    assert data["collectives"]["cost_model"]["source"].startswith("fitted") and len(data["collectives"]["rows"]) == 4
+    write_scaling_report(_results(), GATE, ENV, tmp_path / "t", collectives={"rows": [], "reason": "no collective benchmark: 1 GPU(s)", "cost_model": None})
+    assert "no collective benchmark: 1 GPU(s)" in (tmp_path / "t" / "index.html").read_text()
