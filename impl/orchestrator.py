@@ -28,8 +28,8 @@ import time
 import traceback
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -60,11 +60,10 @@ class RankError(WorldError):
     stuck in a collective with a failed rank); `stacks[rank]` is where each of them was.
     """
 
-    def __init__(self, tracebacks: dict[int, str], call: str, stacks: dict[int, str] | None = None):
-        self.tracebacks, self.stacks = tracebacks, stacks or {}
-        self.silent = sorted(self.stacks)
+    def __init__(self, tracebacks: dict[int, str], call: str, silent: list[int] = (), stacks: dict[int, str] | None = None):
+        self.tracebacks, self.silent, self.stacks = tracebacks, sorted(silent), stacks or {}
         first = min(tracebacks)
-        silent = f"\nrank(s) {self.silent} had not answered:\n{_describe_stacks(self.stacks)}" if self.stacks else ""
+        silent = f"\nrank(s) {self.silent} had not answered:\n{_describe_stacks(self.stacks) or '  (no stacks)'}" if self.silent else ""
         super().__init__(f"{call} raised on rank(s) {sorted(tracebacks)}; rank {first}'s traceback:\n{tracebacks[first]}{silent}", list(tracebacks))
 
 
@@ -385,7 +384,7 @@ class MultiGPUOrchestrator:
         try:
             for p in self._procs:
                 p.start()
-            replies, _ = self._collect("init", self.start_timeout_s)
+            replies, _, _ = self._collect("init", self.start_timeout_s)
         except WorldError as e:
             self.shutdown(join_s=0.0)  # ranks still in init never read the polite stop
             raise WorldStartError(f"world of {self.world_size} failed to start (port {port}): {e}", e.ranks) from e
@@ -454,7 +453,7 @@ class MultiGPUOrchestrator:
         try:
             for q in self._requests:
                 q.put((self._call_id, fn, args, kwargs))
-            replies, silent = self._collect(self._call_id, timeout_s, call)
+            replies, silent, stacks = self._collect(self._call_id, timeout_s, call)
         except BaseException:  # timeout, dead rank, Ctrl-C: ranks may be stuck in a collective
             self.shutdown(join_s=0.0)
             raise
@@ -462,7 +461,7 @@ class MultiGPUOrchestrator:
         failed = {r: v for r, (ok, v, _) in replies.items() if not ok}
         if failed:
             self.shutdown(join_s=0.0 if len(failed) < self.world_size else 5.0)
-            raise RankError(failed, call, silent)
+            raise RankError(failed, call, silent, stacks)
         self.dispatch.append(DispatchRecord(call, driver_s, max(t for _, _, t in replies.values())))
         return [replies[r][1] for r in range(self.world_size)]
 
@@ -497,10 +496,10 @@ class MultiGPUOrchestrator:
                 last[r] = text
         return stacks
 
-    def _collect(self, call_id, timeout_s: float, call: str | None = None) -> tuple[dict, dict]:
+    def _collect(self, call_id, timeout_s: float, call: str | None = None) -> tuple[dict, list, dict]:
         """Wait for every rank's reply to `call_id`, watching for deaths and the deadline.
 
-        Returns (replies, stacks of the ranks that never answered). Once one rank has failed,
+        Returns (replies, ranks that never answered, their stacks). Once one rank has failed,
         the others get `grace_s` to report too (they are often stuck in a collective with
         the failed rank), so the error names every failure seen and where the rest were.
         """
@@ -529,7 +528,7 @@ class MultiGPUOrchestrator:
             if cid == call_id:
                 replies[rank] = (ok, value, elapsed)
         silent = [r for r in range(self.world_size) if r not in replies]
-        return replies, (self._stacks(silent) if silent and call_id != "init" else {})
+        return replies, silent, (self._stacks(silent) if silent and call_id != "init" else {})
 
 
 def _main_thread(dump: str) -> str:

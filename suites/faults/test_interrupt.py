@@ -84,7 +84,7 @@ def test_sigint_mid_sweep(world_size, tmp_path, time_table):
     while any(alive(p) for p in seen) and time.monotonic() - start < SIGINT_BOUND_S:
         time.sleep(0.05)
     elapsed = time.monotonic() - start
-    assert proc.returncode != 0 and "KeyboardInterrupt" in stderr, stderr[-2000:]
+    assert proc.returncode != 0 and ("KeyboardInterrupt" in stderr or "interrupted" in stderr), stderr[-2000:]
     assert elapsed <= SIGINT_BOUND_S, f"driver and ranks gone after {elapsed:.2f}s, bound {SIGINT_BOUND_S}s"
     assert not [p for p in seen if alive(p)], "a rank (or helper) survived the interrupt"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier, "the report written before was changed"
