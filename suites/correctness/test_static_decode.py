@@ -42,9 +42,11 @@ class GraphRecorder:
 
 
 def decode_on_rank(ctx, dtype=torch.float32):
-    """Eager generate vs the static decoder traced by dynamo, on this rank."""
-    model = random_model(CONFIG, ctx.comm, dtype=dtype, device=ctx.device, seed=1)
-    ids = _prompt(ctx.device)
+    """Eager generate vs the static decoder traced by dynamo, on this rank. On CPU whatever the
+    world's device: this checks tracing, not kernels (and gloo's functional collectives on
+    CUDA tensors crash inside dynamo-traced graphs on torch 2.11)."""
+    model = random_model(CONFIG, ctx.comm, dtype=dtype, device="cpu", seed=1)
+    ids = _prompt()
     results = []
     for kw in SAMPLING:
         recorder = GraphRecorder()
@@ -103,33 +105,55 @@ def test_bad_arguments_name_the_argument():
         model(_prompt(), torch.tensor(0))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
-@pytest.mark.parametrize("compile", [None, "inductor"])
-def test_cuda_graph_replay(compile):
-    """Captured once, replayed per token, no host synchronisation in the loop (sync debug mode
-    'error' raises on any implicit sync), tokens equal to eager decode's for the uncompiled step.
-    inductor fuses differently, so its bf16 tokens may part ways after a near-tie: it is held to
-    the logits of its first step instead (within 2 bf16 ulps of the largest logit)."""
-    torch.manual_seed(0)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+
+
+def _generate_without_sync(decoder, ids):
+    """sync debug mode 'error' raises on any implicit device->host synchronisation."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return decoder.generate(ids, NEW_TOKENS)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+def test_cuda_graph_replay_equals_eager():
+    """Captured once, replayed per token, no host sync in the loop; the uncompiled step runs the
+    eager kernels on the same data, so the tokens are bitwise those of eager decode."""
     model = random_model(CONFIG, NullCommunicator(), dtype=torch.bfloat16, device="cuda", seed=5)
     ids = _prompt("cuda")
     eager = model.generate(ids, NEW_TOKENS)
-    decoder = StaticDecoder(model, BATCH, MAX_SEQ, compile=compile)
+    decoder = StaticDecoder(model, BATCH, MAX_SEQ, compile=None)
     decoder.warm_up()
     assert decoder.graph is not None
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        static = decoder.generate(ids, NEW_TOKENS)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    if compile is None:
-        assert torch.equal(static, eager)
-    else:
-        with torch.no_grad():
-            model(ids, 0, use_cache=True)
-            want = model(ids[:, -1:], PROMPT, use_cache=True)[:, -1].float()
-            decoder.token.copy_(ids[:, -1:])
-            decoder.position.fill_(PROMPT)
-            got = decoder._run_step().float()
-        bound = 2 * 2.0 ** -8 * want.abs().max().item()
-        assert (got - want).abs().max().item() <= bound
+    assert torch.equal(_generate_without_sync(decoder, ids), eager)
+
+
+@needs_cuda
+def test_compiled_graph_error_within_eager_error():
+    """inductor fuses and reorders the bf16 sums, so its tokens may part from eager's at a
+    near-tie of random logits. It is held instead to the tolerance policy of the layer suites
+    (harness/tolerance.py): against a float64 evaluation of the same weights and cache, its
+    error may be at most twice eager bf16's error (E1) plus one bf16 rounding of the largest
+    logit. A wrong position, mask or stale cache slot errs by the size of the logits."""
+    import copy
+
+    model = random_model(CONFIG, NullCommunicator(), dtype=torch.bfloat16, device="cuda", seed=5)
+    exact_model = copy.deepcopy(model).double()
+    ids = _prompt("cuda")
+    decoder = StaticDecoder(model, BATCH, MAX_SEQ, compile="inductor")
+    decoder.warm_up()  # compiling synchronises; the decode loop after it must not
+    _generate_without_sync(decoder, ids)
+    exact_model.allocate_kv_cache(BATCH, MAX_SEQ)  # the bf16 model keeps the decoder's cache
+    logits = {}
+    with torch.no_grad():
+        for name, m in (("eager", model), ("exact", exact_model)):
+            m(ids, 0, use_cache=True)
+            logits[name] = m(ids[:, -1:], PROMPT, use_cache=True)[:, -1].double()
+        decoder.token.copy_(ids[:, -1:])
+        decoder.position.fill_(PROMPT)
+        logits["compiled"] = decoder._run_step().double()
+    e1 = (logits["eager"] - logits["exact"]).abs().max().item()
+    error = (logits["compiled"] - logits["exact"]).abs().max().item()
+    assert error <= 2 * e1 + 2.0**-8 * logits["exact"].abs().max().item(), (error, e1)
