@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     except TPConfigError as e:
         print(f"tpgate: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # ranks are already torn down and reports untouched (atomic writes)
+        print("tpgate: interrupted", file=sys.stderr)
+        return 130
     return 2
 
 

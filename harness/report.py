@@ -23,7 +23,6 @@ import io
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import jinja2
@@ -34,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .atomic import publish_dir_atomic, write_bytes_atomic, write_text_atomic  # noqa: E402
+from .atomic import make_staging_dir, publish_dir_atomic, write_bytes_atomic, write_text_atomic  # noqa: E402
 from .tolerance import UNIT_ROUNDOFF  # noqa: E402
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -270,7 +269,7 @@ def write_correctness_report(metrics: pd.DataFrame, tests: pd.DataFrame, environ
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # staging next to out_dir: the final rename must stay on one filesystem
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.staging-"))
+    staging = make_staging_dir(out_dir)  # pid-stamped: a dead publisher's leftovers are removed later
     try:
         write_text_atomic(staging / "results.csv", m.to_csv(index=False))
         write_text_atomic(staging / "results.json", json.dumps(_json_safe(payload), indent=1, default=str, allow_nan=False))

@@ -21,7 +21,7 @@ from .environment import collect_environment
 from .report import write_correctness_report
 
 REPO = Path(__file__).resolve().parent.parent
-SUITES = ("suites/correctness", "suites/model", "suites/orchestrator", "suites/test_bad_input.py")
+SUITES = ("suites/correctness", "suites/model", "suites/orchestrator", "suites/faults", "suites/test_bad_input.py")
 
 
 class _Outcomes:

@@ -37,7 +37,6 @@ import json
 import math
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import jinja2
@@ -51,7 +50,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
-from .atomic import publish_dir_atomic, write_bytes_atomic, write_text_atomic  # noqa: E402
+from .atomic import make_staging_dir, publish_dir_atomic, write_bytes_atomic, write_text_atomic  # noqa: E402
 from .report import _json_safe  # noqa: E402  (one strict-JSON converter for both reports)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -670,7 +669,7 @@ def write_scaling_report(results: pd.DataFrame, gate: dict, environment: dict, o
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # staging next to out_dir: the final rename must stay on one filesystem
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.staging-"))
+    staging = make_staging_dir(out_dir)  # pid-stamped: a dead publisher's leftovers are removed later
     try:
         write_text_atomic(staging / "results.csv", _csv(r))
         write_text_atomic(staging / "results.json", json.dumps(_json_safe(payload), indent=1, default=str, allow_nan=False))

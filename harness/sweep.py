@@ -26,6 +26,7 @@ import torch
 
 from impl.architecture import ModelConfig, TPConfigError, parse_dtype, require
 from impl.communication import CountingCommunicator, NullCommunicator
+from impl.decoding import StaticDecoder
 from impl.dtensor_peer import check_dtensor_tp, parallelize, peer_collectives, random_plain_model, shard_config, tp_mesh
 from impl.model import random_model
 
@@ -60,6 +61,18 @@ class Phase:
         return self.batch * (self.prompt if self.kind == "prefill" else self.steps)
 
 
+# How the reference decodes (impl/decoding.py). compiled+cuda-graph is the fastest (harness/fastpath.py)
+# but compiles each point's model for one to two minutes on an 8B shape; cuda-graph captures the
+# eager step in a second. The peer always decodes eagerly (its cache grows by concatenation).
+DECODE_PATHS = ("auto", "eager", "cuda-graph", "compiled+cuda-graph")
+
+
+def resolve_decode_path(path: str, implementation: str, device: str) -> str:
+    if implementation != "reference":
+        return "eager"
+    return ("cuda-graph" if device == "cuda" else "eager") if path == "auto" else path
+
+
 @dataclass
 class SweepConfig:
     world_sizes: tuple[int, ...] = (1, 2, 4)
@@ -72,6 +85,7 @@ class SweepConfig:
     repeats: int = 5
     project: bool = False  # allow world sizes beyond the devices present (projected)
     compare_projection: bool = False  # also project the measured world sizes > 1 (projection-error table)
+    decode_path: str = "auto"  # reference decode: see DECODE_PATHS (auto: cuda-graph on CUDA, eager on CPU)
     gate_workload: dict = field(default_factory=lambda: {"preset": "llama3-8b", "phase": "prefill"})
 
     def validate(self) -> "SweepConfig":
@@ -100,6 +114,8 @@ class SweepConfig:
                         check_dtensor_tp(PRESETS[preset], ws)
                     except TPConfigError as e:
                         raise TPConfigError("world_sizes", ws, f"the dtensor implementation cannot shard preset {preset} {ws} ways ({e})") from None
+        require(self.decode_path in DECODE_PATHS, "decode_path", self.decode_path, f"must be one of {DECODE_PATHS}")
+        require(self.decode_path in ("auto", "eager") or self.device == "cuda", "decode_path", self.decode_path, "needs device = cuda (CUDA graphs)")
         for key in ("project", "compare_projection"):
             require(isinstance(getattr(self, key), bool), key, getattr(self, key), "must be true or false")
         return self
@@ -214,9 +230,29 @@ def decode_step(model, token, position: int):
     return model(token, position, use_cache=True)[:, -1].argmax(-1, keepdim=True)
 
 
-def make_decode(model, ids, steps: int):
-    """Prefill the prompt into the KV cache once (untimed); each run decodes `steps` tokens after it."""
+def make_decode(model, ids, steps: int, path: str = "eager", count_step=None):
+    """Prefill the prompt into the KV cache once (untimed); each run decodes `steps` tokens after it.
+
+    path "cuda-graph" / "compiled+cuda-graph": the reference's StaticDecoder replays one captured
+    step per token. Replays are invisible to a Communicator, so `count_step()` — the collectives
+    of one eager step, counted before capture — is returned for the caller to scale by `steps`
+    (third item; None on the eager path, whose runs the communicator counts itself)."""
     prompt = ids.shape[1]
+    if path != "eager":
+        max_seq = -(-(prompt + steps) // 16) * 16
+        step_records = count_step(ids, max_seq) if count_step else None
+        torch._dynamo.reset()  # each point compiles its own model; stay clear of dynamo's recompile limit
+        decoder = StaticDecoder(model, ids.shape[0], max_seq, compile="inductor" if path.startswith("compiled") else None, cuda_graph=True)
+        decoder.warm_up()
+        with torch.no_grad():
+            model(ids, 0, use_cache=True, last_only=True)[:, -1].argmax(-1)
+
+        def replay_run():
+            token = ids[:, -1:]
+            for step in range(steps):
+                token = decoder.replay(token, prompt + step).argmax(-1, keepdim=True)
+
+        return (lambda: None), replay_run, step_records
     if hasattr(model, "allocate_kv_cache"):  # tpgate: preallocated cache, rewritten in place by every run
         model.allocate_kv_cache(ids.shape[0], prompt + steps)
     with torch.no_grad():
@@ -230,12 +266,26 @@ def make_decode(model, ids, steps: int):
         for step in range(steps):
             token = decode_step(model, token, prompt + step)
 
-    return setup, run
+    return setup, run, None
+
+
+def _step_counter(built: BuiltModel):
+    """count(ids, max_seq) -> the collectives of one eager decode step of built.model after `ids`."""
+    def count(ids, max_seq):
+        built.model.allocate_kv_cache(ids.shape[0], max_seq)
+        with torch.no_grad():
+            built.model(ids, 0, use_cache=True, last_only=True)
+            built.reset()
+            decode_step(built.model, ids[:, -1:], ids.shape[1])
+        return built.records(Phase("decode", ids.shape[0], ids.shape[1], 1))
+
+    return count
 
 
 def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: str, warmup: int, repeats: int, mode: str,
-                    world: int | None = None) -> dict:
-    """Time one phase on this rank (see build_model for `mode`; `world` defaults to the rank's world)."""
+                    world: int | None = None, decode_path: str = "eager") -> dict:
+    """Time one phase on this rank (see build_model for `mode`; `world` defaults to the rank's world;
+    `decode_path` as resolved by resolve_decode_path)."""
     require(mode in MODES, "mode", mode, f"must be one of {MODES}")
     world = world or ctx.world_size
     threads = torch.get_num_threads()
@@ -247,7 +297,10 @@ def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: 
         ids = torch.randint(0, built.vocab, (phase.batch, phase.prompt), device=ctx.device)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        setup, run = make_prefill(built.model, ids) if phase.kind == "prefill" else make_decode(built.model, ids, phase.steps)
+        if phase.kind == "prefill":
+            (setup, run), step_records = make_prefill(built.model, ids), None
+        else:
+            setup, run, step_records = make_decode(built.model, ids, phase.steps, decode_path, count_step=_step_counter(built))
         timed = _clock(ctx.device)
         for _ in range(warmup):
             setup()
@@ -259,7 +312,7 @@ def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: 
                 ctx.comm.barrier()  # ranks start each repeat together
             built.reset()
             times.append(timed(run))
-        collectives = built.records(phase)  # one repeat's worth
+        collectives = built.records(phase) if step_records is None else step_records * phase.steps  # one repeat's worth
     finally:
         torch.set_num_threads(threads)
     per_step = phase.steps if phase.kind == "decode" else 1
@@ -317,12 +370,15 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: dict | None = None, progr
                "world_size": ws, "device": cfg.device, "dtype": cfg.dtype, "projected": projected, "status": "ok", "error": ""}
         if progress:
             progress(n, len(tasks), f"{impl} {preset} {phase.kind} ws={ws}{' (projected)' if projected else ''}")
+        path = resolve_decode_path(cfg.decode_path, impl, cfg.device) if phase.kind == "decode" else ""
+        row["decode_path"] = path
         try:
             args = (impl, preset, phase, cfg.dtype, cfg.warmup, cfg.repeats)
+            kw = {"decode_path": path} if path else {}
             if projected:
                 if ws > gpus and cfg.device == "cuda" and not cfg.project:
                     raise TPConfigError("world_sizes", ws, f"needs {ws} GPUs, {gpus} present; pass --project to project it")
-                alone = world_for(1).run(measure_on_rank, *args, "projected", ws)[0]
+                alone = world_for(1).run(measure_on_rank, *args, "projected", ws, **kw)[0]
                 issued = _would_issue(alone, impl, preset, phase, ws, cfg)
                 tp_s = alone["median_s"] + collective_time_s(issued, ws, cost_model)
                 row.update(_summarise([alone], [alone], tp_s, phase, ws, dispatch=None))
@@ -330,9 +386,9 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: dict | None = None, progr
                 row["cost_model"] = cost_model.get("source", "measured")
             else:
                 world = world_for(ws)
-                real = world.run(measure_on_rank, *args, "tp")
+                real = world.run(measure_on_rank, *args, "tp", **kw)
                 record = world.dispatch[-1]
-                null = world.run(measure_on_rank, *args, "null")
+                null = world.run(measure_on_rank, *args, "null", **kw)
                 row.update(_summarise(real, null, None, phase, ws, dispatch=record))
                 row["backend"] = getattr(world, "backend", "")
         except Exception as e:  # noqa: BLE001 - a failed point is data, the sweep goes on

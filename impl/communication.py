@@ -133,6 +133,8 @@ class CountingCommunicator(Communicator):
         return self.inner.world_size
 
     def _record(self, kind, tensor):
+        if torch.compiler.is_compiling():  # a traced graph replays without Python: count eager runs only
+            return
         self.records.append(CollectiveRecord(kind, tensor.numel() * tensor.element_size(), tuple(tensor.shape), str(tensor.dtype)))
 
     def counts(self) -> dict[str, int]:

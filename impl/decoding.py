@@ -63,6 +63,16 @@ class StaticDecoder:
         """token (batch, 1) long, position () long -> logits (batch, vocab), replicated on every rank."""
         return self.model(token, position, use_cache=True)[:, -1]
 
+    @torch.no_grad()
+    def replay(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits (batch, vocab) of the step that feeds `token` (batch, 1) at `position` (tokens
+        already cached); the returned tensor is the graph's output buffer, overwritten by the
+        next replay. Both inputs reach the graph by device-side copies: no host sync."""
+        self.warm_up()
+        self.token.copy_(token)
+        self.position.fill_(position)
+        return self._run_step()
+
     def _run_step(self) -> torch.Tensor:
         # a later allocate_kv_cache (another decoder, generate) would leave the graph writing freed memory
         require(self.model.layers[0].attention.k_cache is self._cache, "model KV cache", "reallocated",
@@ -115,9 +125,7 @@ class StaticDecoder:
         for step in range(max_new_tokens):
             out[:, step] = sample(logits.float(), temperature, top_k, top_p, generator)
             if step + 1 < max_new_tokens:
-                self.token.copy_(out[:, step, None])
-                self.position.fill_(prompt + step)
-                logits = self._run_step()
+                logits = self.replay(out[:, step, None], prompt + step)
             if on_step is not None:
                 on_step(step)
         return out

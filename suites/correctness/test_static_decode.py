@@ -151,9 +151,7 @@ def test_compiled_graph_error_within_eager_error():
         for name, m in (("eager", model), ("exact", exact_model)):
             m(ids, 0, use_cache=True)
             logits[name] = m(ids[:, -1:], PROMPT, use_cache=True)[:, -1].double()
-        decoder.token.copy_(ids[:, -1:])
-        decoder.position.fill_(PROMPT)
-        logits["compiled"] = decoder._run_step().double()
+        logits["compiled"] = decoder.replay(ids[:, -1:], PROMPT).double()
     e1 = (logits["eager"] - logits["exact"]).abs().max().item()
     error = (logits["compiled"] - logits["exact"]).abs().max().item()
     assert error <= 2 * e1 + 2.0**-8 * logits["exact"].abs().max().item(), (error, e1)

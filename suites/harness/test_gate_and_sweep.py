@@ -79,6 +79,8 @@ def test_regression_beyond_noise_fails_within_noise_passes(passing_inputs):
     ({"presets": ["llama2-13b"], "world_sizes": [1, 3]}, "world_sizes"),
     ({"implementations": []}, "implementations"),
     ({"compare_projection": "yes"}, "compare_projection"),
+    ({"decode_path": "fast"}, "decode_path"),
+    ({"decode_path": "cuda-graph", "device": "cpu"}, "decode_path"),
 ])
 def test_malformed_sweep_definition_is_named(table, argument):
     with pytest.raises(TPConfigError) as info:
@@ -211,11 +213,11 @@ def test_failed_point_is_recorded_and_sweep_goes_on(worlds, monkeypatch):
             class Proxy:
                 dispatch = world.dispatch
                 backend = world.backend
-                def run(self, fn, *args):
+                def run(self, fn, *args, **kwargs):
                     calls.append(args[2].kind)
                     if args[2].kind == "prefill":
                         raise RuntimeError("injected failure")
-                    return world.run(fn, *args)
+                    return world.run(fn, *args, **kwargs)
             return Proxy()
         return get
 
@@ -223,3 +225,24 @@ def test_failed_point_is_recorded_and_sweep_goes_on(worlds, monkeypatch):
     assert list(frame["status"]) == ["failed", "ok"]
     assert "injected failure" in frame.loc[0, "error"]
     assert real is sweep.measure_on_rank
+
+
+def test_graph_decode_counts_one_eager_step():
+    """A replayed graph is invisible to the Communicator: the sweep counts one eager step instead.
+    That count must equal what an eager decode run records per step."""
+    import torch
+
+    from harness.sweep import BuiltModel, _step_counter, make_decode
+    from impl.communication import CountingCommunicator, NullCommunicator
+    from impl.model import random_model
+
+    comm = CountingCommunicator(NullCommunicator(2))
+    model = random_model(PRESETS["tiny"], comm, torch.float32)
+    built = BuiltModel(model, PRESETS["tiny"].vocab_size, comm.reset, lambda phase: [r.__dict__ for r in comm.records])
+    ids = torch.randint(0, 100, (2, 5))
+    one_step = _step_counter(built)(ids, 16)
+    setup, run, none = make_decode(model, ids, 3)
+    comm.reset()
+    run()
+    assert none is None and len(one_step) == 2 * PRESETS["tiny"].num_layers + 2
+    assert [r.__dict__ for r in comm.records] == one_step * 3
