@@ -10,6 +10,7 @@ kv heads nor pads the vocabulary); other (variant, tp) pairs are skipped with th
 """
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -56,6 +57,15 @@ def references(checkpoint):
     return get
 
 
+def _skip_on_gloo_sharing_a_gpu(world_size: int) -> None:
+    """On one GPU the ranks share it over gloo, and DTensor's functional collectives over gloo
+    with CUDA tensors killed ranks with SIGSEGV at random (torch 2.11, 2 and 4 ranks; the
+    reference's c10d collectives on the same worlds pass). The peer is checked on CPU (CI) and
+    belongs on NCCL on a multi-GPU machine."""
+    if world_size > 1 and os.environ.get("TPGATE_DEVICE", "cpu") == "cuda" and torch.cuda.device_count() < world_size:
+        pytest.skip(f"dtensor over gloo with CUDA tensors crashes (SIGSEGV) on torch 2.11; needs {world_size} GPUs for NCCL")
+
+
 def _skip_unless_peer_applies(config: ModelConfig, world_size: int) -> None:
     try:
         check_dtensor_tp(config, world_size)
@@ -67,6 +77,7 @@ def _skip_unless_peer_applies(config: ModelConfig, world_size: int) -> None:
 def test_peer_matches_tpgate_and_transformers(variant, world_size, references, worlds):
     ref = references(variant)
     _skip_unless_peer_applies(ref["config"], world_size)
+    _skip_on_gloo_sharing_a_gpu(world_size)
     per_rank = worlds[world_size].run(dtensor_rank_fns.logits, ref["directory"], ref["ids"])
     peer = per_rank[0]
     assert all(torch.equal(r, peer) for r in per_rank), "replicated logits must be bitwise identical on every rank"
@@ -85,6 +96,7 @@ def test_peer_matches_tpgate_and_transformers(variant, world_size, references, w
 def test_peer_greedy_decode_with_kv_cache(world_size, references, worlds):
     ref = references("llama3-rope-scaling")
     _skip_unless_peer_applies(ref["config"], world_size)
+    _skip_on_gloo_sharing_a_gpu(world_size)
     per_rank = worlds[world_size].run(dtensor_rank_fns.greedy, ref["directory"], ref["ids"], ref["tokens"].shape[1])
     assert all(torch.equal(r["tokens"], per_rank[0]["tokens"]) for r in per_rank)
     assert torch.equal(per_rank[0]["tokens"], ref["tokens"])  # the exact (tpgate float64) greedy tokens
@@ -104,6 +116,7 @@ TIED = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_laye
 
 def test_tied_embedding_and_biases_at_tp2(worlds):
     """Tied LM head (re-tied to the sharded embedding) and q/k/v/o biases, on random weights."""
+    _skip_on_gloo_sharing_a_gpu(2)
     tensors = _random_tensors(TIED)
     ids = _ids(TIED.vocab_size)
     out = worlds[2].run(dtensor_rank_fns.random_peer_and_tpgate, TIED, tensors, ids)
@@ -184,6 +197,7 @@ SWEEP = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_lay
 @pytest.mark.parametrize("last_only", (True, False))
 def test_listed_collectives_are_what_dtensor_issues(worlds, last_only):
     """peer_collectives (what projections price) against torch's own count on a real tp=2 peer."""
+    _skip_on_gloo_sharing_a_gpu(2)
     from impl.dtensor_peer import peer_collectives
 
     counted = worlds[2].run(dtensor_rank_fns.counted_collectives, SWEEP, 2, 5, last_only)[0]
