@@ -176,7 +176,13 @@ def profile_step(decoder: StaticDecoder, position: int, replays: int = 20) -> di
         if total_us:
             kernels.append({"kernel": entry.key[:120], "s_per_step": total_us / 1e6 / replays, "launches_per_step": entry.count / replays})
     kernels.sort(key=lambda r: -r["s_per_step"])
-    return {"replays": replays, "kernel_s_per_step": sum(r["s_per_step"] for r in kernels), "launches_per_step": sum(r["launches_per_step"] for r in kernels), "top": kernels[:25]}
+    # the last replay's kernels in launch order, with the idle gap before each: where a layer's time goes
+    timeline = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    per_step = round(sum(r["launches_per_step"] for r in kernels))
+    last = timeline[-per_step:] if per_step else []
+    sequence = [{"kernel": name[:100], "us": end - start, "gap_us": start - (last[i - 1][1] if i else start)} for i, (start, end, name) in enumerate(last)]
+    return {"replays": replays, "kernel_s_per_step": sum(r["s_per_step"] for r in kernels), "launches_per_step": sum(r["launches_per_step"] for r in kernels), "top": kernels[:25],
+            "step_sequence": sequence}
 
 
 def main(argv=None) -> int:
