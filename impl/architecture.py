@@ -51,33 +51,6 @@ def parse_dtype(name: str | torch.dtype, argument: str = "dtype") -> torch.dtype
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    """Where one rank sits: its TP rank and size, dtype and device.
-
-    `world_size` counts every process; `tp_size` ranks form one TP group (tp_size divides
-    world_size; the remaining factor would be data parallel, which tpgate does not use yet).
-    """
-
-    world_size: int = 1
-    rank: int = 0
-    tp_size: int | None = None
-    dtype: torch.dtype = torch.float32
-    device: str = "cpu"
-
-    def __post_init__(self):
-        require(isinstance(self.world_size, int) and self.world_size >= 1, "world_size", self.world_size, "must be an integer >= 1")
-        require(isinstance(self.rank, int) and 0 <= self.rank < self.world_size, "rank", self.rank, f"must be in [0, {self.world_size})")
-        tp = self.world_size if self.tp_size is None else self.tp_size
-        require(isinstance(tp, int) and tp >= 1 and self.world_size % tp == 0, "tp_size", tp, f"must be >= 1 and divide world_size={self.world_size}")
-        object.__setattr__(self, "tp_size", tp)
-        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
-
-    @property
-    def tp_rank(self) -> int:
-        return self.rank % self.tp_size
-
-
-@dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder. Sizes are the full (unsharded) ones."""
 

@@ -143,12 +143,6 @@ class CountingCommunicator(Communicator):
             out[r.kind] = out.get(r.kind, 0) + 1
         return out
 
-    def bytes_by_kind(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in self.records:
-            out[r.kind] = out.get(r.kind, 0) + r.nbytes
-        return out
-
     def reset(self):
         self.records.clear()
 

@@ -12,7 +12,7 @@ static input buffer by a device copy.
 The step is the model's own `forward`, so at TP > 1 the same step carries its collectives:
 under torch.compile the c10d calls in `impl/communication.py` are traced as functional
 collectives, and NCCL kernels are captured into the graph like any other kernel
-(suites/correctness/test_static_decode.py checks the traced graph at world size 2).
+(suites/correctness/test_static_decode.py checks the traced graph at world sizes 2 and 4).
 """
 from __future__ import annotations
 

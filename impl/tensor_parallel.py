@@ -162,10 +162,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.segment_sizes = list(segment_sizes)
         super().__init__(in_features, sum(segment_sizes), comm, bias=bias, **kw)
 
-    @property
-    def local_segment_sizes(self) -> list[int]:
-        return [s // self.comm.world_size for s in self.segment_sizes]
-
     @classmethod
     def from_full(cls, weights: list, comm: Communicator, biases: list | None = None, **kw):
         sizes = [shape_of(w)[0] for w in weights]
@@ -255,7 +251,7 @@ class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows; any vocab size (padded to a multiple of tp).
 
     ids: (...) long, replicated. out: (..., hidden), all-reduced (or reduce-scattered on
-    dim 1 with `sequence_parallel`). Rank r holds rows [r*V/tp, (r+1)*V/tp) of the padded table.
+    dim 1 with `sequence_parallel`). Rank r holds rows [r*Vp/tp, (r+1)*Vp/tp) of the table padded to Vp = padded_vocab(V, tp).
     """
 
     def __init__(self, vocab_size, hidden_size, comm: Communicator, sequence_parallel=False, dtype=torch.float32, device="cpu"):
@@ -395,7 +391,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 class ParallelAttention(nn.Module):
     """Causal self-attention with heads sharded across ranks, GQA and a preallocated KV cache.
 
-    x: (batch, seq, hidden) replicated -> (batch, seq, hidden) replicated (all-reduced in o_proj).
+    x: (batch, seq, hidden) replicated -> (batch, seq, hidden) replicated (all-reduced in o_proj);
+    with sequence_parallel both are (batch, seq/tp, hidden), sharded on dim 1 (all-gathered before qkv,
+    reduce-scattered after o_proj).
     Each rank attends with its num_heads/tp query heads and their kv heads.
     KV cache per rank: (max_batch, local_kv_heads, max_seq_len, head_dim) for k and v.
     """
@@ -474,6 +472,7 @@ class ParallelMLP(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x)), gate/up column-parallel and fused, down row-parallel.
 
     x: (..., hidden) replicated -> (..., hidden) replicated; intermediate is sharded (.., inter/tp).
+    With sequence_parallel, x and the output are (batch, seq/tp, hidden), sharded on dim 1.
     """
 
     def __init__(self, hidden_size, intermediate_size, comm: Communicator, sequence_parallel=False, dtype=torch.float32, device="cpu", gate_up=None, down=None):

@@ -7,7 +7,7 @@ import multiprocessing
 import pytest
 import torch
 
-from impl.architecture import ModelConfig, ParallelConfig, TPConfigError, parse_dtype
+from impl.architecture import ModelConfig, TPConfigError, parse_dtype
 from impl.communication import NullCommunicator
 from impl.orchestrator import MultiGPUOrchestrator, ProcessGroupManager, choose_backend
 from impl.tensor_parallel import ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -25,9 +25,6 @@ tp4 = NullCommunicator(4, 1)
     (lambda: ModelConfig(num_heads=8, num_kv_heads=8, intermediate_size=10).check_tp(4), "intermediate_size", 10),
     (lambda: ModelConfig(hidden_size=96, num_heads=12, num_kv_heads=6, intermediate_size=8).check_tp(4), "num_kv_heads", 6),
     (lambda: ModelConfig(hidden_size=100, num_heads=8), "hidden_size", 100),
-    (lambda: ParallelConfig(world_size=0), "world_size", 0),
-    (lambda: ParallelConfig(world_size=2, rank=2), "rank", 2),
-    (lambda: ParallelConfig(world_size=4, tp_size=3), "tp_size", 3),
     (lambda: parse_dtype("float8"), "dtype", "float8"),
     (lambda: NullCommunicator(2, 5), "rank", 5),
 ])
