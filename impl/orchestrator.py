@@ -52,6 +52,19 @@ class WorldError(RuntimeError):
         self.ranks = sorted(ranks)
         super().__init__(message)
 
+    def __reduce__(self):
+        # Exception's default pickling calls cls(*args), which the subclasses' signatures refuse;
+        # rebuild from the message and attributes so the error can cross a process boundary
+        return _restore_world_error, (type(self), self.args, self.__dict__)
+
+
+def _restore_world_error(cls: type, args: tuple, state: dict) -> WorldError:
+    # CallTimeoutError is also an OSError, whose memory layout needs OSError's __new__
+    error = (OSError if issubclass(cls, OSError) else RuntimeError).__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class RankError(WorldError):
     """fn raised on one or more ranks; `tracebacks[rank]` holds each rank's traceback text.

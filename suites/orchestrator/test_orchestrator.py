@@ -3,13 +3,14 @@ ending with the right error within its bound, leaving no process behind."""
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 import time
 
 import pytest
 
-from impl.orchestrator import CallTimeoutError, MultiGPUOrchestrator, RankDiedError, RankError, free_port
+from impl.orchestrator import CallTimeoutError, MultiGPUOrchestrator, RankDiedError, RankError, WorldStartError, free_port
 
 from . import rank_fns
 
@@ -122,3 +123,16 @@ def test_explicit_free_port_is_used():
     with MultiGPUOrchestrator(2, timeout_s=30.0, master_port=port) as w:
         assert w.run(rank_fns.all_reduce_rank) == [3.0, 3.0]
         assert w.run(rank_fns.master_port) == [port, port]
+
+
+@pytest.mark.parametrize("error", [
+    RankError({1: "Traceback ...\nValueError: boom"}, "fn", silent=[2], stacks={2: "in all_reduce"}),
+    RankDiedError("rank 3 exited with code -9", [3]),
+    CallTimeoutError("ranks [0] did not answer", [0], stacks={0: "time.sleep"}),
+    WorldStartError("world of 2 failed to start", [0, 1]),
+])
+def test_world_errors_survive_pickling(error):
+    """A caller may hand the error to another process (a pool, a queue): it must arrive whole."""
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)
+    assert copy.__dict__ == error.__dict__
