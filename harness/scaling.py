@@ -37,14 +37,31 @@ def read_tables(config_file: str | None) -> tuple[dict, dict]:
     return tool.get("scaling", {}), tool.get("gate", {})
 
 
+BASELINE_COLUMNS = ("implementation", "preset", "phase", "world_size", "device", "latency_s", "status", "projected")
+
+
 def read_baseline(path: str | None, cfg: SweepConfig) -> pd.DataFrame | None:
+    """The results.csv of an earlier `tpgate scaling` run, or None when `path` is empty.
+
+    Anything else (an empty file, a file that is not CSV, a CSV without the results' columns or
+    with non-numeric latencies, another device's results) is a TPConfigError naming --baseline,
+    raised before the sweep starts any world."""
     if not path:
         return None
     p = Path(path)
+    not_results = "is not a tpgate scaling results.csv"
     require(p.is_file(), "--baseline", path, "must be a results.csv written by tpgate scaling")
-    frame = pd.read_csv(p)
-    missing = sorted({"implementation", "preset", "phase", "world_size", "device", "latency_s", "status", "projected"} - set(frame.columns))
-    require(not missing, "--baseline", path, f"is not a tpgate scaling results.csv (missing columns {missing})")
+    try:
+        frame = pd.read_csv(p)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+        raise TPConfigError("--baseline", path, f"{not_results} ({type(e).__name__}: {e})") from None
+    missing = sorted(set(BASELINE_COLUMNS) - set(frame.columns))
+    require(not missing, "--baseline", path, f"{not_results} (missing columns {missing})")
+    require(not frame.empty, "--baseline", path, f"{not_results} (it holds no rows)")
+    # the gate reads these as numbers and booleans: a string column would compare or cast wrongly
+    for column in ("latency_s", "world_size"):
+        require(pd.api.types.is_numeric_dtype(frame[column]), "--baseline", path, f"{not_results} (column {column} is not numeric)")
+    require(pd.api.types.is_bool_dtype(frame["projected"]), "--baseline", path, f"{not_results} (column projected is not True/False)")
     require(set(frame["device"]) & {cfg.device}, "--baseline", path, f"holds devices {sorted(set(frame['device']))}, this sweep runs on {cfg.device}")
     return frame
 

@@ -13,14 +13,15 @@ state the projection's error. Projected points are labelled as such everywhere a
 towards a GO.
 
 Timing: CUDA events on GPU, a monotonic clock on CPU; warm-up, then `repeats` timed runs,
-median and p90 per rank; the slowest rank's median is the point's latency.
+median and p90 per rank; the slowest rank's median is the point's latency. Dispatch overhead
+is one orchestrator call's overhead over one step's latency (see `_summarise`).
 """
 from __future__ import annotations
 
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -75,6 +76,11 @@ def resolve_decode_path(path: str, implementation: str, device: str) -> str:
 
 @dataclass
 class SweepConfig:
+    """A sweep definition: every (implementation, preset, phase, world size) point to run.
+
+    Sequences are tuples (a TOML array loads as a list; load_config converts); `validate()`
+    checks types, values and this machine's GPUs and raises TPConfigError naming the field."""
+
     world_sizes: tuple[int, ...] = (1, 2, 4)
     presets: tuple[str, ...] = ("tiny",)
     phases: tuple[Phase, ...] = (Phase("prefill", 2, 64), Phase("decode", 1, 16, 16))
@@ -86,23 +92,35 @@ class SweepConfig:
     project: bool = False  # allow world sizes beyond the devices present (projected)
     compare_projection: bool = False  # also project the measured world sizes > 1 (projection-error table)
     decode_path: str = "auto"  # reference decode: see DECODE_PATHS (auto: cuda-graph on CUDA, eager on CPU)
-    gate_workload: dict = field(default_factory=lambda: {"preset": "llama3-8b", "phase": "prefill"})
 
     def validate(self) -> "SweepConfig":
+        """Types first (so no check below meets a value it cannot compare), then values, then
+        whether this machine has the GPUs the world sizes need. Returns self."""
+        for key in ("world_sizes", "presets", "implementations", "phases"):
+            value = getattr(self, key)
+            require(isinstance(value, (tuple, list)), key, value, "must be an array")
+            require(len(value) == len(set(map(repr, value))), key, list(value), "must not repeat a value (it would measure the same points twice)")
+        for ws in self.world_sizes:
+            require(_is_int(ws) and ws >= 1, "world_sizes", ws, "must be integers >= 1")
+        for key in ("presets", "implementations"):
+            for name in getattr(self, key):
+                require(isinstance(name, str), key, name, "must be strings")
         for p in self.presets:
             require(p in PRESETS, "presets", p, f"must be one of {sorted(PRESETS)}")
         require(len(self.implementations) >= 1, "implementations", list(self.implementations), f"must name at least one of {IMPLEMENTATIONS}")
         for i in self.implementations:
             require(i in IMPLEMENTATIONS, "implementations", i, f"must be one of {IMPLEMENTATIONS}")
-        for ws in self.world_sizes:
-            require(isinstance(ws, int) and ws >= 1, "world_sizes", ws, "must be integers >= 1")
+        require(len(self.phases) >= 1, "phases", list(self.phases), "must hold at least one phase")
         for ph in self.phases:
-            require(ph.kind in PHASES, "phases.kind", ph.kind, f"must be one of {PHASES}")
-            require(ph.batch >= 1 and ph.prompt >= 1, "phases", asdict(ph), "batch and prompt must be >= 1")
-            require(ph.kind == "prefill" or ph.steps >= 1, "phases.steps", ph.steps, "decode needs steps >= 1")
+            _check_phase(ph)
+        for key in ("dtype", "device", "decode_path"):
+            require(isinstance(getattr(self, key), str), key, getattr(self, key), "must be a string")
         parse_dtype(self.dtype)
         require(self.device in ("cpu", "cuda"), "device", self.device, "must be cpu or cuda")
-        require(self.warmup >= 0 and self.repeats >= 1, "repeats", self.repeats, "warmup >= 0 and repeats >= 1")
+        require(_is_int(self.warmup) and self.warmup >= 0, "warmup", self.warmup, "must be an integer >= 0")
+        require(_is_int(self.repeats) and self.repeats >= 1, "repeats", self.repeats, "must be an integer >= 1")
+        for key in ("project", "compare_projection"):
+            require(isinstance(getattr(self, key), bool), key, getattr(self, key), "must be true or false")
         for preset in self.presets:
             for ws in self.world_sizes:
                 try:
@@ -116,25 +134,63 @@ class SweepConfig:
                         raise TPConfigError("world_sizes", ws, f"the dtensor implementation cannot shard preset {preset} {ws} ways ({e})") from None
         require(self.decode_path in DECODE_PATHS, "decode_path", self.decode_path, f"must be one of {DECODE_PATHS}")
         require(self.decode_path in ("auto", "eager") or self.device == "cuda", "decode_path", self.decode_path, "needs device = cuda (CUDA graphs)")
-        for key in ("project", "compare_projection"):
-            require(isinstance(getattr(self, key), bool), key, getattr(self, key), "must be true or false")
+        if self.device == "cuda":
+            self._check_gpus(torch.cuda.device_count())
         return self
+
+    def _check_gpus(self, gpus: int) -> None:
+        """A CUDA sweep needs one GPU per rank of its largest world, unless the world sizes
+        beyond the GPUs present are to be projected; refused here, before any world starts,
+        rather than as failed rows after the smaller world sizes have run."""
+        require(gpus >= 1, "device", self.device, "no CUDA device is visible")
+        largest = max(self.world_sizes)
+        require(self.project or largest <= gpus, "world_sizes", list(self.world_sizes),
+                f"world size {largest} needs {largest} GPUs, {gpus} visible; pass --project (project = true) to project "
+                "the world sizes beyond them, or drop those world sizes")
+
+
+def _is_int(value) -> bool:
+    """An integer that is not a bool (TOML's true would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_phase(ph) -> None:
+    require(isinstance(ph, Phase), "phases", ph, "each phase is a table {kind, batch, prompt, steps}")
+    require(isinstance(ph.kind, str) and ph.kind in PHASES, "phases.kind", ph.kind, f"must be one of {PHASES}")
+    for key in ("batch", "prompt", "steps"):
+        require(_is_int(getattr(ph, key)), f"phases.{key}", getattr(ph, key), "must be an integer")
+    require(ph.batch >= 1 and ph.prompt >= 1, "phases", asdict(ph), "batch and prompt must be >= 1")
+    require(ph.steps >= 0, "phases.steps", ph.steps, "must be >= 0")
+    require(ph.kind == "prefill" or ph.steps >= 1, "phases.steps", ph.steps, "decode needs steps >= 1")
+
+
+SEQUENCE_KEYS = ("world_sizes", "presets", "implementations", "phases")
 
 
 def load_config(table: dict, overrides: dict | None = None) -> SweepConfig:
-    """SweepConfig from a [tool.tpgate.scaling] table (keys as SweepConfig's fields)."""
+    """SweepConfig from a [tool.tpgate.scaling] table (keys as SweepConfig's fields), validated.
+
+    `overrides` (command-line values; None = not given) replace the table's. Arrays must be
+    arrays: a string such as "1,2" is refused, not split into characters."""
+    require(isinstance(table, dict), "[tool.tpgate.scaling]", table, "must be a table")
     data = {**table, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     known = set(SweepConfig.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     require(not unknown, "[tool.tpgate.scaling]", unknown, f"unknown keys; allowed: {sorted(known)}")
-    if "phases" in data:
-        try:
-            data["phases"] = tuple(Phase(**p) if isinstance(p, dict) else p for p in data["phases"])
-        except TypeError as e:
-            raise TPConfigError("phases", data["phases"], f"each phase is {{kind, batch, prompt, steps}} ({e})") from None
-    for key in ("world_sizes", "presets", "implementations"):
+    for key in SEQUENCE_KEYS:
         if key in data:
+            require(isinstance(data[key], (list, tuple)), key, data[key], "must be an array, e.g. [1, 2, 4]" if key == "world_sizes"
+                    else "must be an array of tables {kind, batch, prompt, steps}" if key == "phases" else "must be an array of names")
             data[key] = tuple(data[key])
+    if "phases" in data:
+        phases = []
+        for p in data["phases"]:
+            require(isinstance(p, (dict, Phase)), "phases", p, "each phase is a table {kind, batch, prompt, steps}")
+            try:
+                phases.append(Phase(**p) if isinstance(p, dict) else p)
+            except TypeError as e:
+                raise TPConfigError("phases", p, f"each phase is {{kind, batch, prompt, steps}} ({e})") from None
+        data["phases"] = tuple(phases)
     return replace(SweepConfig(), **data).validate()
 
 
@@ -387,9 +443,9 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: dict | None = None, progr
             else:
                 world = world_for(ws)
                 real = world.run(measure_on_rank, *args, "tp", **kw)
-                record = world.dispatch[-1]
+                real_call = world.dispatch[-1]
                 null = world.run(measure_on_rank, *args, "null", **kw)
-                row.update(_summarise(real, null, None, phase, ws, dispatch=record))
+                row.update(_summarise(real, null, None, phase, ws, dispatch=[real_call, world.dispatch[-1]]))
                 row["backend"] = getattr(world, "backend", "")
         except Exception as e:  # noqa: BLE001 - a failed point is data, the sweep goes on
             row.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
@@ -414,7 +470,26 @@ def _comm_per_step(records: list[dict], phase: Phase) -> tuple[float, float]:
     return len(records) / per, sum(r["nbytes"] for r in records) / per
 
 
-def _summarise(real: list[dict], null: list[dict], projected_s: float | None, phase: Phase, ws: int, dispatch) -> dict:
+def _summarise(real: list[dict], null: list[dict], projected_s: float | None, phase: Phase, ws: int, dispatch: list | None) -> dict:
+    """One row's figures from the ranks' measure_on_rank results. Latencies are per step: per
+    decode step (a timed run decodes `phase.steps` tokens), per call for prefill.
+
+    Dispatch (measured points; `dispatch` holds the DispatchRecords of the point's two calls,
+    with and without collectives; None for a projected point):
+      dispatch_us_per_call  the orchestrator's overhead on one call: driver-observed time minus
+                            the slowest rank's own time (queueing, pickling, result collection),
+                            the smaller of the two calls' (a world's first call also pays one-off
+                            costs, e.g. the ranks importing the called function's module);
+      dispatch_us_per_step  the overhead a unit of work pays when the driver dispatches each unit
+                            as its own call (a decode step, or a prefill call): one call's overhead.
+                            A call that decodes many tokens (`generate` inside one `run`) spreads it
+                            over them; a driver that steps token by token pays it every token;
+      dispatch_fraction     dispatch_us_per_step / the step's measured latency (latency_s): the
+                            gate's "dispatch overhead" criterion.
+    Both calls also return the point's timings and collective records, so the overhead
+    overstates that of a call returning only tokens: the fraction errs towards NO-GO. It
+    is never divided by the measured call's own duration, which spans building the model,
+    warm-up and every repeat and would make any overhead look negligible."""
     slowest = max(real, key=lambda r: r["median_s"])
     per = phase.steps if phase.kind == "decode" else 1
     tp_s = projected_s if projected_s is not None else slowest["median_s"]
@@ -427,10 +502,10 @@ def _summarise(real: list[dict], null: list[dict], projected_s: float | None, ph
         "rank_latency_s": [round(r["median_s"] / per, 9) for r in real],
     }
     out["collectives_per_step"], out["comm_bytes_per_step"] = _comm_per_step(slowest["collectives"], phase)
-    if dispatch is not None:
-        out["dispatch_us_per_call"] = dispatch.overhead_s * 1e6
-        out["dispatch_fraction"] = dispatch.overhead_s / dispatch.driver_s if dispatch.driver_s > 0 else float("nan")
-        out["dispatch_us_per_step"] = dispatch.overhead_s * 1e6 / (per * max(1, len(real[0]["times"])))
+    if dispatch:
+        overhead_s = min(record.overhead_s for record in dispatch)
+        out["dispatch_us_per_call"] = out["dispatch_us_per_step"] = overhead_s * 1e6
+        out["dispatch_fraction"] = overhead_s / out["latency_s"] if out["latency_s"] > 0 else float("nan")
     return out
 
 

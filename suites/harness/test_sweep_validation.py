@@ -1,0 +1,165 @@
+"""Bad sweep and baseline input is refused with a TPConfigError naming the field, before any
+rank process starts; the sweep's dispatch fraction is per step. No test here starts a world:
+rank work is stubbed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import sweep
+from harness.sweep import Phase, SweepConfig, load_config
+from impl.architecture import TPConfigError
+from impl.orchestrator import DispatchRecord
+
+
+def _no_world(*args, **kwargs):
+    raise AssertionError("a rank world was started for input that should have been refused")
+
+
+# --------------------------------------------------------------------------- sweep definition
+
+
+@pytest.mark.parametrize("table,argument,value", [
+    ({"repeats": "5"}, "repeats", "5"),
+    ({"repeats": True}, "repeats", True),  # TOML true is not 1
+    ({"warmup": -1}, "warmup", -1),
+    ({"warmup": 1.5}, "warmup", 1.5),
+    ({"world_sizes": "1,2"}, "world_sizes", "1,2"),  # was split into '1', ',', '2'
+    ({"world_sizes": 4}, "world_sizes", 4),
+    ({"world_sizes": [1, True]}, "world_sizes", True),
+    ({"world_sizes": [1, 2, 2]}, "world_sizes", [1, 2, 2]),
+    ({"presets": "tiny"}, "presets", "tiny"),
+    ({"presets": [7]}, "presets", 7),
+    ({"implementations": "reference"}, "implementations", "reference"),
+    ({"phases": "prefill"}, "phases", "prefill"),
+    ({"phases": ["prefill"]}, "phases", "prefill"),
+    ({"phases": []}, "phases", []),
+    ({"phases": [{"kind": "prefill", "batch": "2", "prompt": 8}]}, "phases.batch", "2"),
+    ({"phases": [{"kind": "decode", "batch": 1, "prompt": 8, "steps": 2.0}]}, "phases.steps", 2.0),
+    ({"phases": [{"kind": ["decode"], "batch": 1, "prompt": 8}]}, "phases.kind", ["decode"]),
+    ({"dtype": ["float32"]}, "dtype", ["float32"]),
+    ({"device": 0}, "device", 0),
+    ({"decode_path": 1}, "decode_path", 1),
+    ({"project": "yes"}, "project", "yes"),
+])
+def test_mistyped_sweep_field_is_named_with_its_value(table, argument, value):
+    with pytest.raises(TPConfigError) as info:
+        load_config(table)
+    err = info.value
+    assert (err.argument, err.value) == (argument, value), str(err)
+    assert repr(value) in str(err)
+
+
+def test_gate_workload_is_no_sweep_key():
+    """The gate reads [tool.tpgate.gate].workload; a sweep key of that name would be silently ignored."""
+    with pytest.raises(TPConfigError) as info:
+        load_config({"gate_workload": {"preset": "tiny", "phase": "prefill"}})
+    assert info.value.argument == "[tool.tpgate.scaling]" and info.value.value == ["gate_workload"]
+    assert "gate_workload" not in SweepConfig.__dataclass_fields__
+
+
+def test_repo_sweep_definitions_still_load():
+    import tomllib
+
+    from harness.scaling import REPO
+
+    for path in (REPO / "pyproject.toml", REPO / "harness" / "sweeps" / "one_gpu.toml"):
+        table = tomllib.loads(path.read_text())["tool"]["tpgate"]["scaling"]
+        cfg = load_config(table, {"device": "cpu", "decode_path": "auto"})  # the GPU one checked for its fields, on this machine's CPU
+        assert cfg.phases and all(isinstance(p, Phase) for p in cfg.phases)
+
+
+def test_cuda_sweep_beyond_the_gpus_is_refused_unless_projected(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    table = {"device": "cuda", "world_sizes": [1, 2, 4]}
+    with pytest.raises(TPConfigError) as info:
+        load_config(table)
+    assert info.value.argument == "world_sizes" and "--project" in str(info.value) and "2 visible" in str(info.value)
+    assert load_config(table, {"project": True}).project
+    assert load_config({"device": "cuda", "world_sizes": [1, 2]}).world_sizes == (1, 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(TPConfigError) as info:
+        load_config(table, {"project": True})  # projecting still needs one GPU to run the shard on
+    assert info.value.argument == "device"
+
+
+def test_cli_refuses_a_cuda_sweep_beyond_the_gpus_before_any_world(monkeypatch, capsys):
+    import impl.orchestrator
+    from harness.cli import main
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(impl.orchestrator, "MultiGPUOrchestrator", _no_world)
+    assert main(["scaling", "--device", "cuda", "--world-sizes", "1,2"]) == 2
+    assert "--project" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- dispatch fraction
+
+
+class _StubWorld:
+    """A world whose measure_on_rank calls return fixed timings and record DispatchRecords whose
+    driver time spans the whole call (model build, warm-up, every repeat); `overheads_s[i]` is
+    the i-th call's driver-observed minus slowest-rank time."""
+
+    backend = "stub"
+
+    def __init__(self, median_s: float, call_s: float, overheads_s: list[float]):
+        self.median_s, self.call_s, self.overheads_s = median_s, call_s, list(overheads_s)
+        self.dispatch: list[DispatchRecord] = []
+
+    def run(self, fn, implementation, preset, phase, dtype, warmup, repeats, mode, **kwargs):
+        overhead_s = self.overheads_s[len(self.dispatch)]
+        self.dispatch.append(DispatchRecord(f"{fn.__name__}#{len(self.dispatch)}", self.call_s, self.call_s - overhead_s))
+        return [{"rank": 0, "median_s": self.median_s, "p90_s": self.median_s, "times": [self.median_s] * repeats, "peak_memory": 0,
+                 "collectives": [], "steps": phase.steps if phase.kind == "decode" else 1}]
+
+
+@pytest.mark.parametrize("phase,per_step_s", [
+    (Phase("decode", 1, 16, 16), 0.016 / 16),  # a timed run decodes 16 tokens: 1 ms per step
+    (Phase("prefill", 2, 64), 0.016),  # a timed run is one prefill call
+])
+def test_dispatch_fraction_is_one_calls_overhead_over_one_steps_latency(phase, per_step_s):
+    # 10 ms of dispatch overhead on a call that ran 10 s (model build, warm-up, 5 repeats):
+    # over the whole call it is 0.1 %, which no gate would ever fail; per step it is not.
+    # The first (T_tp) call pays 50 ms, as a world's first call does (one-off costs): not per step.
+    world = _StubWorld(median_s=0.016, call_s=10.0, overheads_s=[0.05, 0.01])
+    cfg = SweepConfig(world_sizes=(1,), phases=(phase,), warmup=1, repeats=5).validate()
+    row = sweep.run_sweep(cfg, lambda n: world).iloc[0]
+    assert row["status"] == "ok", row["error"]
+    assert row["latency_s"] == pytest.approx(per_step_s)
+    assert row["dispatch_us_per_call"] == pytest.approx(1e4) and row["dispatch_us_per_step"] == pytest.approx(1e4)
+    assert row["dispatch_fraction"] == pytest.approx(0.01 / per_step_s)
+    assert row["dispatch_fraction"] > 0.10  # the gate's default threshold: this overhead must fail it
+
+
+# --------------------------------------------------------------------------- --baseline
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"", "EmptyDataError"),
+    (b"\x00\xff\xfe\x00 not text", "UnicodeDecodeError"),
+    (b"[tool.tpgate]\nworld_sizes = [1, 2, 4]\nphases = [{ kind = 'prefill', batch = 2 }]\n", "not a tpgate scaling results.csv"),  # TOML
+    (b"tp,verdict\n1,PASS\n", "missing columns"),
+    (b"implementation,preset,phase,world_size,device,latency_s,status,projected\n", "no rows"),
+    (b"implementation,preset,phase,world_size,device,latency_s,status,projected\nreference,tiny,prefill,1,cpu,fast,ok,False\n", "latency_s"),
+    (b"implementation,preset,phase,world_size,device,latency_s,status,projected\nreference,tiny,prefill,1,cpu,0.1,ok,maybe\n", "projected"),
+])
+def test_baseline_that_is_not_a_results_file_is_named(tmp_path, content, why):
+    from harness.scaling import read_baseline
+
+    path = tmp_path / "baseline.csv"
+    path.write_bytes(content)
+    with pytest.raises(TPConfigError) as info:
+        read_baseline(str(path), SweepConfig())
+    assert info.value.argument == "--baseline" and info.value.value == str(path)
+    assert why in str(info.value)
+
+
+def test_results_file_is_a_baseline(tmp_path):
+    from harness.scaling import read_baseline
+
+    path = tmp_path / "results.csv"
+    path.write_text("implementation,preset,phase,world_size,device,latency_s,status,projected\nreference,tiny,prefill,1,cpu,0.1,ok,False\n"
+                    "reference,tiny,prefill,2,cpu,,failed,True\n")
+    assert len(read_baseline(str(path), SweepConfig())) == 2
