@@ -120,11 +120,27 @@ def _load_and_measure(ctx, directory: str, naive: bool) -> dict:
     return {"rank": ctx.rank, "load_anon": mem.peak_anon - mem.baseline_anon, "peak_file": mem.peak_file, "shard": shard}
 
 
-def loader_memory(directory: str, tp: int = 4) -> list[dict]:
-    """Peak resident memory per rank while loading, sharded vs naive (fresh processes each)."""
-    from impl.model_loader import HFCheckpoint
+def check_loader_memory(directory: str, tp: int):
+    """Everything `loader_memory` needs, checked before it starts any rank: a checkpoint
+    directory with weights and a readable config.json (else CheckpointError naming the
+    directory or file), and a model that can be sharded `tp` ways (else TPConfigError naming
+    --tp). Returns the checkpoint, opened lazily (no tensor is read)."""
+    from impl.architecture import TPConfigError, require
+    from impl.model_loader import HFCheckpoint, read_config
 
-    source = HFCheckpoint(directory)
+    require(isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1, "--tp", tp, "must be an integer >= 1")
+    source = HFCheckpoint(directory)  # first: a missing directory is named as such, not as a missing config.json
+    try:
+        read_config(directory).check_tp(tp)
+    except TPConfigError as e:
+        raise TPConfigError("--tp", tp, f"the checkpoint in {directory} cannot be sharded {tp} ways ({e})") from None
+    return source
+
+
+def loader_memory(directory: str, tp: int = 4) -> list[dict]:
+    """Peak resident memory per rank while loading, sharded vs naive (fresh processes each).
+    Bad input is refused by check_loader_memory before any rank starts."""
+    source = check_loader_memory(directory, tp)
     largest = max(math_prod(source[n].get_shape()) * 4 for n in source)
     rows = []
     for naive in (False, True):

@@ -10,7 +10,8 @@ greedy continuation). References, all single-device:
           rotary tables in float32 even for a float64 model, ~1e-7; a semantic difference is O(1)).
 A TP degree passes when its prompt logits are within the tolerance policy's bound of `exact`
 and its greedy tokens equal the exact ones, or first differ at a step where the exact top-2
-logit margin is below twice the bound (a near-tie the dtype cannot resolve).
+logit margin is below twice the bound (a near-tie the dtype cannot resolve), and every rank
+holds bitwise the same prompt logits and greedy tokens as rank 0 (ADR-9).
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class VerifyRequest:
     prompt_len: int = 16
     new_tokens: int = 8
     seed: int = 0
+    json_path: str | None = None  # --json: where the results are written (checked by check_request)
+    save_logits: str | None = None  # --save-logits: where the prompt logits are written (checked by check_request)
 
 
 def prompt(req: VerifyRequest, vocab: int) -> torch.Tensor:
@@ -66,10 +69,39 @@ def run_model(model, ids: torch.Tensor, new_tokens: int) -> dict:
     return {"logits": logits.cpu(), "tokens": torch.stack(tokens, 1).cpu(), "margins": torch.stack(margins, 1).cpu()}
 
 
-def run_on_rank(ctx, req: VerifyRequest, ids: torch.Tensor) -> dict | None:
+def logits_digest(logits: torch.Tensor) -> str:
+    """SHA-256 of the logits' bytes: equal digests <=> bitwise-identical logits (same shape and dtype)."""
+    import hashlib
+
+    t = logits.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{tuple(t.shape)}{t.dtype}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # via uint8: numpy has no bfloat16
+    return digest.hexdigest()
+
+
+def run_on_rank(ctx, req: VerifyRequest, ids: torch.Tensor) -> dict:
+    """Rank 0: run_model's dict plus "logits_digest"; other ranks: only "tokens" and
+    "logits_digest" (their logits would be copies of rank 0's: ADR-9 promises every rank holds
+    the same bytes, which rank_disagreements checks)."""
     model = DistributedCheckpointLoader(req.directory, ctx.comm).load(parse_dtype(req.dtype), ctx.device)
     out = run_model(model, ids.to(ctx.device), req.new_tokens)
-    return out if ctx.rank == 0 else {"tokens": out["tokens"], "logits_checksum": float(out["logits"].double().sum())}
+    out["logits_digest"] = logits_digest(out["logits"])
+    return out if ctx.rank == 0 else {"tokens": out["tokens"], "logits_digest": out["logits_digest"]}
+
+
+def rank_disagreements(per_rank: list[dict]) -> list[dict]:
+    """Ranks whose greedy tokens or prompt logits are not bitwise those of rank 0, as
+    [{"rank": r, "differs_in": ["tokens" and/or "logits"]}]; empty when every rank agrees.
+
+    `per_rank[r]` is run_on_rank's result of rank r (each holds "tokens" and "logits_digest")."""
+    first = per_rank[0]
+    out = []
+    for rank, got in enumerate(per_rank[1:], 1):
+        differs = ([] if torch.equal(got["tokens"], first["tokens"]) else ["tokens"]) + \
+                  ([] if got["logits_digest"] == first["logits_digest"] else ["logits"])
+        if differs:
+            out.append({"rank": rank, "differs_in": differs})
+    return out
 
 
 def hf_run(req: VerifyRequest, ids: torch.Tensor, dtype: torch.dtype, device: str) -> dict | None:
@@ -89,6 +121,22 @@ def hf_run(req: VerifyRequest, ids: torch.Tensor, dtype: torch.dtype, device: st
     return {"logits": logits.cpu(), "tokens": torch.stack(tokens, 1).cpu()}
 
 
+def check_output_path(argument: str, path: str | None) -> None:
+    """An output file `tpgate verify` will write once every TP degree has run: refused now,
+    rather than after the run, unless its parent is an existing, writable directory and the
+    path itself is not a directory. None (not asked for) passes."""
+    import os
+
+    if path is None:
+        return
+    target = Path(path)
+    parent = target.parent
+    require(not target.is_dir(), argument, str(path), "must name a file, not a directory")
+    require(parent.is_dir(), argument, str(path), f"its directory {str(parent)!r} does not exist")
+    require(os.access(parent, os.W_OK | os.X_OK), argument, str(path), f"its directory {str(parent)!r} is not writable")
+    require(not target.exists() or os.access(target, os.W_OK), argument, str(path), "exists and is not writable")
+
+
 def check_request(req: VerifyRequest) -> None:
     """Every bad input named before any process starts."""
     config = read_config(req.directory)
@@ -105,6 +153,10 @@ def check_request(req: VerifyRequest) -> None:
             config.check_tp(tp)
         except TPConfigError as e:
             raise TPConfigError("--tp", tp, f"this checkpoint cannot be sharded {tp} ways ({e})") from None
+    check_output_path("--json", req.json_path)
+    check_output_path("--save-logits", req.save_logits)
+    require(req.json_path is None or req.save_logits is None or Path(req.json_path).resolve() != Path(req.save_logits).resolve(),
+            "--save-logits", req.save_logits, "must differ from --json (one would overwrite the other)")
 
 
 def default_tps(directory: str) -> tuple[int, ...]:
@@ -148,13 +200,15 @@ def verify(req: VerifyRequest, worlds_factory, progress=None) -> dict:
         first = min(firsts.values()) if firsts else None
         # each diverging row must first differ where that row's exact top-2 margin is a near-tie
         near_tie = bool(firsts) and all(float(exact["margins"][b, t]) <= 2 * row["bound"] for b, t in firsts.items())
-        ranks_agree = all(torch.equal(r["tokens"], got["tokens"]) for r in per_rank)
+        disagreeing = rank_disagreements(per_rank)
+        ranks_agree = not disagreeing
         tp1 = logits_by_tp.get(1)
         rows.append({
             "tp": tp, "dtype": req.dtype, "max_abs_vs_exact": row["err_tp"], "bound": row["bound"], "rel_vs_exact": row["err_tp"] / max(exact["logits"].abs().max().item(), 1e-30),
             "max_abs_vs_single": row["max_abs"], "max_abs_vs_tp1": (got["logits"] - tp1).abs().max().item() if tp1 is not None else None,
             "top1_agreement": float((got["logits"].argmax(-1) == exact["logits"].argmax(-1)).float().mean()),
             "first_diverging_token": first, "divergence_at_near_tie": near_tie if first is not None else None, "ranks_agree": ranks_agree,
+            "disagreeing_ranks": disagreeing,
             "passed": bool(row["passed"] and ranks_agree and (first is None or near_tie)),
         })
     passed = all(r["passed"] for r in rows) and (semantic is None or semantic["passed"])

@@ -1,7 +1,10 @@
-"""Bad sweep and baseline input is refused with a TPConfigError naming the field, before any
-rank process starts; the sweep's dispatch fraction is per step. No test here starts a world:
-rank work is stubbed."""
+"""Bad sweep, baseline, verify and loader-memory input is refused with a TPConfigError (or
+CheckpointError) naming the field, before any rank process starts; the sweep's dispatch
+fraction is per step. No test here starts a world: rank work is stubbed or run in-process."""
 from __future__ import annotations
+
+import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ import torch
 from harness import sweep
 from harness.sweep import Phase, SweepConfig, load_config
 from impl.architecture import TPConfigError
+from impl.communication import NullCommunicator
+from impl.model_loader import CheckpointError
 from impl.orchestrator import DispatchRecord
 
 
@@ -163,3 +168,91 @@ def test_results_file_is_a_baseline(tmp_path):
     path.write_text("implementation,preset,phase,world_size,device,latency_s,status,projected\nreference,tiny,prefill,1,cpu,0.1,ok,False\n"
                     "reference,tiny,prefill,2,cpu,,failed,True\n")
     assert len(read_baseline(str(path), SweepConfig())) == 2
+
+
+# --------------------------------------------------------------------------- verify / loader-memory checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A 1-layer Llama checkpoint: 4 heads, 2 kv heads (shards 1, 2 and 4 ways, not 3)."""
+    from harness.bench import write_synthetic_checkpoint
+
+    directory = tmp_path_factory.mktemp("ckpt")
+    write_synthetic_checkpoint(directory, layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=96)
+    return str(directory)
+
+
+def test_ranks_disagreeing_on_logits_are_named():
+    from harness.verify import rank_disagreements
+
+    tokens = torch.tensor([[1, 2]])
+    same = {"tokens": tokens, "logits_digest": "a"}
+    assert rank_disagreements([same, dict(same), dict(same)]) == []
+    per_rank = [same, dict(same), {"tokens": tokens, "logits_digest": "b"}, {"tokens": tokens + 1, "logits_digest": "b"}]
+    assert rank_disagreements(per_rank) == [{"rank": 2, "differs_in": ["logits"]}, {"rank": 3, "differs_in": ["tokens", "logits"]}]
+
+
+def test_verify_fails_a_tp_degree_whose_ranks_hold_different_logits(tiny_checkpoint, monkeypatch):
+    """Same greedy tokens, different logit bytes on rank 1: ADR-9's bitwise identity is broken."""
+    import harness.verify as verify_mod
+
+    monkeypatch.setattr(verify_mod, "hf_run", lambda *args: None)  # tpgate TP=1 is the single-device run: fast, no transformers
+
+    class OneRankPlayingTwo:
+        def run(self, fn, req, ids):
+            rank0 = fn(SimpleNamespace(rank=0, device=torch.device("cpu"), comm=NullCommunicator(1)), req, ids)
+            return [rank0, {"tokens": rank0["tokens"].clone(), "logits_digest": "0" * 64}]
+
+    result = verify_mod.verify(verify_mod.VerifyRequest(tiny_checkpoint, (1,), new_tokens=2), lambda n: OneRankPlayingTwo())
+    row = result["rows"][0]
+    assert not row["ranks_agree"] and row["disagreeing_ranks"] == [{"rank": 1, "differs_in": ["logits"]}]
+    assert not row["passed"] and not result["passed"]
+
+
+@pytest.mark.parametrize("field,argument", [("json_path", "--json"), ("save_logits", "--save-logits")])
+def test_verify_output_path_is_checked_before_any_rank(tiny_checkpoint, tmp_path, field, argument):
+    from harness.verify import VerifyRequest, check_request
+
+    check_request(VerifyRequest(tiny_checkpoint, (1, 2), **{field: str(tmp_path / "out.file")}))
+    for bad, why in ((tmp_path / "missing-dir" / "out.file", "does not exist"), (tmp_path, "not a directory")):
+        with pytest.raises(TPConfigError) as info:
+            check_request(VerifyRequest(tiny_checkpoint, (1, 2), **{field: str(bad)}))
+        assert (info.value.argument, info.value.value) == (argument, str(bad)) and why in str(info.value)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write into any directory")
+def test_verify_output_in_a_read_only_directory_is_refused(tiny_checkpoint, tmp_path):
+    from harness.verify import VerifyRequest, check_request
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(TPConfigError, match="not writable"):
+            check_request(VerifyRequest(tiny_checkpoint, (1,), json_path=str(locked / "r.json")))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_verify_json_and_logits_must_not_share_a_file(tiny_checkpoint, tmp_path):
+    from harness.verify import VerifyRequest, check_request
+
+    with pytest.raises(TPConfigError) as info:
+        check_request(VerifyRequest(tiny_checkpoint, (1,), json_path=str(tmp_path / "x"), save_logits=str(tmp_path / "x")))
+    assert info.value.argument == "--save-logits"
+
+
+def test_loader_memory_refuses_bad_input_before_any_rank(tiny_checkpoint, tmp_path, monkeypatch):
+    import harness.bench as bench
+
+    monkeypatch.setattr(bench, "MultiGPUOrchestrator", _no_world)
+    with pytest.raises(TPConfigError) as info:
+        bench.loader_memory(tiny_checkpoint, 3)  # 4 heads cannot be split 3 ways
+    assert (info.value.argument, info.value.value) == ("--tp", 3) and "num_heads" in str(info.value)
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        bench.loader_memory(str(tmp_path / "nonexistent"), 2)
+    (tmp_path / "no-config").mkdir()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        bench.loader_memory(str(tmp_path / "no-config"), 2)
+    assert bench.check_loader_memory(tiny_checkpoint, 4) is not None
