@@ -98,6 +98,10 @@ VARIANTS = {
     "compiled+cuda-graph": (dict(compile="inductor", cuda_graph=True), CDT),
     "compiled-cublas+cuda-graph": (dict(compile="inductor", cuda_graph=True), {"coordinate_descent_tuning": False}),
     "autotuned+cuda-graph": (dict(compile="inductor", compile_mode="max-autotune-no-cudagraphs", cuda_graph=True), CDT),
+    # horizontal fusion of independent small kernels (rotary, cache writes), and fusion past inductor's
+    # memory-saving threshold: candidates for the ~0.5 ms of small kernels per step
+    "combo+cuda-graph": (dict(compile="inductor", cuda_graph=True), {**CDT, "combo_kernels": True}),
+    "aggressive+cuda-graph": (dict(compile="inductor", cuda_graph=True), {**CDT, "aggressive_fusion": True}),
 }
 DEFAULT_VARIANTS = ("eager", "cuda-graph", "compiled+cuda-graph")
 
