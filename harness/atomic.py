@@ -16,9 +16,18 @@ Contracts:
     process's id, so `remove_stale` can tell a dead publisher's leftovers from a live one's.
   remove_stale(final_dir): deletes `.{name}.old-{pid}-*` backups and `.{name}.staging-{pid}-*`
     directories whose process no longer runs. A reader never looks at dot-directories.
+  report_kind(directory): "correctness" / "scaling" when `directory` holds a tpgate report of that
+    kind (its results.json's "kind", or for reports written before that field, the keys only that
+    kind's results.json has), else None.
+  check_report_out(out_dir, kind, repo_root): raises TPConfigError unless publishing a `kind`
+    report at `out_dir` (which replaces the whole directory) can only replace an earlier report
+    of that kind: `out_dir` must not be reports/baselines or one of its parents (the repo root
+    included), must not be an existing non-empty directory inside reports/baselines, and, where
+    it exists and is not empty, must hold a `kind` report. Reads only; call it before any work.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -110,3 +119,40 @@ def publish_dir_atomic(staging_dir: str | Path, final_dir: str | Path) -> None:
     _fsync_dir(final.parent)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+REPORT_FILE = "results.json"
+# keys only one kind's results.json holds: recognises reports written before results.json had "kind"
+_KIND_KEYS = {"correctness": {"verdict", "summary", "tests", "metrics"}, "scaling": {"gate", "rows"}}
+
+
+def report_kind(directory: str | Path) -> str | None:
+    try:
+        data = json.loads((Path(directory) / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("kind"), str):
+        return data["kind"]
+    return next((kind for kind, keys in _KIND_KEYS.items() if keys <= data.keys()), None)
+
+
+def check_report_out(out_dir: str | Path, kind: str, repo_root: str | Path, argument: str = "--out") -> Path:
+    """The resolved `out_dir`, after the checks in the module docstring (TPConfigError naming `argument`)."""
+    from impl.architecture import require  # lazy: this module must stay importable without torch (noxfile)
+
+    out, baselines = Path(out_dir).resolve(), Path(repo_root).resolve() / "reports" / "baselines"
+    replaces = "the report replaces the whole directory"
+    require(out != baselines and out not in baselines.parents, argument, str(out_dir),
+            f"must not be {baselines} or a directory above it (the repository root included): {replaces}, "
+            "and the committed baselines would be deleted")
+    require(out.is_dir() or not out.exists(), argument, str(out_dir), "exists and is not a directory")
+    occupied = out.is_dir() and any(out.iterdir())
+    require(not (occupied and baselines in out.parents), argument, str(out_dir),
+            f"is inside {baselines}, which holds committed baselines: copy a new report there, never write over one")
+    found = report_kind(out) if occupied else kind
+    require(found == kind, argument, str(out_dir),
+            f"exists and holds {'a tpgate ' + found + ' report' if found else 'no tpgate report'}, not a {kind} report: "
+            f"{replaces}, so give a new or empty directory, or an earlier {kind} report's")
+    return out

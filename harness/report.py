@@ -9,9 +9,13 @@
   Verdict: PASS iff there is at least one test, every outcome is passed or skipped, at least
     one passed, and every metrics row passed (a row whose `passed` is missing counts as failed).
     An empty metrics frame does not fail the verdict by itself; the summary says so.
+  run: what was run, for the gate to judge what the verdict is evidence of (harness.runner's
+    run record: selection, examples, device, git commit and dirty flag); stored as results.json's
+    "run", and a partial selection or reduced example count is noted on the page.
   Output: out_dir is replaced as a whole (built in a sibling staging directory, then
     published with publish_dir_atomic), so anything else in out_dir is removed and a reader
-    sees either the old report or the new one, never a mix.
+    sees either the old report or the new one, never a mix. results.json carries "kind":
+    "correctness" (REPORT_KIND), which harness.atomic.check_report_out recognises.
   index.html is self-contained (inline CSS, plots as base64 PNG data URIs) and rendered from
   templates/correctness.html.j2 with autoescape on; tables come from DataFrame.to_html
   (escaped by pandas) and are inserted with |safe.
@@ -45,6 +49,7 @@ BOUND_FORMULA = "2*E1 + (tp+1)*u*max S  (S: the computation on absolute values; 
 BUDGET_FLOOR = 1e-4  # budget_used below this (including exact 0) is drawn at the floor on the log axis
 OK_OUTCOMES = {"passed", "skipped"}
 MAX_MESSAGE = 4000  # hypothesis failure messages can be very long; the full text stays in results.json
+REPORT_KIND = "correctness"
 
 
 def _normalise(metrics: pd.DataFrame, tests: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -251,12 +256,23 @@ def _json_safe(v):
     return v
 
 
+def _run_notes(run: dict) -> list[str]:
+    """Page notes for a run that is not the full release check (the gate treats it as no evidence)."""
+    notes = []
+    if run.get("pytest_args"):
+        notes.append(f"Partial selection: pytest {' '.join(run['pytest_args'])} — a subset of the suites, not evidence for the gate.")
+    if run.get("examples") is not None and run.get("examples_required") is not None and run["examples"] < run["examples_required"]:
+        notes.append(f"Reduced run: {run['examples']} examples per property, the gate needs {run['examples_required']}.")
+    return notes
+
+
 def write_correctness_report(metrics: pd.DataFrame, tests: pd.DataFrame, environment: dict, out_dir: str | Path,
-                             tolerance_doc: str) -> dict:
+                             tolerance_doc: str, run: dict | None = None) -> dict:
     out_dir = Path(out_dir).resolve()
     m, t = _normalise(metrics, tests)
     ex = _examples(m)
     summary = _summary(m, t, ex)
+    summary["notes"] += _run_notes(run or {})
     tpl_env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
                                  undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     html = tpl_env.get_template("correctness.html.j2").render(
@@ -264,7 +280,7 @@ def write_correctness_report(metrics: pd.DataFrame, tests: pd.DataFrame, environ
         tolerance_table=_tolerance_table(m), tolerance_doc=tolerance_doc or "", bound_formula=BOUND_FORMULA,
         worst_table=_worst_table(m), failed_tests_table=_failed_tests_table(t), env_table=_env_table(environment),
         budget_floor=BUDGET_FLOOR)
-    payload = {"verdict": summary["verdict"], "summary": summary, "environment": environment,
+    payload = {"kind": REPORT_KIND, "verdict": summary["verdict"], "summary": summary, "run": run or {}, "environment": environment,
                "tests": t.to_dict(orient="records"), "metrics": m.to_dict(orient="records")}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

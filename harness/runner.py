@@ -2,7 +2,13 @@
 
 Runs the correctness suites in-process under pytest, collects each test's outcome and
 every metric row the suites emit (JSON lines in a temporary file named by $TPGATE_METRICS),
-and hands both tables to the report writer.
+and hands both tables to the report writer, with the run record the gate judges it by.
+
+A report is published only when pytest ran the selection to its end (all passed, some failed,
+or a collection error, which the report shows as a failed test). An interrupted run (Ctrl-C:
+pytest catches it and returns INTERRUPTED) raises KeyboardInterrupt; a usage or internal error
+(e.g. a bad -k expression), nothing collected, or an early stop raise SuiteRunError. In those
+cases nothing is written and the previous report stays as it was.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import pandas as pd
 from impl.architecture import TPConfigError
 
 from . import tolerance
+from .atomic import check_report_out
 from .environment import collect_environment
 from .report import write_correctness_report
 
@@ -24,11 +31,30 @@ REPO = Path(__file__).resolve().parent.parent
 SUITES = ("suites/correctness", "suites/model", "suites/orchestrator", "suites/faults", "suites/test_bad_input.py")
 
 
+class SuiteRunError(RuntimeError):
+    """pytest did not run the selected suites to their end, for a reason other than an interrupt:
+    there are no results to report, and nothing was published."""
+
+
 class _Outcomes:
-    """pytest plugin: one row per test (call phase, or the failing setup/teardown)."""
+    """pytest plugin: one row per test (call phase, or the failing setup/teardown), one error row
+    per module that failed to collect, and what stopped the session early, if anything."""
 
     def __init__(self):
         self.rows: dict[str, dict] = {}
+        self.collection_errors = 0
+        self.stopped_by: BaseException | None = None
+
+    def pytest_collectreport(self, report):
+        if report.failed:  # otherwise a broken module would just be missing from a PASS report
+            self.collection_errors += 1
+            nodeid = report.nodeid or "<collection>"
+            self.rows[nodeid] = {"nodeid": nodeid, "outcome": "error", "duration_s": 0.0,
+                                 "message": str(report.longrepr)[-4000:] if report.longrepr else "collection failed"}
+
+    def pytest_keyboard_interrupt(self, excinfo):
+        # called for a real Ctrl-C and for pytest's own early stops (Session.Interrupted, e.g. after collection errors)
+        self.stopped_by = excinfo.value
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or report.outcome != "passed":
@@ -53,32 +79,77 @@ def configured_examples(default: int = 10) -> int:
     return value
 
 
+def describe_selection(pytest_args: list[str] | None) -> str:
+    """How a run's pytest arguments narrow the suites, in words ("the full suites" when they do not)."""
+    args = list(pytest_args or [])
+    if not args:
+        return "the full suites"
+    if len(args) == 2 and args[0] == "-k":
+        return f"a -k subset: {args[1]!r}"
+    return f"a selection narrowed by pytest {' '.join(args)}"
+
+
+def run_record(pytest_args: list[str] | None, examples: int, device: str, environment: dict) -> dict:
+    """What a correctness run covered, stored as results.json's "run" for the gate
+    (harness.gate): the suites, the extra pytest arguments (none for the full release check),
+    the examples per property run and required, the device, and the git commit and dirty flag."""
+    return {"suites": list(SUITES), "pytest_args": list(pytest_args or []), "selection": describe_selection(pytest_args),
+            "examples": examples, "examples_required": configured_examples(), "device": device,
+            "git_commit": environment.get("git_commit"), "git_dirty": environment.get("git_dirty")}
+
+
+def _require_complete_run(code, plugin: _Outcomes, pytest_args: list[str] | None) -> None:
+    """Return only if pytest ran the selection to its end; see the module docstring."""
+    import pytest
+
+    if code in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        return
+    where = f"{describe_selection(pytest_args)}; nothing was published, the previous report is unchanged"
+    if code == pytest.ExitCode.INTERRUPTED:
+        if plugin.collection_errors and isinstance(plugin.stopped_by, pytest.Session.Interrupted):
+            return  # pytest stops after collection errors; the report shows them as failed tests
+        if isinstance(plugin.stopped_by, KeyboardInterrupt) and not isinstance(plugin.stopped_by, pytest.Session.Interrupted):
+            raise KeyboardInterrupt  # a real Ctrl-C: the CLI exits 130
+        raise SuiteRunError(f"pytest stopped before the end ({plugin.stopped_by or 'no reason given'}) running {where}")
+    if code == pytest.ExitCode.NO_TESTS_COLLECTED:
+        raise SuiteRunError(f"no test was selected by {where}")
+    name = code.name if isinstance(code, pytest.ExitCode) else f"exit code {code}"
+    raise SuiteRunError(f"pytest failed with {name} (its message is above) running {where}")
+
+
 def run_correctness(out_dir: str | Path = "reports/correctness", examples: int | None = None, device: str = "cpu",
                     pytest_args: list[str] | None = None) -> dict:
-    """Run the suites and write the report. Returns the report summary (verdict etc.)."""
+    """Run the suites and write the report. Returns the report summary (verdict etc.).
+
+    Raises TPConfigError for a bad out_dir or device before anything runs, KeyboardInterrupt when
+    the run was interrupted and SuiteRunError when pytest could not run the selection; in all
+    three cases no report is written."""
     import pytest
 
     from impl.orchestrator import choose_backend
 
+    out_dir = check_report_out(out_dir, "correctness", REPO)
     backend = choose_backend(device, 1, _gpu_count(device))  # validates device before anything runs
-    out_dir = Path(out_dir)
+    examples = examples or configured_examples()
     with tempfile.TemporaryDirectory(prefix="tpgate-") as tmp:
         sink = Path(tmp) / "metrics.jsonl"
-        env = {"TPGATE_METRICS": str(sink), "TPGATE_DEVICE": device, "TPGATE_EXAMPLES": str(examples or configured_examples())}
+        env = {"TPGATE_METRICS": str(sink), "TPGATE_DEVICE": device, "TPGATE_EXAMPLES": str(examples)}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         plugin = _Outcomes()
         start = time.monotonic()
         try:
-            pytest.main(["-q", "-p", "no:cacheprovider", *[str(REPO / s) for s in SUITES], *(pytest_args or [])], plugins=[plugin])
+            code = pytest.main(["-q", "-p", "no:cacheprovider", *[str(REPO / s) for s in SUITES], *(pytest_args or [])], plugins=[plugin])
         finally:
             for k, v in saved.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        _require_complete_run(code, plugin, pytest_args)
         wall_s = time.monotonic() - start
         metrics = pd.DataFrame([json.loads(line) for line in sink.read_text().splitlines()] if sink.exists() else [])
     tests = pd.DataFrame(list(plugin.rows.values()), columns=["nodeid", "outcome", "duration_s", "message"])
     environment = {**collect_environment(backend, device), "wall_time_s": round(wall_s, 1)}
-    return write_correctness_report(metrics, tests, environment, out_dir, tolerance.__doc__)
+    run = run_record(pytest_args, examples, device, environment)
+    return write_correctness_report(metrics, tests, environment, out_dir, tolerance.__doc__, run)
 
 
 def _gpu_count(device: str) -> int:
