@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("correctness", help="run the TP-equivalence suites at world sizes 1/2/4 and write reports/correctness/")
     c.add_argument("--examples", type=_positive_int, default=None, help="hypothesis examples per property (default: [tool.tpgate.correctness].examples in pyproject.toml)")
     c.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where ranks compute (cuda: ranks share GPUs via gloo when fewer GPUs than ranks)")
-    c.add_argument("--out", default="reports/correctness", help="report directory (default: %(default)s)")
+    c.add_argument("--out", default="reports/correctness", help="report directory, replaced as a whole: new, empty or an earlier correctness report's (default: %(default)s)")
     c.add_argument("-k", dest="keyword", default=None, help="only tests matching this pytest -k expression")
     d = sub.add_parser("dispatch", help="measure the orchestrator's dispatch overhead for a no-op call (p50/p90/p99)")
     d.add_argument("--world-size", type=_positive_int, default=4)
@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--compare-projection", action="store_true", default=None,
                     help="also project the measured world sizes > 1, so the report shows the projection's error")
     sc.add_argument("--baseline", default=None, help="a results.csv of an earlier run to compare against")
-    sc.add_argument("--out", default="reports/scaling")
-    g = sub.add_parser("gate", help="print the Go/No-Go verdict of the last scaling report; exit 0 only on GO")
+    sc.add_argument("--out", default="reports/scaling", help="report directory, replaced as a whole: new, empty or an earlier scaling report's (default: %(default)s)")
+    g = sub.add_parser("gate", help="re-evaluate the Go/No-Go gate of the last scaling report from the reports as they are now; exit 0 only on GO")
     g.add_argument("--reports", default="reports")
     lm = sub.add_parser("loader-memory", help="peak memory per rank loading a checkpoint: sharded (lazy slices) vs naive (whole tensors)")
     lm.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a Hugging Face safetensors checkpoint; created if --synthetic-layers is given and it is absent")
@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _loader_memory(args) -> int:
+    from impl.model_loader import CheckpointError
+
+    try:
+        return _print_loader_memory(args)
+    except CheckpointError as e:  # no such checkpoint, or not a safetensors one
+        print(f"tpgate loader-memory: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _print_loader_memory(args) -> int:
     from pathlib import Path
 
     from harness.bench import loader_memory, write_synthetic_checkpoint
@@ -87,10 +97,12 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 def _scaling(args) -> int:
+    from harness.atomic import check_report_out
     from harness.gate import GateConfig
-    from harness.scaling import read_baseline, read_tables, run_scaling
+    from harness.scaling import REPO, read_baseline, read_tables, run_scaling
     from harness.sweep import load_config
 
+    check_report_out(args.out, "scaling", REPO)
     table, gate_table = read_tables(args.config)
     overrides = {"world_sizes": args.world_sizes, "presets": args.presets, "implementations": args.implementations, "device": args.device,
                  "dtype": args.dtype, "repeats": args.repeats, "project": args.project, "compare_projection": args.compare_projection}
@@ -114,15 +126,12 @@ def _print_gate(gate: dict) -> None:
 
 
 def _gate(args) -> int:
-    import json
-    from pathlib import Path
+    from harness.gate import evaluate_reports
 
-    path = Path(args.reports) / "scaling" / "results.json"
-    if not path.is_file():
-        print(f"tpgate gate: error: {path} missing — run `tpgate scaling` (or nox -s scaling) first", file=sys.stderr)
-        return 2
-    gate = json.loads(path.read_text())["gate"]
+    gate, recorded = evaluate_reports(args.reports)
     _print_gate(gate)
+    if recorded.get("verdict") != gate["verdict"]:
+        print(f"(the scaling report recorded {recorded.get('verdict')}; the verdict above is from the reports as they are now)")
     return 0 if gate["verdict"] == "GO" else 1
 
 
@@ -184,6 +193,16 @@ def _print_verify(result: dict) -> None:
     print("verdict:", "PASS" if result["passed"] else "FAIL")
 
 
+# errors that mean bad input (a configuration, an --out, a report or a pytest selection the command
+# cannot use), each naming what is wrong; anything else is a bug and keeps its traceback
+INPUT_ERRORS = (("impl.architecture", "TPConfigError"), ("harness.gate", "ReportError"), ("harness.runner", "SuiteRunError"))
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    # only modules already imported: one not imported raised nothing, and importing it now would be slow
+    return tuple(getattr(sys.modules[module], name) for module, name in INPUT_ERRORS if module in sys.modules)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -216,12 +235,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(collect_environment("gloo", "cpu"), indent=2))
             return 0
-    except TPConfigError as e:
-        print(f"tpgate: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # ranks are already torn down and reports untouched (atomic writes)
         print("tpgate: interrupted", file=sys.stderr)
         return 130
+    except _input_errors() as e:  # bad input, named by the error: exit 2, never a traceback read as a failed gate (1)
+        print(f"tpgate {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 2
 
 
