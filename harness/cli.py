@@ -155,7 +155,8 @@ def _verify(args) -> int:
     except CheckpointError as e:
         print(f"tpgate verify: error: {e}", file=sys.stderr)
         return 2
-    req = VerifyRequest(args.checkpoint, tps, args.device, args.dtype, args.batch, args.prompt_len, args.new_tokens, args.seed)
+    req = VerifyRequest(args.checkpoint, tps, args.device, args.dtype, args.batch, args.prompt_len, args.new_tokens, args.seed,
+                        json_path=args.json_path, save_logits=args.save_logits)
     worlds = {}
 
     def world(n):
@@ -190,6 +191,8 @@ def _print_verify(result: dict) -> None:
         div = "-" if r["first_diverging_token"] is None else f"{r['first_diverging_token']}{' (tie)' if r['divergence_at_near_tie'] else ''}"
         print(f"{r['tp']:>3} {r['dtype']:>9} {r['max_abs_vs_exact']:>10.3g} {r['rel_vs_exact']:>10.3g} {r['bound']:>10.3g} {r['top1_agreement']:>7.1%} {div:>12}  "
               f"{'PASS' if r['passed'] else 'FAIL'}")
+        for d in r.get("disagreeing_ranks") or []:
+            print(f"    rank {d['rank']} differs from rank 0 in {' and '.join(d['differs_in'])} (ranks must hold identical logits, ADR-9)")
     print("verdict:", "PASS" if result["passed"] else "FAIL")
 
 

@@ -11,7 +11,7 @@
     dtypes are not comparable) and shown as latency now / baseline.
   Output: out_dir is replaced as a whole (staged in a sibling directory, then publish_dir_atomic),
     so a reader sees the old report or the new one, never a mix. results.json is strict JSON
-    {"gate", "environment", "rows"} (NaN -> null). index.html is self-contained: inline CSS,
+    {"kind": "scaling", "gate", "environment", "rows", ...} (NaN -> null). index.html is self-contained: inline CSS,
     plots as base64 PNG data URIs, tables from DataFrame.to_html inserted with |safe, the rest
     autoescaped (templates/scaling.html.j2). Gate evidence is a link only when it is a relative
     reference (no scheme): anything else is shown as text, so the page never links off the disk.
@@ -361,7 +361,7 @@ def _results_table(r: pd.DataFrame) -> str | None:
         "speedup": ok["speedup"].map(lambda v: _fmt_num(v, ".2f")),
         "efficiency": ok["efficiency"].map(_pct),
         "exposed comm": ok["exposed_comm"].map(_pct),
-        "dispatch": ok["dispatch_fraction"].map(_pct),
+        "dispatch (of a step)": ok["dispatch_fraction"].map(_pct),
         "tokens/s": ok["tokens_per_s"].map(lambda v: _fmt_num(v, ",.0f")),
         "peak mem (GB)": (ok["peak_memory_bytes"] / 1e9).map(lambda v: _fmt_num(v, ".2f")),
         "collectives/step": ok["collectives_per_step"].map(lambda v: _fmt_num(v, ".4g")),
@@ -662,7 +662,7 @@ def write_scaling_report(results: pd.DataFrame, gate: dict, environment: dict, o
         collectives_reason=str((collectives or {}).get("reason") or ""), cost_model=_cost_model_info(collectives, r), bench_table=bench_table,
         has_bench=bench_raw is not None)
     # the stored gate always has a verdict and criteria (`tpgate gate` reads them back)
-    payload = {"gate": {**(gate or {}), "verdict": g["verdict"], "criteria": list((gate or {}).get("criteria") or [])},
+    payload = {"kind": "scaling", "gate": {**(gate or {}), "verdict": g["verdict"], "criteria": list((gate or {}).get("criteria") or [])},
                "environment": environment, "rows": r.to_dict(orient="records"),
                "projection_errors": errors.to_dict(orient="records"),
                "collectives": {k: v for k, v in (collectives or {}).items()}}
@@ -702,9 +702,17 @@ def _entry(name: str, href: str, desc: str, present: bool) -> dict:
     return {"name": name, "href": href, "desc": desc, "present": present, "verdict": "not run yet", "cls": "none", "detail": "", "when": ""}
 
 
-def write_index(reports_root: str | Path) -> Path:
+INDEX_MARK = "<title>tpgate reports</title>"  # in templates/index.html.j2
+
+
+def write_index(reports_root: str | Path) -> Path | None:
+    """reports_root/index.html, unless an index.html that tpgate did not write is there (a report
+    written with --out into some other folder must not clobber its parent's page): then None."""
     root = Path(reports_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    existing = root / "index.html"
+    if existing.is_file() and INDEX_MARK not in existing.read_text(encoding="utf-8", errors="replace"):
+        return None
     entries = []
 
     corr = _entry("Correctness", "correctness/index.html", "TP layers and models vs the single-device baseline",

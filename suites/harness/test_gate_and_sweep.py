@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 
+from harness import gate as gate_module
 from harness.gate import GateConfig, evaluate_gate
 from harness.sweep import PRESETS, Phase, collective_time_s, load_config
 from impl.architecture import TPConfigError
@@ -20,8 +21,12 @@ def _row(ws, device="cuda", projected=False, speedup=3.9, comm=0.05, dispatch=0.
 
 
 @pytest.fixture
-def passing_inputs(tmp_path):
-    (tmp_path / "c.json").write_text(json.dumps({"verdict": "PASS"}))
+def passing_inputs(tmp_path, monkeypatch):
+    # the full suites, all examples, at the (clean) commit the scaling run measured: the only correctness report that counts
+    source = {"git_commit": "a" * 40, "git_dirty": False}
+    run = {"pytest_args": [], "examples": 10, "examples_required": 10, **source}
+    (tmp_path / "c.json").write_text(json.dumps({"verdict": "PASS", "run": run}))
+    monkeypatch.setattr(gate_module, "checkout_source", lambda: source)
     (tmp_path / "cov.json").write_text(json.dumps({"totals": {"percent_covered": 93.0}}))
     results = pd.DataFrame([_row(1, speedup=1.0), _row(4)])
     return results, tmp_path / "c.json", tmp_path / "cov.json", results.copy()

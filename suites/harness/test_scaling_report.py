@@ -56,7 +56,7 @@ def test_report_files_self_contained_verdict_and_projection(tmp_path):
     assert csv.loc[csv["world_size"] == 8, "projected"].tolist() == [True, False]
     assert csv.loc[csv["status"] == "ok", "projected"].sum() == 1
     data = json.loads((out / "results.json").read_text())
-    assert set(data) == {"gate", "environment", "rows", "projection_errors", "collectives"} and data["gate"]["verdict"] == "NO-GO" and len(data["rows"]) == 5
+    assert set(data) == {"kind", "gate", "environment", "rows", "projection_errors", "collectives"} and data["kind"] == "scaling" and data["gate"]["verdict"] == "NO-GO" and len(data["rows"]) == 5
     assert data["rows"][4]["latency_s"] is None, "NaN is stored as null"
 
 
@@ -148,3 +148,12 @@ def test_collectives_cost_model_and_layer_benchmarks(tmp_path):
     assert data["collectives"]["cost_model"]["source"].startswith("fitted") and len(data["collectives"]["rows"]) == 4
     write_scaling_report(_results(), GATE, ENV, tmp_path / "t", collectives={"rows": [], "reason": "no collective benchmark: 1 GPU(s)", "cost_model": None})
     assert "no collective benchmark: 1 GPU(s)" in (tmp_path / "t" / "index.html").read_text()
+
+
+def test_index_never_overwrites_a_page_tpgate_did_not_write(tmp_path):
+    """`tpgate scaling --out ~/scaling` writes the index into ~: a user's own index.html stays."""
+    (tmp_path / "index.html").write_text("<html>my homepage</html>")
+    assert write_index(tmp_path) is None
+    assert (tmp_path / "index.html").read_text() == "<html>my homepage</html>"
+    (tmp_path / "index.html").unlink()
+    assert write_index(tmp_path) is not None and write_index(tmp_path) is not None  # its own page it updates

@@ -221,6 +221,17 @@ def test_verify_output_path_is_checked_before_any_rank(tiny_checkpoint, tmp_path
         assert (info.value.argument, info.value.value) == (argument, str(bad)) and why in str(info.value)
 
 
+@pytest.mark.parametrize("flag", ["--json", "--save-logits"])
+def test_tpgate_verify_refuses_an_unwritable_output_before_any_rank(tiny_checkpoint, tmp_path, flag, capsys, monkeypatch):
+    """The CLI hands --json/--save-logits to check_request: exit 2 before a world is started."""
+    import impl.orchestrator as orchestrator
+    from harness.cli import main
+
+    monkeypatch.setattr(orchestrator.MultiGPUOrchestrator, "__init__", lambda *a, **k: pytest.fail("a world was started"))
+    assert main(["verify", tiny_checkpoint, "--tp", "1", flag, str(tmp_path / "missing-dir" / "out")]) == 2
+    assert flag in capsys.readouterr().err
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write into any directory")
 def test_verify_output_in_a_read_only_directory_is_refused(tiny_checkpoint, tmp_path):
     from harness.verify import VerifyRequest, check_request
