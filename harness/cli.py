@@ -236,7 +236,13 @@ def main(argv: list[str] | None = None) -> int:
 
             from harness.environment import collect_environment
 
-            print(json.dumps(collect_environment("gloo", "cpu"), indent=2))
+            import torch
+
+            from impl.orchestrator import choose_backend
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            device = "cuda" if gpus else "cpu"
+            print(json.dumps(collect_environment(choose_backend(device, max(gpus, 1), gpus), device), indent=2))
             return 0
     except KeyboardInterrupt:  # ranks are already torn down and reports untouched (atomic writes)
         print("tpgate: interrupted", file=sys.stderr)

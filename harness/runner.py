@@ -129,7 +129,10 @@ def run_correctness(out_dir: str | Path = "reports/correctness", examples: int |
     from impl.orchestrator import choose_backend
 
     out_dir = check_report_out(out_dir, "correctness", REPO)
-    backend = choose_backend(device, 1, _gpu_count(device))  # validates device before anything runs
+    gpus = _gpu_count(device)
+    choose_backend(device, 1, gpus)  # validates device before anything runs
+    # the suites run worlds of 1, 2 and 4 ranks: on fewer GPUs than ranks, those share GPUs over gloo
+    backend = ", ".join(f"{n} rank{'s' * (n > 1)}: {choose_backend(device, n, gpus)}" for n in (1, 2, 4))
     examples = examples or configured_examples()
     with tempfile.TemporaryDirectory(prefix="tpgate-") as tmp:
         sink = Path(tmp) / "metrics.jsonl"
