@@ -239,6 +239,16 @@ def test_out_that_is_new_empty_or_an_earlier_report_is_accepted(tmp_path):
     assert report_kind(earlier) == "correctness"
 
 
+def test_scaling_out_holding_only_the_layer_benchmarks_is_accepted(tmp_path):
+    """`nox -s scaling` runs the benchmarks first: their JSON is already in reports/scaling/ (CI's path)."""
+    out = tmp_path / "scaling"
+    out.mkdir()
+    (out / "layer-benchmarks.json").write_text("{}")
+    assert check_report_out(out, "scaling", runner.REPO) == out.resolve()
+    with pytest.raises(TPConfigError):  # it is no correctness report's by-product
+        check_report_out(out, "correctness", runner.REPO)
+
+
 # --------------------------------------------------------------------------- 4. bad input exits 2, naming it
 
 
