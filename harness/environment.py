@@ -3,11 +3,12 @@ guarded and falls back to "unknown" / None, so it is safe on a CPU-only box or o
 
 Returned keys (all JSON-serialisable): timestamp_utc, hostname, python, platform, cpu_count,
 torch, backend, device, cuda_available, cuda_version, gpu_count, gpu_name, driver, nccl,
-git_commit, git_dirty.
+git_commit, git_dirty, source_digest.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import platform
 import socket
@@ -41,6 +42,26 @@ def _nccl() -> str:
     return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
+SOURCE_ROOTS = ("impl", "harness", "suites", "pyproject.toml", "noxfile.py")
+SOURCE_SUFFIXES = (".py", ".toml", ".j2", ".sh")
+
+
+def source_digest(root: Path = REPO_ROOT) -> str:
+    """SHA-256 over the paths and bytes of the code a run executes (SOURCE_ROOTS, SOURCE_SUFFIXES).
+
+    Two runs with the same digest ran the same code whatever git says: a copy of a working tree
+    (a device machine's) can carry a stale .git, and a dirty tree run twice is still one version."""
+    files = []
+    for name in SOURCE_ROOTS:
+        top = root / name
+        candidates = [top] if top.is_file() else (p for p in top.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        files += [p for p in candidates if p.suffix in SOURCE_SUFFIXES]
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def collect_environment(backend: str, device: str) -> dict:
     env: dict = {
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -52,6 +73,7 @@ def collect_environment(backend: str, device: str) -> dict:
         "device": device,
         "git_commit": _try(lambda: _run("git", "rev-parse", "HEAD")),
         "git_dirty": _try(lambda: bool(_run("git", "status", "--porcelain", "--untracked-files=no")), None),
+        "source_digest": _try(source_digest),
     }
     try:
         import torch

@@ -106,15 +106,29 @@ def _read_json(path: Path):
 
 
 def checkout_source() -> dict:
-    """{"git_commit", "git_dirty"} of this checkout, as harness.environment records them for a run."""
+    """{"git_commit", "git_dirty", "source_digest"} of this checkout, as harness.environment records them for a run."""
     from .environment import collect_environment
 
-    env = collect_environment("-", "-")
-    return {"git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty")}
+    return _source_of(collect_environment("-", "-"))
+
+
+def _source_of(env: dict) -> dict:
+    return {key: env.get(key) for key in ("git_commit", "git_dirty", "source_digest")}
+
+
+def _known(value) -> bool:
+    return bool(value) and value != "unknown"
 
 
 def _provenance_gap(run: dict, scaling: dict) -> str:
-    """Why the correctness run cannot be tied to the code the scaling run measured ("" when it can)."""
+    """Why the correctness run cannot be tied to the code the scaling run measured ("" when it can).
+
+    The source digest decides when both runs recorded one (same bytes = same code, whatever git
+    says); reports without one fall back to git: the same commit, both trees clean."""
+    ours, theirs = run.get("source_digest"), scaling.get("source_digest")
+    if _known(ours) and _known(theirs):
+        return "" if ours == theirs else (f"correctness report ran source {ours[:12]}, the scaling run {theirs[:12]} "
+                                          "(digests of impl/, harness/, suites/, pyproject.toml, noxfile.py): rerun tpgate correctness")
     ours, theirs = run.get("git_commit"), scaling.get("git_commit")
     if not ours or ours == "unknown":
         return "the correctness report records no git commit"
@@ -145,7 +159,7 @@ def _correctness(correctness_json: Path | None, scaling: dict) -> dict:
     evidence = "../correctness/index.html"
 
     def result(verdict, status, note=""):
-        return _criterion(CORRECTNESS, verdict, "PASS of the full suites at the scaling run's commit", status, evidence, note)
+        return _criterion(CORRECTNESS, verdict, "PASS of the full suites on the scaling run's source", status, evidence, note)
 
     if not correctness_json or not Path(correctness_json).is_file():
         return result(None, "INCOMPLETE", "no correctness report (run nox -s correctness)")
@@ -250,7 +264,7 @@ def evaluate_reports(reports: str | Path) -> tuple[dict, dict]:
     except TPConfigError as e:
         raise ReportError(f"{path}: the recorded gate config is invalid ({e})") from None
     env = data.get("environment") if isinstance(data.get("environment"), dict) else {}
-    source = {"git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty")}
+    source = _source_of(env)
     results = pd.DataFrame(data["rows"])
     if not results.empty:
         missing = sorted({"preset", "phase", "implementation", "world_size", "status", "projected", "device"} - set(results.columns))

@@ -92,10 +92,11 @@ def describe_selection(pytest_args: list[str] | None) -> str:
 def run_record(pytest_args: list[str] | None, examples: int, device: str, environment: dict) -> dict:
     """What a correctness run covered, stored as results.json's "run" for the gate
     (harness.gate): the suites, the extra pytest arguments (none for the full release check),
-    the examples per property run and required, the device, and the git commit and dirty flag."""
+    the examples per property run and required, the device, the git commit and dirty flag, and
+    the digest of the source it ran (harness.environment.source_digest)."""
     return {"suites": list(SUITES), "pytest_args": list(pytest_args or []), "selection": describe_selection(pytest_args),
             "examples": examples, "examples_required": configured_examples(), "device": device,
-            "git_commit": environment.get("git_commit"), "git_dirty": environment.get("git_dirty")}
+            "git_commit": environment.get("git_commit"), "git_dirty": environment.get("git_dirty"), "source_digest": environment.get("source_digest")}
 
 
 def _require_complete_run(code, plugin: _Outcomes, pytest_args: list[str] | None) -> None:

@@ -148,6 +148,31 @@ def test_dirty_scaling_run_or_a_report_without_run_record_is_not_evidence(tmp_pa
     assert bad["status"] == "INCOMPLETE" and "bad.json" in bad["note"]
 
 
+@pytest.mark.parametrize("scaling_changes,status,needle", [
+    # a device machine's copy of the tree carries a stale .git: same bytes still mean the same code
+    ({"git_commit": "1234567890ab" + "0" * 28, "git_dirty": True}, "PASS", ""),
+    ({"source_digest": "b" * 64}, "INCOMPLETE", f"correctness report ran source {'a' * 12}, the scaling run {'b' * 12}"),
+])
+def test_source_digest_decides_over_git_when_both_runs_recorded_one(tmp_path, scaling_changes, status, needle):
+    corr = _correctness_json(tmp_path / "c.json", source_digest="a" * 64, git_dirty=True)
+    source = {**CLEAN, "source_digest": "a" * 64, **scaling_changes}
+    criterion = _criterion(evaluate_gate(None, GateConfig(), corr, None, None, scaling_source=source), CORRECTNESS)
+    assert criterion["status"] == status and needle in criterion["note"], criterion
+
+
+def test_source_digest_changes_with_any_source_byte_and_ignores_bytecode(tmp_path):
+    from harness.environment import source_digest
+
+    (tmp_path / "impl" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "impl" / "model.py").write_text("x = 1\n")
+    before = source_digest(tmp_path)
+    (tmp_path / "impl" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"\0")
+    (tmp_path / "impl" / "notes.txt").write_text("not code")
+    assert source_digest(tmp_path) == before
+    (tmp_path / "impl" / "model.py").write_text("x = 2\n")
+    assert source_digest(tmp_path) != before
+
+
 def test_gate_compares_with_this_checkout_by_default(tmp_path):
     # tpgate scaling evaluates the gate right after measuring this checkout
     from harness.gate import checkout_source
