@@ -10,7 +10,7 @@
     one passed, and every metrics row passed (a row whose `passed` is missing counts as failed).
     An empty metrics frame does not fail the verdict by itself; the summary says so.
   run: what was run, for the gate to judge what the verdict is evidence of (harness.runner's
-    run record: selection, examples, device, git commit and dirty flag); stored as results.json's
+    run record: selection, examples, device, git commit, dirty flag and source digest); stored as results.json's
     "run", and a partial selection or reduced example count is noted on the page.
   Output: out_dir is replaced as a whole (built in a sibling staging directory, then
     published with publish_dir_atomic), so anything else in out_dir is removed and a reader
