@@ -184,7 +184,9 @@ def _print_verify(result: dict) -> None:
     sem = result["semantic_check"]
     print(f"reference: float64 tpgate TP=1 (exact); single-device run: {result['reference']}")
     if sem:
-        print(f"transformers float64 vs tpgate float64: max-abs {sem['max_abs']:.3g} (limit {sem['scale'] * 1e-5:.3g}) {'ok' if sem['passed'] else 'MISMATCH'}")
+        div = sem.get("first_diverging_token")
+        tokens = "greedy tokens equal" if div is None else f"greedy tokens differ from step {div}{' (near-tie)' if sem.get('divergence_at_near_tie') else ''}"
+        print(f"transformers float64 vs tpgate float64: max-abs {sem['max_abs']:.3g} (limit {sem['scale'] * 1e-5:.3g}), {tokens}: {'ok' if sem['passed'] else 'MISMATCH'}")
     head = f"{'tp':>3} {'dtype':>9} {'max-abs':>10} {'rel':>10} {'bound':>10} {'top-1':>7} {'diverges at':>12}  verdict"
     print(head)
     for r in result["rows"]:

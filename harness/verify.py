@@ -6,8 +6,9 @@ greedy continuation). References, all single-device:
   exact   tpgate's model at TP=1 in float64 on the CPU (y* of harness/tolerance.py);
   single  Hugging Face transformers' own model class in the working dtype (when installed),
           else tpgate's TP=1 in the working dtype — its error E1 calibrates the bound;
-  hf64    transformers in float64: must match `exact` to 1e-5 relative (transformers evaluates
-          rotary tables in float32 even for a float64 model, ~1e-7; a semantic difference is O(1)).
+  hf64    transformers in float64: its prompt logits must match `exact` to 1e-5 relative
+          (transformers evaluates rotary tables in float32 even for a float64 model, ~1e-7; a
+          semantic difference is O(1)), and its greedy tokens must equal `exact`'s up to a near-tie.
 A TP degree passes when its prompt logits are within the tolerance policy's bound of `exact`
 and its greedy tokens equal the exact ones, or first differ at a step where the exact top-2
 logit margin is below twice the bound (a near-tie the dtype cannot resolve), and every rank
@@ -67,6 +68,16 @@ def run_model(model, ids: torch.Tensor, new_tokens: int) -> dict:
             if i + 1 < new_tokens:
                 step = model(token[:, None], ids.shape[1] + i, use_cache=True)[:, -1].float()
     return {"logits": logits.cpu(), "tokens": torch.stack(tokens, 1).cpu(), "margins": torch.stack(margins, 1).cpu()}
+
+
+def first_divergence(tokens: torch.Tensor, ref_tokens: torch.Tensor, margins: torch.Tensor, tie: float) -> tuple[int | None, bool]:
+    """(first step where any row of `tokens` (batch, steps) leaves `ref_tokens`, or None; whether
+    every diverging row first differs where the reference's top-2 margin is <= `tie`, a near-tie
+    the comparison's precision cannot resolve)."""
+    differs = tokens != ref_tokens
+    firsts = {b: int(differs[b].nonzero()[0]) for b in range(differs.shape[0]) if differs[b].any()}
+    near_tie = bool(firsts) and all(float(margins[b, t]) <= tie for b, t in firsts.items())
+    return (min(firsts.values()) if firsts else None), near_tie
 
 
 def logits_digest(logits: torch.Tensor) -> str:
@@ -185,7 +196,11 @@ def verify(req: VerifyRequest, worlds_factory, progress=None) -> dict:
         hf64 = hf_run(req, ids, torch.float64, "cpu")
         scale = exact["logits"].abs().max().item()
         semantic = {"max_abs": (hf64["logits"].double() - exact["logits"].double()).abs().max().item(), "scale": scale}
-        semantic["passed"] = semantic["max_abs"] <= SEMANTIC_RTOL * scale
+        # the greedy continuation too: a bug on the generation path alone (last-token selection,
+        # the cache) leaves the prompt logits untouched
+        first, near_tie = first_divergence(hf64["tokens"], exact["tokens"], exact["margins"], 2 * SEMANTIC_RTOL * scale)
+        semantic.update(first_diverging_token=first, divergence_at_near_tie=near_tie if first is not None else None)
+        semantic["passed"] = semantic["max_abs"] <= SEMANTIC_RTOL * scale and (first is None or near_tie)
     rows, logits_by_tp = [], {}
     for tp in req.tps:
         if progress:
@@ -195,11 +210,7 @@ def verify(req: VerifyRequest, worlds_factory, progress=None) -> dict:
         logits_by_tp[tp] = got["logits"]
         row = compare("logits", got["logits"], single["logits"], exact["logits"], dtype, tp)
         ref_tokens = exact["tokens"]
-        differs = got["tokens"] != ref_tokens  # (batch, new_tokens)
-        firsts = {b: int(differs[b].nonzero()[0]) for b in range(differs.shape[0]) if differs[b].any()}
-        first = min(firsts.values()) if firsts else None
-        # each diverging row must first differ where that row's exact top-2 margin is a near-tie
-        near_tie = bool(firsts) and all(float(exact["margins"][b, t]) <= 2 * row["bound"] for b, t in firsts.items())
+        first, near_tie = first_divergence(got["tokens"], ref_tokens, exact["margins"], 2 * row["bound"])
         disagreeing = rank_disagreements(per_rank)
         ranks_agree = not disagreeing
         tp1 = logits_by_tp.get(1)
