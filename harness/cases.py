@@ -215,13 +215,32 @@ def gather_grads(case: LayerCase, grads: list[dict]) -> dict[str, torch.Tensor]:
     return _gather_composite(case, grads)
 
 
+def replicated_grad_names(case: LayerCase, grads: dict) -> list[str]:
+    """Names of the parameters every rank holds in full (norm weights, row-parallel biases):
+    gather_grads takes their gradient from rank 0, so every rank's copy must agree."""
+    if case.kind == "rmsnorm":
+        return list(grads)
+    if case.kind == "row":
+        return [n for n in grads if n == "bias"]
+    if case.kind not in ("attention", "mlp", "block"):
+        return []
+    return [n for n in grads if n.endswith("norm.weight") or n.endswith(("o_proj.bias", "down.bias"))]
+
+
+def replicated_grads_agree(case: LayerCase, grads: list[dict]) -> bool:
+    """Every rank's gradient of each replicated parameter is bitwise identical to rank 0's."""
+    return all(torch.equal(g[n], grads[0][n]) for n in replicated_grad_names(case, grads[0]) for g in grads)
+
+
 def _gather_composite(case: LayerCase, grads: list[dict]) -> dict[str, torch.Tensor]:
     p, out = case.params, {}
     for key in grads[0]:
         module, leaf = key.rsplit(".", 1)
         locs = [{leaf: g[key]} for g in grads]
         owner = module.rsplit(".", 1)[-1]
-        if owner in ("o_proj", "down"):
+        if owner in ("o_proj", "down") and leaf == "bias":  # replicated, added after the reduction
+            out[key] = grads[0][key]
+        elif owner in ("o_proj", "down"):
             out[key] = RowParallelLinear.full_state(locs)[leaf]
         elif owner == "gate_up":
             out[key] = torch.cat(MergedColumnParallelLinear.full_state(locs, [p["inter"], p["inter"]])[leaf], 0)

@@ -10,7 +10,7 @@ import torch
 
 from impl.architecture import parse_dtype
 
-from .cases import LayerCase, gather_grads, gather_outputs, run_on_rank, run_single
+from .cases import LayerCase, gather_grads, gather_outputs, replicated_grads_agree, run_on_rank, run_single
 from .tolerance import compare
 
 # Which layer outputs are replicated on every rank (and must then be bitwise identical).
@@ -41,8 +41,9 @@ def evaluate(world, case: LayerCase, rank_fn=run_on_rank) -> list[dict]:
     replicated = case.kind in REPLICATED_OUTPUT or case.params.get("gather", False)
     consistent = all(torch.equal(r["out"], per_rank[0]["out"]) for r in per_rank) if replicated else True
     grad_in_consistent = all(r["grad_in"] is None or torch.equal(r["grad_in"], per_rank[0]["grad_in"]) for r in per_rank)
+    grads_consistent = replicated_grads_agree(case, [r["grads"] for r in per_rank])  # gather_grads takes them from rank 0
     for row in rows:
-        row["ranks_consistent"] = consistent and grad_in_consistent
+        row["ranks_consistent"] = consistent and grad_in_consistent and grads_consistent
         row["passed"] = row["passed"] and row["ranks_consistent"]
     rows[0]["collectives"] = per_rank[0]["collectives"]
     return rows

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from impl.architecture import parse_dtype
-from impl.communication import NullCommunicator
+from impl.communication import NullCommunicator, all_reduce_sequence_parallel_grads
 
 from .cases import LayerCase, block_config, build_layer, full_tensors, inputs, reference_device
-from impl.model import TransformerBlock
+from impl.model import O_BIAS, TransformerBlock
 
 
 def cached_decode(ctx, case: LayerCase, prefill: int) -> torch.Tensor:
@@ -26,29 +26,48 @@ def cached_decode(ctx, case: LayerCase, prefill: int) -> torch.Tensor:
     return torch.cat(outs, 1).float().cpu()
 
 
-def sequence_parallel_block(ctx, case: LayerCase) -> dict:
-    """Forward/backward of the block with sequence parallelism; returns the gathered output and input grad."""
+def sp_block_tensors(case: LayerCase, dtype) -> dict[str, torch.Tensor]:
+    """The block case's tensors plus an o_proj bias: a replicated parameter added after the
+    sequence-parallel reduce-scatter, whose gradient is a per-rank partial under SP."""
+    t = full_tensors(case)
+    g = torch.Generator().manual_seed(case.seed + 3)
+    t[O_BIAS] = 0.1 * torch.randn(case.params["hidden"], generator=g)
+    return {k: v.to(dtype) for k, v in t.items()}
+
+
+def sequence_parallel_block(ctx, case: LayerCase, reduce_grads: bool = True) -> dict:
+    """Forward/backward of the block with sequence parallelism; returns the gathered output and
+    input grad, and this rank's local parameter grads after all_reduce_sequence_parallel_grads
+    (`reduce_grads=False` skips it, to show the test catches the missing reduction)."""
     dtype = parse_dtype(case.dtype)
-    t = {k: v.to(dtype) for k, v in full_tensors(case).items()}
-    layer = TransformerBlock.from_full(t, block_config(case), ctx.comm, dtype=dtype, device=ctx.device, sequence_parallel=True)
+    layer = TransformerBlock.from_full(sp_block_tensors(case, dtype), block_config(case), ctx.comm, dtype=dtype, device=ctx.device, sequence_parallel=True)
     x = ctx.comm.shard(inputs(case), 1).to(ctx.device, dtype).requires_grad_(True)
     out = layer(x)
     g = torch.Generator().manual_seed(case.seed + 2)
     grad = torch.randn(case.batch, case.seq, case.params["hidden"], generator=g).to(dtype)
     out.backward(ctx.comm.shard(grad, 1).to(ctx.device))
+    if reduce_grads:
+        all_reduce_sequence_parallel_grads(layer, ctx.comm)
     gather = lambda t: ctx.comm.all_gather(t.contiguous(), 1).float().cpu()  # noqa: E731
-    return {"out": gather(out.detach()), "grad_in": gather(x.grad), "grad": grad.float()}
+    grads = {n: p.grad.detach().cpu().clone() for n, p in layer.named_parameters() if p.grad is not None}
+    tagged = sorted(n for n, p in layer.named_parameters() if getattr(p, "sequence_parallel_grad", False))
+    return {"out": gather(out.detach()), "grad_in": gather(x.grad), "grad": grad.float(), "grads": grads, "tagged": tagged}
 
 
-def block_reference(case: LayerCase, dtype, grad: torch.Tensor | None = None) -> dict:
+def block_reference(case: LayerCase, dtype, grad: torch.Tensor | None = None, o_bias: bool = False) -> dict:
+    """The unsharded block on one device; `o_bias` adds sp_block_tensors' o_proj bias."""
     device = reference_device()
-    layer = build_layer(case, NullCommunicator(1), dtype).to(device)
+    if o_bias:
+        layer = TransformerBlock.from_full(sp_block_tensors(case, parse_dtype(case.dtype)), block_config(case), NullCommunicator(1), dtype=dtype, device=device)
+    else:
+        layer = build_layer(case, NullCommunicator(1), dtype).to(device)
     x = inputs(case).to(device, dtype).requires_grad_(True)
     out = layer(x)
     if grad is not None:
         out.backward(grad.to(device, dtype))
     out = out.detach().cpu()
-    return {"out": out.float() if dtype != torch.float64 else out, "grad_in": None if grad is None else x.grad.cpu()}
+    grads = {n: p.grad.detach().cpu() for n, p in layer.named_parameters() if p.grad is not None}
+    return {"out": out.float() if dtype != torch.float64 else out, "grad_in": None if grad is None else x.grad.cpu(), "grads": grads}
 
 
 def lm_head_argmax(ctx, case: LayerCase) -> dict:

@@ -284,6 +284,31 @@ def gather_from_sequence(x: torch.Tensor, comm: Communicator, dim: int = 1) -> t
     return _GatherFromSequence.apply(x, comm, dim) if _needs_autograd(x) else comm.all_gather(x, dim)
 
 
+def all_reduce_sequence_parallel_grads(module: torch.nn.Module, comm: Communicator) -> int:
+    """Sum, over the TP group, the gradients of parameters tagged `sequence_parallel_grad`.
+
+    With sequence parallelism a replicated parameter used inside the sequence-sharded region
+    (the RMSNorm weights of a block, a row-parallel bias added after the reduce-scatter) sees
+    only this rank's 1/tp of the tokens, so its `.grad` after backward is a per-rank partial
+    sum; the full gradient is the sum over ranks (Megatron's
+    `allreduce_sequence_parallel_grads`). Whoever runs backward through a sequence-parallel
+    layer (a training loop, the harness) must call this once after backward and before the
+    optimizer step or the next forward. The grads are flattened into one buffer per dtype,
+    so it costs one all-reduce per dtype. Returns the number of gradients reduced.
+    """
+    grads = [p.grad for p in module.parameters() if getattr(p, "sequence_parallel_grad", False) and p.grad is not None]
+    if comm.world_size == 1 or not grads:
+        return len(grads)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():
+        flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in group]))
+        for g, reduced in zip(group, flat.split([g.numel() for g in group])):
+            g.copy_(reduced.view_as(g))
+    return len(grads)
+
+
 def gather_objects(obj, dst: int = 0, group: dist.ProcessGroup | None = None) -> list | None:
     """Every rank's picklable `obj`, in rank order, on rank `dst` (None elsewhere)."""
     gathered = [None] * dist.get_world_size(group) if dist.get_rank(group) == dst else None

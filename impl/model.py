@@ -14,7 +14,7 @@ from torch import nn
 
 from .architecture import Communicator, ModelConfig, require
 from .communication import gather_from_sequence
-from .tensor_parallel import ParallelAttention, ParallelLMHead, ParallelMLP, RMSNorm, VocabParallelEmbedding
+from .tensor_parallel import ParallelAttention, ParallelLMHead, ParallelMLP, RMSNorm, SequenceParallelTags, VocabParallelEmbedding, tag_sequence_parallel_grad
 
 # Names of one block's full tensors, in Hugging Face Llama naming (without the layer prefix).
 BLOCK_TENSORS = (
@@ -32,17 +32,27 @@ QKV_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_pro
 O_BIAS = "self_attn.o_proj.bias"
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(SequenceParallelTags, nn.Module):
     """x + attn(norm(x)), then + mlp(norm(.)). x: (batch, seq, hidden) replicated on every rank.
 
     Per block and forward: two all-reduces of (batch, seq, hidden) — one after o_proj, one
     after the MLP's down projection — and nothing else.
+
+    With `sequence_parallel` the norms (and o_proj's/down's bias) see only this rank's
+    sequence shard, so after backward their `.grad` is a per-rank partial: they are tagged
+    `sequence_parallel_grad`, and whoever runs backward (a training loop, the harness) must
+    call `impl.communication.all_reduce_sequence_parallel_grads(block, comm)` after it.
     """
 
     def __init__(self, attention: ParallelAttention, mlp: ParallelMLP, input_norm: RMSNorm, post_attention_norm: RMSNorm):
         super().__init__()
         self.attention, self.mlp = attention, mlp
         self.input_norm, self.post_attention_norm = input_norm, post_attention_norm
+        self.sequence_parallel = attention.o_proj.sequence_parallel
+
+    def replicated_in_sequence_region(self):
+        """The norms; the sub-layers carry their own flag (LlamaModel sets every module's)."""
+        return [self.input_norm.weight, self.post_attention_norm.weight]
 
     def forward(self, x, start_pos: int | torch.Tensor = 0, use_cache: bool = False):
         h = x + self.attention(self.input_norm(x), start_pos, use_cache)
@@ -119,7 +129,11 @@ class LlamaModel(nn.Module):
     gathered on every rank (bitwise identical across ranks: all-gather copies, it does not add).
     With `sequence_parallel`, prompts whose length is a multiple of tp run norms and residuals
     on sequence shards (reduce-scatter / all-gather instead of all-reduce); other lengths,
-    and decode steps, run the plain TP path with the same weights.
+    and decode steps, run the plain TP path with the same weights. The replicated parameters
+    that then run on sequence shards (norm weights, row-parallel biases) are tagged
+    `sequence_parallel_grad` for that forward: a caller that runs backward through a
+    sequence-parallel forward must call `impl.communication.all_reduce_sequence_parallel_grads(model, comm)`
+    after backward (their per-rank grads are partial sums over this rank's tokens).
     """
 
     def __init__(self, config: ModelConfig, comm: Communicator, embed: VocabParallelEmbedding, layers: list[TransformerBlock], norm: RMSNorm,
@@ -160,6 +174,7 @@ class LlamaModel(nn.Module):
         for module in self.modules():
             if hasattr(module, "sequence_parallel") and module is not self:
                 module.sequence_parallel = active
+        tag_sequence_parallel_grad(self.norm.weight, active)  # the final norm runs on sequence shards too
         self._sp_active = active
 
     def forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor = 0, use_cache: bool = False, last_only: bool = False) -> torch.Tensor:

@@ -66,6 +66,32 @@ def _factory(dtype, device):
     return {"dtype": dtype, "device": device}
 
 
+def tag_sequence_parallel_grad(param: torch.Tensor | None, active: bool) -> None:
+    """Mark a replicated parameter that runs inside a sequence-parallel region: each rank's
+    gradient is a partial sum over its own tokens and must be all-reduced over the TP group
+    after backward (impl.communication.all_reduce_sequence_parallel_grads)."""
+    if param is not None:
+        param.sequence_parallel_grad = bool(active)
+
+
+class SequenceParallelTags:
+    """A `sequence_parallel` flag that (re)tags the module's replicated parameters which run
+    on sequence shards (`replicated_in_sequence_region()`) whenever it is set."""
+
+    def replicated_in_sequence_region(self) -> list:
+        raise NotImplementedError
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self._sequence_parallel
+
+    @sequence_parallel.setter
+    def sequence_parallel(self, active: bool) -> None:
+        self._sequence_parallel = bool(active)
+        for param in self.replicated_in_sequence_region():
+            tag_sequence_parallel_grad(param, active)
+
+
 # --------------------------------------------------------------------------- linear layers
 
 
@@ -106,13 +132,19 @@ class ColumnParallelLinear(nn.Module):
         return {k: torch.cat([s[k] for s in local_states], 0) for k in local_states[0]}
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(SequenceParallelTags, nn.Module):
     """y = x W^T + b with W's input features split across ranks.
 
     x: (..., in_features / tp) if `input_is_parallel` else (..., in_features) replicated.
     y: (..., out_features), all-reduced (or reduce-scattered on dim 1 if `sequence_parallel`).
-    The bias is added once, after the reduction, never per rank.
+    The bias is added once, after the reduction, never per rank. With `sequence_parallel` the
+    bias is added to this rank's sequence shard only, so its gradient is a per-rank partial:
+    it is tagged `sequence_parallel_grad` and whoever runs backward must call
+    impl.communication.all_reduce_sequence_parallel_grads after it.
     """
+
+    def replicated_in_sequence_region(self):
+        return [getattr(self, "bias", None)]
 
     def __init__(self, in_features, out_features, comm: Communicator, bias=False, input_is_parallel=True, sequence_parallel=False, dtype=torch.float32, device="cpu"):
         super().__init__()
@@ -122,6 +154,7 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp, **_factory(dtype, device)))
         self.bias = nn.Parameter(torch.zeros(out_features, **_factory(dtype, device))) if bias else None
+        self.sequence_parallel = sequence_parallel  # (re)tags the bias
 
     def forward(self, x):
         check_input(x, self.weight, "RowParallelLinear")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness import paths
-from harness.cases import LayerCase, build_layer, full_tensors
+from harness.cases import LayerCase, build_layer, full_tensors, gather_grads, replicated_grads_agree
 from harness.tolerance import compare
 from impl.architecture import parse_dtype
 
@@ -42,14 +42,40 @@ def test_sequence_parallel_block_matches_single_device(world_size, dtype, worlds
     @given(case=layer_cases("block", world_size, dtype), seq_mult=st.integers(1, 3))
     def check(case, seq_mult):
         case = LayerCase(case.kind, dtype, case.seed, case.batch, world_size * seq_mult, case.params)
-        res = worlds[world_size].run(paths.sequence_parallel_block, case)[0]
-        single = paths.block_reference(case, parse_dtype(dtype), res["grad"])
-        exact = paths.block_reference(case, torch.float64, res["grad"])
-        for name in ("out", "grad_in"):
-            row = compare(name, res[name], single[name].float(), exact[name], parse_dtype(dtype), world_size)
-            assert row["passed"], row
+        check_sequence_parallel(worlds[world_size], case, world_size)
 
     check()
+
+
+def check_sequence_parallel(world, case, world_size, reduce_grads=True):
+    """SP block vs the single-device block: output, input grad and every parameter grad
+    (replicated ones — norms, o_proj bias — only after all_reduce_sequence_parallel_grads)."""
+    dtype = parse_dtype(case.dtype)
+    ranks = world.run(paths.sequence_parallel_block, case, reduce_grads)
+    res = ranks[0]
+    assert res["tagged"] == ["attention.o_proj.bias", "input_norm.weight", "post_attention_norm.weight"], res["tagged"]
+    single = paths.block_reference(case, dtype, res["grad"], o_bias=True)
+    exact = paths.block_reference(case, torch.float64, res["grad"], o_bias=True)
+    for name in ("out", "grad_in"):
+        row = compare(name, res[name], single[name].float(), exact[name], dtype, world_size)
+        assert row["passed"], row
+    local = [r["grads"] for r in ranks]
+    assert replicated_grads_agree(case, local), "ranks disagree on a replicated parameter's gradient"
+    full = gather_grads(case, local)
+    assert sorted(full) == sorted(single["grads"])
+    for name in sorted(single["grads"]):
+        row = compare(f"grad_{name}", full[name].float(), single["grads"][name].float(), exact["grads"][name], dtype, world_size)
+        assert row["passed"], row
+
+
+@pytest.mark.parametrize("world_size", (2, 4))
+def test_sequence_parallel_grads_fail_without_all_reduce(world_size, worlds):
+    """The parameter-gradient comparison above can fail: skipping the all-reduce of the
+    replicated parameters' grads leaves per-rank partials, which it must reject."""
+    case = LayerCase("block", "float32", 5, 2, 2 * world_size, {"hidden": 16, "heads": 4, "kv_heads": 4, "head_dim": 4, "inter": 8, "bias": False})
+    check_sequence_parallel(worlds[world_size], case, world_size)
+    with pytest.raises(AssertionError):
+        check_sequence_parallel(worlds[world_size], case, world_size, reduce_grads=False)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
