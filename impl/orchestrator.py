@@ -17,6 +17,7 @@ import ctypes
 import datetime
 import faulthandler
 import os
+import pickle
 import queue
 import re
 import shutil
@@ -272,9 +273,9 @@ def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid, sta
         manager = ProcessGroupManager(world_size, rank, **init_kwargs).init()
         ctx = RankContext(rank, world_size, manager.device, manager.backend, manager.communicator(), manager)
     except BaseException:
-        results.put(("init", rank, False, traceback.format_exc(), 0.0))
+        results.put((rank, pickle.dumps(("init", False, traceback.format_exc(), 0.0))))
         return
-    results.put(("init", rank, True, None, 0.0))
+    results.put((rank, pickle.dumps(("init", True, None, 0.0))))
     while True:
         try:
             item = requests.get(timeout=1.0)
@@ -291,11 +292,15 @@ def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid, sta
         except BaseException:
             value, ok = traceback.format_exc(), False
         elapsed = time.perf_counter() - start
-        try:  # Queue.put pickles in a background thread, where a failure would be lost: check here
-            ForkingPickler.dumps(value)
+        # Serialise here, once, and send these bytes: Queue.put would pickle in a background thread,
+        # where a failure is lost, and pickling a tensor twice shares its storage twice (one fd
+        # each, held until the driver fetches it), so a check-then-put leaked one fd per tensor.
+        try:
+            payload = ForkingPickler.dumps((call_id, ok, value, elapsed))
         except Exception:
-            value, ok = f"result of {getattr(fn, '__qualname__', fn)} cannot be sent to the driver:\n{traceback.format_exc()}", False
-        results.put((call_id, rank, ok, value, elapsed))
+            value = f"result of {getattr(fn, '__qualname__', fn)} cannot be sent to the driver:\n{traceback.format_exc()}"
+            payload = ForkingPickler.dumps((call_id, False, value, elapsed))
+        results.put((rank, bytes(payload)))
     with contextlib.suppress(Exception):
         manager.destroy()
 
@@ -526,7 +531,8 @@ class MultiGPUOrchestrator:
                 if now >= deadline:
                     break
             try:
-                cid, rank, ok, value, elapsed = self._results.get(timeout=min(0.05, max(0.0, deadline - now)) or 0.001)
+                rank, payload = self._results.get(timeout=min(0.05, max(0.0, deadline - now)) or 0.001)
+                cid, ok, value, elapsed = pickle.loads(payload)
             except queue.Empty:
                 dead = {r: p.exitcode for r, p in enumerate(self._procs) if r not in replies and p.exitcode is not None}
                 if dead:
