@@ -262,6 +262,12 @@ def run_on_rank(ctx, case: LayerCase) -> dict:
     result = forward_backward(layer, case, dtype, counting)
     n = result.pop("forward_collectives")
     result["collectives"] = [{**asdict(r), "phase": "forward" if i < n else "backward"} for i, r in enumerate(counting.records)]
+    # inference (no autograd) takes communication.py's direct-collective branches: count them too
+    counting.reset()
+    x = inputs(case).to(ctx.device)
+    with torch.no_grad():
+        result["inference_out"] = layer(x if case.kind == "embedding" else x.to(dtype)).cpu()
+    result["collectives"] += [{**asdict(r), "phase": "inference"} for r in counting.records]
     return result
 
 

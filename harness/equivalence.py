@@ -46,6 +46,8 @@ def evaluate(world, case: LayerCase, rank_fn=run_on_rank) -> list[dict]:
         row["ranks_consistent"] = consistent and grad_in_consistent and grads_consistent
         row["passed"] = row["passed"] and row["ranks_consistent"]
     rows[0]["collectives"] = per_rank[0]["collectives"]
+    # the no-grad forward (communication.py's inference branches) must compute what the autograd one does
+    rows[0]["inference_matches"] = all(torch.equal(r["inference_out"], r["out"]) for r in per_rank if "inference_out" in r)
     return rows
 
 

@@ -1,5 +1,5 @@
 """Each layer communicates exactly what the TP algorithm prescribes: kind, count and bytes,
-forward and backward (CountingCommunicator on every rank)."""
+forward (with autograd and under torch.no_grad) and backward (CountingCommunicator on every rank)."""
 from __future__ import annotations
 
 import math
@@ -48,15 +48,21 @@ def test_collectives_match_the_algorithm(kind, world_size, worlds):
     @settings(max_examples=3, deadline=None)
     @given(case=layer_cases(kind, world_size, "float32"))
     def check(case):
-        records = evaluate(worlds[world_size], case)[0]["collectives"]
-        forward = [r for r in records if r["phase"] == "forward"]
+        row = evaluate(worlds[world_size], case)[0]
+        records = row["collectives"]
         backward = [r["kind"] for r in records if r["phase"] == "backward"]
         fwd_kinds, bwd_kinds = EXPECTED[kind]
         if kind == "column":
             fwd_kinds = ["all_gather"] if case.params["gather"] else []
-        assert [r["kind"] for r in forward] == fwd_kinds
-        assert [r["nbytes"] for r in forward] == expected_forward_bytes(case, world_size)
+        # forward with autograd and inference under torch.no_grad (communication.py's direct
+        # branches) issue the same collectives, of the same bytes and dtype
+        for phase in ("forward", "inference"):
+            forward = [r for r in records if r["phase"] == phase]
+            assert [r["kind"] for r in forward] == fwd_kinds, phase
+            assert [r["nbytes"] for r in forward] == expected_forward_bytes(case, world_size), phase
+            assert all(r["dtype"] == "torch.float32" for r in forward), phase
         assert backward == bwd_kinds
+        assert row["inference_matches"], "the no-grad forward differs from the autograd forward"
 
     check()
 
