@@ -79,5 +79,11 @@ def lm_head_argmax(ctx, case: LayerCase) -> dict:
         layer.weight.copy_(-layer.weight.abs() - 0.01)
         local = layer.local_logits(x)
         full = layer(x)
-    pad = local[..., local.shape[-1] - layer.num_padding:] if layer.num_padding else local[..., :0]
-    return {"argmax": full.argmax(-1).cpu(), "logits": full.float().cpu(), "pad_is_neg_inf": bool(torch.isneginf(pad).all()), "num_padding": layer.num_padding}
+    # which local columns are padding follows from vocab and tp alone (not the layer's own num_padding):
+    # rank r holds global columns [r*rows, (r+1)*rows) of the table padded to tp*rows, rows = ceil(vocab/tp)
+    vocab, tp = case.params["vocab"], ctx.comm.world_size
+    rows = -(-vocab // tp)
+    is_pad = torch.arange(rows, device=local.device) + ctx.comm.rank * rows >= vocab
+    return {"argmax": full.argmax(-1).cpu(), "logits": full.float().cpu(), "local_width": local.shape[-1],
+            "pad_is_neg_inf": bool(torch.isneginf(local[..., is_pad]).all()), "real_are_finite": bool(torch.isfinite(local[..., ~is_pad]).all()),
+            "num_padding": int(is_pad.sum())}

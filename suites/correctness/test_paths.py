@@ -88,7 +88,9 @@ def test_padded_vocab_rows_never_win_argmax(world_size, worlds):
         for r in results:
             assert r["logits"].shape[-1] == vocab, "padding must be stripped from gathered logits"
             assert int(r["argmax"].max()) < vocab
-            assert r["pad_is_neg_inf"]
+            assert r["local_width"] == -(-vocab // world_size), "each rank holds ceil(vocab/tp) columns"
+            assert r["pad_is_neg_inf"], "padding columns (global index >= vocab) must be -inf"
+            assert r["real_are_finite"], "real vocabulary columns must not be masked"
         assert all(torch.equal(r["argmax"], results[0]["argmax"]) for r in results)
 
     check()
