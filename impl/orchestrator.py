@@ -285,9 +285,11 @@ def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid, sta
             continue
         if item is None:
             break
-        call_id, fn, args, kwargs = item
+        call_id, request = item
         start = time.perf_counter()
+        fn = None
         try:
+            fn, args, kwargs = pickle.loads(request)  # a module a rank cannot import fails here, as this call's error
             value, ok = fn(ctx, *args, **kwargs), True
         except BaseException:
             value, ok = traceback.format_exc(), False
@@ -457,6 +459,8 @@ class MultiGPUOrchestrator:
     # -- calls
 
     def run(self, fn, *args, timeout_s: float | None = None, **kwargs) -> list:
+        start = time.perf_counter()
+        requests = self._pickle_request(fn, args, kwargs)  # before touching the world: a bad fn changes nothing
         if not self._procs:  # never started, or torn down after a failure
             self.start()
         dead = {r: p.exitcode for r, p in enumerate(self._procs) if p.exitcode is not None}
@@ -467,10 +471,9 @@ class MultiGPUOrchestrator:
         require(timeout_s > 0, "timeout_s", timeout_s, "must be > 0")
         self._call_id += 1
         call = f"{getattr(fn, '__qualname__', fn)}#{self._call_id}"
-        start = time.perf_counter()
         try:
-            for q in self._requests:
-                q.put((self._call_id, fn, args, kwargs))
+            for q, request in zip(self._requests, requests):
+                q.put((self._call_id, request))
             replies, silent, stacks = self._collect(self._call_id, timeout_s, call)
         except BaseException:  # timeout, dead rank, Ctrl-C: ranks may be stuck in a collective
             self.shutdown(join_s=0.0)
@@ -482,6 +485,28 @@ class MultiGPUOrchestrator:
             raise RankError(failed, call, silent, stacks)
         self.dispatch.append(DispatchRecord(call, driver_s, max(t for _, _, t in replies.values())))
         return [replies[r][1] for r in range(self.world_size)]
+
+    def _pickle_request(self, fn, args: tuple, kwargs: dict) -> list[bytes]:
+        """(fn, args, kwargs) pickled once per rank, here in the caller's thread.
+
+        Queue.put pickles in its feeder thread, where a failure is only printed and the call
+        then ran into its timeout. Once per rank: a tensor argument's shared storage is handed
+        out once per pickle, so each rank needs its own.
+        """
+        requests = []
+        for _ in range(self.world_size):
+            try:
+                requests.append(bytes(ForkingPickler.dumps((fn, args, kwargs))))
+            except Exception as e:
+                name = getattr(fn, "__qualname__", repr(fn))
+                try:
+                    ForkingPickler.dumps(fn)
+                except Exception:
+                    what = f"fn {name}: it must be a module-level function, importable by the rank processes"
+                else:
+                    what = f"the arguments of {name}: they must be picklable (plain data, CPU tensors)"
+                raise TypeError(f"cannot send {what} ({type(e).__name__}: {e})") from e
+        return requests
 
     def barrier(self, timeout_s: float | None = None) -> None:
         self.run(_barrier, timeout_s=timeout_s)

@@ -150,3 +150,17 @@ def test_returned_tensors_do_not_leak_descriptors_in_the_ranks(world):
     after = world.run(rank_fns.open_fds)
     grown = [a - b for a, b in zip(after, before)]
     assert max(grown) < per_call * 4, f"open fds per rank grew by {grown} over {calls} calls of {per_call} tensors"
+
+
+@pytest.mark.parametrize("fn,args,named", [
+    (lambda ctx: 1, (), "module-level function"),
+    (rank_fns.echo, (threading.Lock(),), "arguments of echo"),
+])
+def test_unpicklable_call_fails_at_once_and_leaves_the_world_alone(world, fn, args, named):
+    """Pickled in Queue's feeder thread, this was only printed and the call ran into its timeout."""
+    pids = world.pids
+    start = time.monotonic()
+    with pytest.raises(TypeError, match=named):
+        world.run(fn, *args, timeout_s=10.0)
+    assert time.monotonic() - start < SLACK_S
+    assert world.pids == pids and world.run(rank_fns.echo, "same world") == ["same world"] * world.world_size
