@@ -117,7 +117,8 @@ class StaticDecoder:
         require(ids.dim() == 2 and ids.shape[0] == self.batch, "ids.shape", tuple(ids.shape), f"must be (batch={self.batch}, prompt)")
         require(max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "must be >= 1")
         prompt = ids.shape[1]
-        require(prompt + max_new_tokens <= self.max_seq_len, "prompt + max_new_tokens", prompt + max_new_tokens, f"must be <= max_seq_len={self.max_seq_len} of the static KV cache")
+        # the last token is returned, never fed back: prompt + max_new_tokens - 1 positions are cached
+        require(prompt + max_new_tokens - 1 <= self.max_seq_len, "prompt + max_new_tokens - 1", prompt + max_new_tokens - 1, f"must be <= max_seq_len={self.max_seq_len} of the static KV cache")
         self.warm_up()
         generator = torch.Generator(device=ids.device).manual_seed(seed)
         out = torch.empty(self.batch, max_new_tokens, dtype=torch.long, device=ids.device)

@@ -211,7 +211,8 @@ class LlamaModel(nn.Module):
         require(top_k is None or top_k >= 1, "top_k", top_k, "must be >= 1")
         require(top_p is None or 0 < top_p <= 1, "top_p", top_p, "must be in (0, 1]")
         batch, prompt = ids.shape
-        self.allocate_kv_cache(batch, prompt + max_new_tokens)
+        # the last token is returned, never fed back: prompt + max_new_tokens - 1 positions are cached
+        self.allocate_kv_cache(batch, prompt + max_new_tokens - 1)
         generator = torch.Generator(device=ids.device).manual_seed(seed)
         logits = self(ids, 0, use_cache=True, last_only=True)[:, -1]
         out = []

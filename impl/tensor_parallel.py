@@ -62,6 +62,15 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, layer: str) -> None:
         raise TPConfigError(f"{layer} input", f"{x.dtype} on {x.device}", f"must match the layer's weights: {weight.dtype} on {weight.device}")
 
 
+def host_check_allowed(t: torch.Tensor) -> bool:
+    """Whether a check may read `t` on the host: not while torch.compile traces (the decode step
+    must stay fullgraph) nor while a CUDA graph is being captured (a sync would break capture).
+    There the inputs come from the model's own sampler (impl/decoding.py), always in range."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _factory(dtype, device):
     return {"dtype": dtype, "device": device}
 
@@ -283,7 +292,8 @@ def padded_vocab(vocab_size: int, tp: int) -> int:
 class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows; any vocab size (padded to a multiple of tp).
 
-    ids: (...) long, replicated. out: (..., hidden), all-reduced (or reduce-scattered on
+    ids: (...) long, replicated, each in [0, vocab_size) (checked eagerly: TPConfigError naming
+    `ids`; not under torch.compile or CUDA-graph capture). out: (..., hidden), all-reduced (or reduce-scattered on
     dim 1 with `sequence_parallel`). Rank r holds rows [r*Vp/tp, (r+1)*Vp/tp) of the table padded to Vp = padded_vocab(V, tp).
     """
 
@@ -298,6 +308,10 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids):
         if ids.dtype not in (torch.int32, torch.int64) or ids.device != self.weight.device:
             raise TPConfigError("VocabParallelEmbedding input", f"{ids.dtype} on {ids.device}", f"must be integer token ids on {self.weight.device}")
+        if ids.numel() and host_check_allowed(ids):
+            # at tp > 1 an out-of-range id would fall outside every rank's rows and embed as zeros
+            lo, hi = torch.stack([ids.min(), ids.max()]).tolist()  # one host sync
+            require(0 <= lo and hi < self.vocab_size, "ids", (lo, hi), f"(min, max) must satisfy 0 <= id < vocab_size={self.vocab_size}")
         if self.comm.world_size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
@@ -459,7 +473,8 @@ class ParallelAttention(nn.Module):
         tensor on x's device. With a tensor, every shape and every kernel is independent of the
         position (cache written with index_copy_, attention over the whole cache under a mask),
         so the call can be captured once as a CUDA graph and replayed at every decode step
-        without a host synchronisation (impl/decoding.py)."""
+        without a host synchronisation (impl/decoding.py). Without `use_cache`, start_pos must be 0
+        (TPConfigError otherwise): the keys are then only x's own tokens."""
         b = x.shape[0]
         qkv = self.qkv(x)
         s = qkv.shape[1]
@@ -470,6 +485,8 @@ class ParallelAttention(nn.Module):
         v = v.view(b, s, hkv, d).transpose(1, 2)
         static = isinstance(start_pos, torch.Tensor)
         require(use_cache or not static, "start_pos", "tensor", "a tensor start_pos needs use_cache=True (it addresses the static KV cache)")
+        # without a cache the keys are only these s tokens: a later start would have nothing to attend to before them
+        require(use_cache or start_pos == 0, "start_pos", start_pos, "must be 0 without use_cache=True (start_pos counts the tokens already in the KV cache)")
         positions = start_pos.reshape(1) + torch.arange(s, device=x.device) if static else torch.arange(start_pos, start_pos + s, device=x.device)
         cos, sin = self.rotary(positions[None])
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
