@@ -54,3 +54,16 @@ def kv_head_of_rank0(ctx, case):
     with torch.no_grad():
         layer.weight[q_rows:] = wrong.weight[q_rows:]
     return {**_run(ctx, case, layer), "collectives": []}
+
+
+def replicated_grad_off_rank0(ctx, case):
+    """The real implementation, but ranks other than 0 end with a different gradient for the
+    replicated parameters (norm weights, row-parallel bias), e.g. a per-rank partial never
+    summed: the gathered gradients come from rank 0 only, so only the rank check sees it."""
+    from harness.cases import replicated_grad_names, run_on_rank
+
+    out = run_on_rank(ctx, case)
+    if ctx.rank:
+        for name in replicated_grad_names(case, out["grads"]):
+            out["grads"][name] = out["grads"][name] * 0.5
+    return out

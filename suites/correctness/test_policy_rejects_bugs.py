@@ -17,6 +17,8 @@ CASES = [
     (mutants.shifted_shard, LayerCase("embedding", params={"vocab": 37, "hidden": 8}, batch=2, seq=4)),
     (mutants.bias_every_rank, LayerCase("row", params={"in": 32, "out": 16, "bias": True}, batch=2, seq=4)),
     (mutants.kv_head_of_rank0, LayerCase("qkv", params={**ATTN, "kv_heads": 2}, batch=2, seq=4)),
+    (mutants.replicated_grad_off_rank0, LayerCase("row", params={"in": 32, "out": 16, "bias": True}, batch=2, seq=4)),
+    (mutants.replicated_grad_off_rank0, LayerCase("block", params={**ATTN, "inter": 64}, batch=2, seq=4)),
 ]
 
 
