@@ -58,7 +58,7 @@ def run_model(model, ids: torch.Tensor, new_tokens: int) -> dict:
     """Prompt logits (batch, prompt, vocab) float32 CPU, greedy tokens and exact-path margins."""
     with torch.no_grad():
         logits = model(ids).float()
-        model.allocate_kv_cache(ids.shape[0], ids.shape[1] + new_tokens)
+        model.allocate_kv_cache(ids.shape[0], ids.shape[1] + new_tokens - 1)
         step = model(ids, 0, use_cache=True, last_only=True)[:, -1].float()
         tokens, margins = [], []
         for i in range(new_tokens):
@@ -154,8 +154,9 @@ def check_request(req: VerifyRequest) -> None:
     parse_dtype(req.dtype, "--dtype")
     for name in ("batch", "prompt_len", "new_tokens"):
         require(getattr(req, name) >= 1, f"--{name.replace('_', '-')}", getattr(req, name), "must be >= 1")
-    require(req.prompt_len + req.new_tokens <= config.max_seq_len, "--prompt-len + --new-tokens", req.prompt_len + req.new_tokens,
-            f"must be <= max_position_embeddings={config.max_seq_len}")
+    # the last generated token is never fed back: prompt + new - 1 positions are computed
+    require(req.prompt_len + req.new_tokens - 1 <= config.max_seq_len, "--prompt-len + --new-tokens", req.prompt_len + req.new_tokens,
+            f"must be <= max_position_embeddings + 1 = {config.max_seq_len + 1}")
     require(req.device in ("cpu", "cuda"), "--device", req.device, "must be cpu or cuda")
     require(req.device == "cpu" or torch.cuda.is_available(), "--device", req.device, "no CUDA device is visible")
     require(len(req.tps) >= 1, "--tp", req.tps, "no TP degree left to verify")

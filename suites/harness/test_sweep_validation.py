@@ -267,3 +267,24 @@ def test_loader_memory_refuses_bad_input_before_any_rank(tiny_checkpoint, tmp_pa
     with pytest.raises(CheckpointError, match="model.safetensors"):
         bench.loader_memory(str(tmp_path / "no-config"), 2)
     assert bench.check_loader_memory(tiny_checkpoint, 4) is not None
+
+
+def test_verify_may_generate_up_to_max_position_embeddings(tiny_checkpoint, monkeypatch):
+    """The last generated token is never fed back: prompt + new - 1 positions must fit, and they do
+    at the limit — run through the model, not only the check."""
+    import harness.verify as verify_mod
+    from impl.model_loader import read_config
+
+    limit = read_config(tiny_checkpoint).max_seq_len
+    verify_mod.check_request(verify_mod.VerifyRequest(tiny_checkpoint, (1,), prompt_len=limit - 3, new_tokens=4))
+    with pytest.raises(TPConfigError) as info:
+        verify_mod.check_request(verify_mod.VerifyRequest(tiny_checkpoint, (1,), prompt_len=limit - 3, new_tokens=5))
+    assert info.value.argument == "--prompt-len + --new-tokens"
+    monkeypatch.setattr(verify_mod, "hf_run", lambda *args: None)
+
+    class OneRank:
+        def run(self, fn, req, ids):
+            return [fn(SimpleNamespace(rank=0, device=torch.device("cpu"), comm=NullCommunicator(1)), req, ids)]
+
+    result = verify_mod.verify(verify_mod.VerifyRequest(tiny_checkpoint, (1,), prompt_len=limit - 3, new_tokens=4), lambda n: OneRank())
+    assert result["passed"] and result["rows"][0]["first_diverging_token"] is None
