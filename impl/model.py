@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .architecture import Communicator, ModelConfig, require
-from .communication import gather_from_sequence
+from .communication import gather_from_parallel
 from .tensor_parallel import ParallelAttention, ParallelLMHead, ParallelMLP, RMSNorm, SequenceParallelTags, VocabParallelEmbedding, tag_sequence_parallel_grad
 
 # Names of one block's full tensors, in Hugging Face Llama naming (without the layer prefix).
@@ -191,7 +191,9 @@ class LlamaModel(nn.Module):
             h = layer(h, start_pos, use_cache)
         h = self.norm(h)
         if sp:
-            h = gather_from_sequence(h, self.comm, 1)
+            # all-gather whose backward keeps this rank's slice: the LM head's copy_to_parallel
+            # already all-reduces the input gradient, so a reduce-scatter here would count it tp times
+            h = gather_from_parallel(h, self.comm, 1)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

@@ -94,3 +94,50 @@ def test_padded_vocab_rows_never_win_argmax(world_size, worlds):
         assert all(torch.equal(r["argmax"], results[0]["argmax"]) for r in results)
 
     check()
+
+
+SP_CONFIG = dict(vocab_size=37, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
+
+
+def _sp_model(comm, dtype, sequence_parallel):
+    from impl.architecture import ModelConfig
+    from impl.model import LlamaModel, checkpoint_shapes
+
+    config = ModelConfig(**SP_CONFIG, o_bias=True)
+    g = torch.Generator().manual_seed(11)
+    tensors = {n: (1.0 + 0.1 * torch.randn(s, generator=g)) if n.endswith("norm.weight") else 0.2 * torch.randn(s, generator=g)
+               for n, s in checkpoint_shapes(config).items()}
+    return LlamaModel.from_tensors(tensors, config, comm, dtype=dtype, sequence_parallel=sequence_parallel)
+
+
+def model_replicated_grads(ctx, dtype=torch.float32, sequence_parallel=True):
+    """Backward through a sequence-parallel LlamaModel forward, then all_reduce_sequence_parallel_grads:
+    the replicated parameters' (norms, o_proj biases) gradients on this rank."""
+    from impl.communication import all_reduce_sequence_parallel_grads
+
+    model = _sp_model(ctx.comm, dtype, sequence_parallel)
+    ids = torch.randint(0, SP_CONFIG["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(1))
+    logits = model(ids)
+    weight = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    (logits * weight).sum().backward()
+    all_reduce_sequence_parallel_grads(model, ctx.comm)
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if n.endswith(("norm.weight", "o_proj.bias"))}
+
+
+@pytest.mark.parametrize("world_size", (2, 4))
+def test_sequence_parallel_model_replicated_grads(world_size, worlds):
+    """LlamaModel tags the replicated parameters of a sequence-parallel forward (incl. the final
+    norm) so that all_reduce_sequence_parallel_grads gives the single-device gradient."""
+    from impl.communication import NullCommunicator
+
+    class One:
+        comm = NullCommunicator(1)
+
+    ranks = worlds[world_size].run(model_replicated_grads)
+    single = model_replicated_grads(One, torch.float32, False)
+    exact = model_replicated_grads(One, torch.float64, False)
+    assert sorted(ranks[0]) == sorted(single) and len(single) == 7
+    for name in sorted(single):
+        assert all(torch.equal(r[name], ranks[0][name]) for r in ranks), name
+        row = compare(f"grad_{name}", ranks[0][name], single[name], exact[name], torch.float32, world_size)
+        assert row["passed"], row
