@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from impl.architecture import parse_dtype
-from impl.communication import NullCommunicator, all_reduce_sequence_parallel_grads
+from impl.communication import CountingCommunicator, NullCommunicator, all_reduce_sequence_parallel_grads
 
 from .cases import LayerCase, block_config, build_layer, full_tensors, inputs, reference_device
 from impl.model import O_BIAS, TransformerBlock
@@ -40,9 +40,15 @@ def sequence_parallel_block(ctx, case: LayerCase, reduce_grads: bool = True) -> 
     input grad, and this rank's local parameter grads after all_reduce_sequence_parallel_grads
     (`reduce_grads=False` skips it, to show the test catches the missing reduction)."""
     dtype = parse_dtype(case.dtype)
-    layer = TransformerBlock.from_full(sp_block_tensors(case, dtype), block_config(case), ctx.comm, dtype=dtype, device=ctx.device, sequence_parallel=True)
+    counting = CountingCommunicator(ctx.comm)
+    layer = TransformerBlock.from_full(sp_block_tensors(case, dtype), block_config(case), counting, dtype=dtype, device=ctx.device, sequence_parallel=True)
     x = ctx.comm.shard(inputs(case), 1).to(ctx.device, dtype).requires_grad_(True)
     out = layer(x)
+    forward = [(r.kind, r.nbytes, r.dtype) for r in counting.records]
+    counting.reset()
+    with torch.no_grad():  # communication.py's direct (inference) branches of the SP regions
+        inference_equal = torch.equal(layer(x.detach()), out)
+    inference = [(r.kind, r.nbytes, r.dtype) for r in counting.records]
     g = torch.Generator().manual_seed(case.seed + 2)
     grad = torch.randn(case.batch, case.seq, case.params["hidden"], generator=g).to(dtype)
     out.backward(ctx.comm.shard(grad, 1).to(ctx.device))
@@ -51,7 +57,8 @@ def sequence_parallel_block(ctx, case: LayerCase, reduce_grads: bool = True) -> 
     gather = lambda t: ctx.comm.all_gather(t.contiguous(), 1).float().cpu()  # noqa: E731
     grads = {n: p.grad.detach().cpu().clone() for n, p in layer.named_parameters() if p.grad is not None}
     tagged = sorted(n for n, p in layer.named_parameters() if getattr(p, "sequence_parallel_grad", False))
-    return {"out": gather(out.detach()), "grad_in": gather(x.grad), "grad": grad.float(), "grads": grads, "tagged": tagged}
+    return {"out": gather(out.detach()), "grad_in": gather(x.grad), "grad": grad.float(), "grads": grads, "tagged": tagged,
+            "forward_collectives": forward, "inference_collectives": inference, "inference_equal": inference_equal}
 
 
 def block_reference(case: LayerCase, dtype, grad: torch.Tensor | None = None, o_bias: bool = False) -> dict:

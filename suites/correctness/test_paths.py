@@ -54,6 +54,11 @@ def check_sequence_parallel(world, case, world_size, reduce_grads=True):
     ranks = world.run(paths.sequence_parallel_block, case, reduce_grads)
     res = ranks[0]
     assert res["tagged"] == ["attention.o_proj.bias", "input_norm.weight", "post_attention_norm.weight"], res["tagged"]
+    # forward with autograd and under torch.no_grad: the same collectives, bytes and dtype, the same output
+    full, shard = case.batch * case.seq * case.params["hidden"] * dtype.itemsize, case.batch * case.seq // world_size * case.params["hidden"] * dtype.itemsize
+    expected = [("all_gather", shard, str(dtype)), ("reduce_scatter", full, str(dtype))] * 2
+    assert all(r["forward_collectives"] == expected and r["inference_collectives"] == expected for r in ranks), res["inference_collectives"]
+    assert all(r["inference_equal"] for r in ranks)
     single = paths.block_reference(case, dtype, res["grad"], o_bias=True)
     exact = paths.block_reference(case, torch.float64, res["grad"], o_bias=True)
     for name in ("out", "grad_in"):
