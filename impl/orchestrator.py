@@ -7,7 +7,9 @@ MultiGPUOrchestrator the driver's view: N rank processes started once and kept; 
 TorchrunWorld        the same `run` API when every process is a rank (SPMD under torchrun).
 
 Nothing here speaks a socket protocol of its own: ranks meet through torch.distributed's
-TCP store; the driver talks to its children through multiprocessing queues.
+TCP store; the driver sends calls to its children through multiprocessing queues and reads
+each rank's replies from that rank's own pipe, without blocking (a rank that dies mid-reply
+is reported from its exit code, never waited on).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import time
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from multiprocessing import connection as mp_connection
 
 from .architecture import TPConfigError, require
 from .communication import ProcessGroupCommunicator, gather_objects
@@ -273,9 +277,9 @@ def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid, sta
         manager = ProcessGroupManager(world_size, rank, **init_kwargs).init()
         ctx = RankContext(rank, world_size, manager.device, manager.backend, manager.communicator(), manager)
     except BaseException:
-        results.put((rank, pickle.dumps(("init", False, traceback.format_exc(), 0.0))))
+        _send_frame(results, pickle.dumps(("init", False, traceback.format_exc(), 0.0)))
         return
-    results.put((rank, pickle.dumps(("init", True, None, 0.0))))
+    _send_frame(results, pickle.dumps(("init", True, None, 0.0)))
     while True:
         try:
             item = requests.get(timeout=1.0)
@@ -294,17 +298,30 @@ def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid, sta
         except BaseException:
             value, ok = traceback.format_exc(), False
         elapsed = time.perf_counter() - start
-        # Serialise here, once, and send these bytes: Queue.put would pickle in a background thread,
-        # where a failure is lost, and pickling a tensor twice shares its storage twice (one fd
+        # Serialise here, once, and send these bytes: pickling in a background thread (Queue.put)
+        # would lose a failure, and pickling a tensor twice shares its storage twice (one fd
         # each, held until the driver fetches it), so a check-then-put leaked one fd per tensor.
         try:
             payload = ForkingPickler.dumps((call_id, ok, value, elapsed))
         except Exception:
             value = f"result of {getattr(fn, '__qualname__', fn)} cannot be sent to the driver:\n{traceback.format_exc()}"
             payload = ForkingPickler.dumps((call_id, False, value, elapsed))
-        results.put((rank, bytes(payload)))
+        try:
+            _send_frame(results, payload)
+        except BrokenPipeError:  # the driver closed its end: this world is over
+            break
     with contextlib.suppress(Exception):
         manager.destroy()
+
+
+_FRAME = struct.Struct("!Q")  # a result on a rank's pipe: payload length, then the pickled payload
+
+
+def _send_frame(conn, payload: bytes) -> None:
+    """Write one frame to the rank's end of its result pipe (blocking; the driver reads without blocking)."""
+    view = memoryview(_FRAME.pack(len(payload)) + payload)
+    while view:
+        view = view[os.write(conn.fileno(), view):]
 
 
 # --------------------------------------------------------------------------- the driver
@@ -363,6 +380,8 @@ class MultiGPUOrchestrator:
         self.timeout_s, self.start_timeout_s, self.grace_s, self.master_port = timeout_s, start_timeout_s, grace_s, master_port
         self.dispatch: list[DispatchRecord] = []
         self._procs: list = []
+        self._requests: list = []
+        self._results: list = []  # per rank: the read end of its result pipe
         self._stack_dir: str | None = None
         self._call_id = 0
 
@@ -392,18 +411,26 @@ class MultiGPUOrchestrator:
     def _start_once(self) -> "MultiGPUOrchestrator":
         self.shutdown()
         ctx = mp.get_context("spawn")
-        self._results = ctx.Queue()
         self._requests = [ctx.Queue() for _ in range(self.world_size)]
+        # one result pipe per rank, read without blocking (see _collect); the driver keeps only
+        # the read ends, so a rank's death also shows as end-of-file on its pipe
+        pipes = [ctx.Pipe(duplex=False) for _ in range(self.world_size)]
+        self._results = [reader for reader, _ in pipes]
+        for reader in self._results:
+            os.set_blocking(reader.fileno(), False)
+        self._received = [bytearray() for _ in range(self.world_size)]
+        self._eof = [False] * self.world_size
         self._stack_dir = tempfile.mkdtemp(prefix="tpgate-stacks-")
         port = free_port() if self.master_port is None else self.master_port
         init_kwargs = dict(device=self.device, backend=self.backend, tp_size=self.tp_size, master_port=port, timeout_s=self.timeout_s)
-        self._procs = [ctx.Process(target=_rank_main, args=(r, self.world_size, init_kwargs, self._requests[r], self._results, os.getpid(), self._stack_file(r)),
+        self._procs = [ctx.Process(target=_rank_main, args=(r, self.world_size, init_kwargs, self._requests[r], pipes[r][1], os.getpid(), self._stack_file(r)),
                                    daemon=True, name=f"tpgate-rank{r}")
                        for r in range(self.world_size)]
         _live_worlds.add(self)
         try:
-            for p in self._procs:
+            for p, (_, writer) in zip(self._procs, pipes):
                 p.start()
+                writer.close()  # the child has its copy (spawn passes it at exec)
             replies, _, _ = self._collect("init", self.start_timeout_s)
         except WorldError as e:
             self.shutdown(join_s=0.0)  # ranks still in init never read the polite stop
@@ -411,6 +438,9 @@ class MultiGPUOrchestrator:
         except BaseException:  # Ctrl-C during start: leave no rank behind
             self.shutdown(join_s=0.0)
             raise
+        finally:
+            for _, writer in pipes:
+                writer.close()
         failed = {r: v for r, (ok, v, _) in replies.items() if not ok}
         if failed:
             self.shutdown(join_s=0.0)
@@ -438,9 +468,11 @@ class MultiGPUOrchestrator:
             if p.is_alive():
                 p.kill()
                 p.join(1.0)
-        for q in [self._results, *self._requests]:
+        for q in self._requests:
             q.cancel_join_thread()
             q.close()
+        for reader in self._results:
+            reader.close()
         if self._stack_dir:
             shutil.rmtree(self._stack_dir, ignore_errors=True)
             self._stack_dir = None
@@ -549,30 +581,64 @@ class MultiGPUOrchestrator:
         call = call or repr(call_id)
         replies: dict[int, tuple] = {}
         deadline = time.monotonic() + timeout_s
+
+        def take(rank: int) -> bool:  # whatever rank has sent; True if its reply to call_id is complete
+            for cid, ok, value, elapsed in self._receive(rank):
+                if cid == call_id or cid is None:  # None: a reply that could not be read, taken as this call's
+                    replies[rank] = (ok, value, elapsed)
+            return rank in replies
+
         while len(replies) < self.world_size:
             now = time.monotonic()
             if any(not ok for ok, _, _ in replies.values()):
                 deadline = min(deadline, now + self.grace_s)
                 if now >= deadline:
                     break
-            try:
-                rank, payload = self._results.get(timeout=min(0.05, max(0.0, deadline - now)) or 0.001)
-                cid, ok, value, elapsed = pickle.loads(payload)
-            except queue.Empty:
-                dead = {r: p.exitcode for r, p in enumerate(self._procs) if r not in replies and p.exitcode is not None}
-                if dead:
-                    raise RankDiedError(f"rank(s) {sorted(dead)} exited during {call} ({_exit_codes(dead)})", list(dead))
-                if time.monotonic() >= deadline:
-                    if any(not ok for ok, _, _ in replies.values()):
-                        break
-                    waiting = [r for r in range(self.world_size) if r not in replies]
-                    stacks = self._stacks(waiting) if call_id != "init" else {}
-                    raise CallTimeoutError(f"rank(s) {waiting} did not answer {call} within {timeout_s:.1f}s", waiting, stacks)
+            waiting = [r for r in range(self.world_size) if r not in replies]
+            readable = [self._results[r] for r in waiting if not self._eof[r]]
+            wait_s = min(0.05, max(0.0, deadline - now)) or 0.001
+            ready = mp_connection.wait(readable, wait_s) if readable else time.sleep(wait_s) or []
+            if [r for r in waiting if self._results[r] in ready and take(r)]:
                 continue
-            if cid == call_id:
-                replies[rank] = (ok, value, elapsed)
+            # a rank that exited: first take what it wrote before dying, then report it
+            dead = {r: p.exitcode for r, p in enumerate(self._procs) if r not in replies and p.exitcode is not None}
+            dead = {r: code for r, code in dead.items() if not take(r)}
+            if dead:
+                raise RankDiedError(f"rank(s) {sorted(dead)} exited during {call} ({_exit_codes(dead)})", list(dead))
+            if time.monotonic() >= deadline:
+                if any(not ok for ok, _, _ in replies.values()):
+                    break
+                waiting = [r for r in range(self.world_size) if r not in replies]
+                stacks = self._stacks(waiting) if call_id != "init" else {}
+                raise CallTimeoutError(f"rank(s) {waiting} did not answer {call} within {timeout_s:.1f}s", waiting, stacks)
         silent = [r for r in range(self.world_size) if r not in replies]
         return replies, silent, (self._stacks(silent) if silent and call_id != "init" else {})
+
+    def _receive(self, rank: int) -> list[tuple]:
+        """Every complete message rank has sent so far, read without ever blocking.
+
+        A rank that dies part-way through a message leaves a partial frame; it stays in the
+        buffer (and the death is reported from the exit code), where a blocking read of the
+        message would wait forever. End-of-file marks the pipe as done.
+        """
+        buffer, fd = self._received[rank], self._results[rank].fileno()
+        while not self._eof[rank]:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                break
+            self._eof[rank] = not chunk
+            buffer += chunk
+        messages = []
+        while len(buffer) >= _FRAME.size and len(buffer) >= _FRAME.size + _FRAME.unpack_from(buffer)[0]:
+            end = _FRAME.size + _FRAME.unpack_from(buffer)[0]
+            payload = bytes(buffer[_FRAME.size:end])
+            del buffer[:end]
+            try:  # may fetch shared tensors from the rank; a rank gone by then fails here, not hangs
+                messages.append(pickle.loads(payload))
+            except Exception:
+                messages.append((None, False, f"the driver could not read rank {rank}'s reply:\n{traceback.format_exc()}", 0.0))
+        return messages
 
 
 def _main_thread(dump: str) -> str:

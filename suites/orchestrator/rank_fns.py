@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import struct
+import sys
 import time
 
 import torch
@@ -70,3 +73,21 @@ def tensors(ctx, n):
 
 def echo(ctx, value):
     return value
+
+
+def torn_reply(ctx, bad_rank):
+    """bad_rank writes the start of a 1 MiB reply on its result channel, then is SIGKILLed
+    (what the OOM killer does to a rank part-way through sending a large result)."""
+    if ctx.rank == bad_rank:
+        frame = sys._getframe()
+        while frame.f_code.co_name != "_rank_main":
+            frame = frame.f_back
+        results = frame.f_locals["results"]
+        if hasattr(results, "_writer"):  # a multiprocessing.Queue: Connection's framing
+            fd, header = results._writer.fileno(), struct.pack("!i", 1 << 20)
+        else:  # the rank's own result pipe
+            from impl.orchestrator import _FRAME
+            fd, header = results.fileno(), _FRAME.pack(1 << 20)
+        os.write(fd, header + b"x" * 100)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return ctx.rank

@@ -2,6 +2,7 @@
 ending with the right error within its bound, leaving no process behind."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -164,3 +165,30 @@ def test_unpicklable_call_fails_at_once_and_leaves_the_world_alone(world, fn, ar
         world.run(fn, *args, timeout_s=10.0)
     assert time.monotonic() - start < SLACK_S
     assert world.pids == pids and world.run(rank_fns.echo, "same world") == ["same world"] * world.world_size
+
+
+def test_rank_dying_part_way_through_its_reply_is_reported_not_waited_on(world):
+    """A blocking read of a reply whose sender died mid-message waited forever, whatever the timeout."""
+    bad = world.world_size - 1
+    pids, outcome = world.pids, {}
+
+    def call():
+        try:
+            world.run(rank_fns.torn_reply, bad, timeout_s=10.0)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = e
+
+    caller = threading.Thread(target=call, daemon=True)
+    start = time.monotonic()
+    caller.start()
+    caller.join(10.0 + SLACK_S)
+    if caller.is_alive():  # leave no rank behind the stuck driver thread
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"run() still waiting {time.monotonic() - start:.0f}s after a rank died mid-reply (timeout 10s)")
+    error = outcome.get("error")
+    assert isinstance(error, RankDiedError) and error.ranks == [bad] and "SIGKILL" in str(error), repr(error)
+    assert time.monotonic() - start < SLACK_S
+    assert not any(_alive(p) for p in pids), "ranks of the failed world survived"
+    assert world.run(rank_fns.echo, 1) == [1] * world.world_size
