@@ -28,6 +28,7 @@ import socket
 import struct
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import weakref
@@ -259,14 +260,34 @@ class RankContext:
 # --------------------------------------------------------------------------- rank process
 
 
-def _die_with_parent() -> None:
-    # Linux: the kernel SIGKILLs this child if the driver dies, even by SIGKILL.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+_PARENT_POLL_S = 0.2
 
 
-def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid, stack_file=None):
-    _die_with_parent()
+def _die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
+    """End this rank when the driver process is gone, even if the driver was SIGKILLed.
+
+    PR_SET_PDEATHSIG fires when the *thread* that spawned the child exits, not its process,
+    and run() starts (and restarts) worlds from whichever thread calls it: a world started
+    from a short-lived thread was SIGKILLed when that thread ended. So it is only set when
+    the spawning thread is the driver's main thread (which lives as long as the process);
+    the guarantee in every case is a watchdog thread polling getppid(), which changes when
+    the driver process exits (the rank is re-parented), whatever thread started the rank,
+    and which runs while the rank's main thread is busy in a call or blocked in a collective.
+    """
+    if pdeathsig:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="tpgate-parent-watch", daemon=True).start()
+
+
+def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid, stack_file=None, pdeathsig=False):
+    _die_with_parent(parent_pid, pdeathsig)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     if stack_file:  # SIGUSR1 -> Python stacks into stack_file, even while blocked in C (a collective)
         stacks = open(stack_file, "w")  # noqa: SIM115 - must stay open for the process's life
@@ -422,8 +443,9 @@ class MultiGPUOrchestrator:
         self._eof = [False] * self.world_size
         self._stack_dir = tempfile.mkdtemp(prefix="tpgate-stacks-")
         port = free_port() if self.master_port is None else self.master_port
+        pdeathsig = threading.current_thread() is threading.main_thread()  # see _die_with_parent
         init_kwargs = dict(device=self.device, backend=self.backend, tp_size=self.tp_size, master_port=port, timeout_s=self.timeout_s)
-        self._procs = [ctx.Process(target=_rank_main, args=(r, self.world_size, init_kwargs, self._requests[r], pipes[r][1], os.getpid(), self._stack_file(r)),
+        self._procs = [ctx.Process(target=_rank_main, args=(r, self.world_size, init_kwargs, self._requests[r], pipes[r][1], os.getpid(), self._stack_file(r), pdeathsig),
                                    daemon=True, name=f"tpgate-rank{r}")
                        for r in range(self.world_size)]
         _live_worlds.add(self)

@@ -6,8 +6,11 @@ import contextlib
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +195,57 @@ def test_rank_dying_part_way_through_its_reply_is_reported_not_waited_on(world):
     assert time.monotonic() - start < SLACK_S
     assert not any(_alive(p) for p in pids), "ranks of the failed world survived"
     assert world.run(rank_fns.echo, 1) == [1] * world.world_size
+
+
+def test_world_started_from_a_thread_outlives_that_thread():
+    """PR_SET_PDEATHSIG fires when the spawning *thread* exits: a world that run() (re)started
+    from a short-lived thread was SIGKILLed when that thread ended."""
+    with MultiGPUOrchestrator(2, timeout_s=30.0) as w:
+        w.shutdown()
+        starter = threading.Thread(target=w.start)
+        starter.start()
+        starter.join()
+        pids = w.pids
+        time.sleep(1.0)  # PDEATHSIG acts at once; give the watchdog several polls too
+        assert w.run(rank_fns.all_reduce_rank) == [3.0, 3.0]
+        assert w.pids == pids
+
+
+DRIVER = """
+import sys, threading, time
+from impl.orchestrator import MultiGPUOrchestrator
+from suites.orchestrator import rank_fns
+w = MultiGPUOrchestrator(2, timeout_s=30.0)
+if sys.argv[1] == "thread":
+    t = threading.Thread(target=w.start); t.start(); t.join()
+else:
+    w.start()
+print(*w.pids, flush=True)
+w.run(rank_fns.sleep_all, 300.0, timeout_s=600.0)  # killed while its ranks are busy (not polling for requests)
+"""
+
+
+@pytest.mark.parametrize("started_from", ["main", "thread"])
+def test_ranks_of_a_killed_driver_exit(started_from):
+    """No orphans: a driver SIGKILLed (no atexit, no shutdown) mid-call takes its ranks with it,
+    whichever thread started them."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, started_from], cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        assert len(pids) == 2, "the driver did not start its world"
+        assert all(_alive(p) for p in pids)
+        time.sleep(1.0)  # into the call
+        driver.kill()
+        driver.wait(SLACK_S)
+        deadline = time.monotonic() + SLACK_S
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = [p for p in pids if _alive(p)]
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+        assert not survivors, f"rank(s) {survivors} outlived their driver by {SLACK_S}s"
+    finally:
+        driver.kill()
+        driver.wait(SLACK_S)
