@@ -403,6 +403,8 @@ class MultiGPUOrchestrator:
         self._procs: list = []
         self._requests: list = []
         self._results: list = []  # per rank: the read end of its result pipe
+        self._received: list[bytearray] = []  # per rank: bytes read, not yet a whole message
+        self._eof: list[bool] = []
         self._stack_dir: str | None = None
         self._call_id = 0
 
@@ -513,8 +515,9 @@ class MultiGPUOrchestrator:
     # -- calls
 
     def run(self, fn, *args, timeout_s: float | None = None, **kwargs) -> list:
-        start = time.perf_counter()
+        pickled = time.perf_counter()
         requests = self._pickle_request(fn, args, kwargs)  # before touching the world: a bad fn changes nothing
+        pickle_s = time.perf_counter() - pickled  # part of this call's dispatch cost; a (re)start below is not
         if not self._procs:  # never started, or torn down after a failure
             self.start()
         dead = {r: p.exitcode for r, p in enumerate(self._procs) if p.exitcode is not None}
@@ -525,6 +528,7 @@ class MultiGPUOrchestrator:
         require(timeout_s > 0, "timeout_s", timeout_s, "must be > 0")
         self._call_id += 1
         call = f"{getattr(fn, '__qualname__', fn)}#{self._call_id}"
+        start = time.perf_counter() - pickle_s
         try:
             for q, request in zip(self._requests, requests):
                 q.put((self._call_id, request))
