@@ -61,17 +61,24 @@ def sequence_parallel_block(ctx, case: LayerCase, reduce_grads: bool = True) -> 
             "forward_collectives": forward, "inference_collectives": inference, "inference_equal": inference_equal}
 
 
-def block_reference(case: LayerCase, dtype, grad: torch.Tensor | None = None, o_bias: bool = False) -> dict:
-    """The unsharded block on one device; `o_bias` adds sp_block_tensors' o_proj bias."""
+def block_reference(case: LayerCase, dtype, grad: torch.Tensor | None = None, o_bias: bool = False, absolute: bool = False) -> dict:
+    """The unsharded block on one device; `o_bias` adds sp_block_tensors' o_proj bias.
+    `absolute=True`: |weights|, |input|, |output gradient| — the magnitude S of the tolerance
+    policy (harness/tolerance.py), as cases.run_single computes it for the layer suites."""
     device = reference_device()
     if o_bias:
         layer = TransformerBlock.from_full(sp_block_tensors(case, parse_dtype(case.dtype)), block_config(case), NullCommunicator(1), dtype=dtype, device=device)
     else:
         layer = build_layer(case, NullCommunicator(1), dtype).to(device)
-    x = inputs(case).to(device, dtype).requires_grad_(True)
+    if absolute:
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.abs_()
+    x = inputs(case).to(device, dtype)
+    x = (x.abs() if absolute else x).requires_grad_(True)
     out = layer(x)
     if grad is not None:
-        out.backward(grad.to(device, dtype))
+        out.backward((grad.abs() if absolute else grad).to(device, dtype))
     out = out.detach().cpu()
     grads = {n: p.grad.detach().cpu() for n, p in layer.named_parameters() if p.grad is not None}
     return {"out": out.float() if dtype != torch.float64 else out, "grad_in": None if grad is None else x.grad.cpu(), "grads": grads}

@@ -61,15 +61,19 @@ def check_sequence_parallel(world, case, world_size, reduce_grads=True):
     assert all(r["inference_equal"] for r in ranks)
     single = paths.block_reference(case, dtype, res["grad"], o_bias=True)
     exact = paths.block_reference(case, torch.float64, res["grad"], o_bias=True)
+    # S of the tolerance policy: without it the bound falls back to the expected-case sqrt(tp)
+    # magnitude, too tight for gradients summed over tokens that cancel (norm weights, bias)
+    magnitude = paths.block_reference(case, torch.float64, res["grad"], o_bias=True, absolute=True)
     for name in ("out", "grad_in"):
-        row = compare(name, res[name], single[name].float(), exact[name], dtype, world_size)
+        row = compare(name, res[name], single[name].float(), exact[name], dtype, world_size, magnitude=magnitude[name])
         assert row["passed"], row
     local = [r["grads"] for r in ranks]
     assert replicated_grads_agree(case, local), "ranks disagree on a replicated parameter's gradient"
     full = gather_grads(case, local)
     assert sorted(full) == sorted(single["grads"])
     for name in sorted(single["grads"]):
-        row = compare(f"grad_{name}", full[name].float(), single["grads"][name].float(), exact["grads"][name], dtype, world_size)
+        row = compare(f"grad_{name}", full[name].float(), single["grads"][name].float(), exact["grads"][name], dtype, world_size,
+                      magnitude=magnitude["grads"][name])
         assert row["passed"], row
 
 
