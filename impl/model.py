@@ -14,7 +14,8 @@ from torch import nn
 
 from .architecture import Communicator, ModelConfig, require
 from .communication import gather_from_parallel
-from .tensor_parallel import ParallelAttention, ParallelLMHead, ParallelMLP, RMSNorm, SequenceParallelTags, VocabParallelEmbedding, tag_sequence_parallel_grad
+from .tensor_parallel import (ParallelAttention, ParallelLMHead, ParallelMLP, RMSNorm, RowParallelLinear, SequenceParallelTags, VocabParallelEmbedding,
+                              tag_sequence_parallel_grad)
 
 # Names of one block's full tensors, in Hugging Face Llama naming (without the layer prefix).
 BLOCK_TENSORS = (
@@ -250,8 +251,9 @@ def random_model(config: ModelConfig, comm: Communicator, dtype=torch.bfloat16, 
     embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, comm, **kw)
     layers = []
     for _ in range(config.num_layers):
+        o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, comm, bias=config.o_bias, **kw)
         attention = ParallelAttention(config.hidden_size, config.num_heads, config.num_kv_heads, comm, head_dim=config.head_dim, qkv_bias=config.qkv_bias,
-                                      rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, **kw)
+                                      rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, o_proj=o_proj, **kw)
         mlp = ParallelMLP(config.hidden_size, config.intermediate_size, comm, **kw)
         layers.append(TransformerBlock(attention, mlp, RMSNorm(config.hidden_size, config.rms_norm_eps, **kw), RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)))
     norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
