@@ -101,6 +101,7 @@ def header(path: str | Path) -> dict[str, tuple[list[int], int]]:
 
 
 def storage_failures(report: dict, expected_bytes: int) -> list[str]:
+    """What is wrong with one rank's loading_rank_fns.storage_report of a tied model whose shards are expected_bytes."""
     failures = []
     if not (report["head_is_embedding"] and report["head_shares_storage"]):
         failures.append(f"the LM head's weight is not the embedding's parameter (same object: {report['head_is_embedding']}, same storage: {report['head_shares_storage']})")
