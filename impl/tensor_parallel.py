@@ -361,6 +361,25 @@ class ParallelLMHead(nn.Module):
     def forward(self, x):
         return gather_from_parallel(self.local_logits(x), self.comm, -1)[..., : self.vocab_size]
 
+    def greedy(self, x):
+        """The greedy token without gathering the logits: x (..., hidden) replicated -> (...) long,
+        replicated, equal to `forward(x).argmax(-1)` — ties go to the lowest vocabulary index (as
+        torch.argmax takes the first maximum), padded columns (-inf) are never chosen.
+
+        Each rank reduces its V_padded/tp columns to (best value, global index); one all-gather of
+        (..., 2) values replaces the all-gather of (..., V_padded/tp) logits. Ranks hold ascending
+        vocabulary ranges, so the first rank holding the maximum holds its lowest index. The pair
+        travels in the logits' dtype widened to at least float32, which holds every index exactly."""
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        exact = 2 ** 24 if wide == torch.float32 else 2 ** 53  # integers a float holds exactly
+        require(self.rows * self.comm.world_size <= exact, "vocab_size", self.vocab_size, f"must be <= {exact} for indices to travel exactly in {wide}")
+        logits = self.local_logits(x)
+        index = logits.argmax(-1, keepdim=True)
+        pair = torch.cat([logits.gather(-1, index).to(wide), (index + self.start).to(wide)], -1)
+        candidates = gather_from_parallel(pair, self.comm, -1).unflatten(-1, (self.comm.world_size, 2))
+        winner = candidates[..., 0].argmax(-1, keepdim=True)
+        return candidates[..., 1].gather(-1, winner).squeeze(-1).long()
+
     @classmethod
     def from_full(cls, weight, comm: Communicator, **kw):
         vocab, hidden = shape_of(weight)
