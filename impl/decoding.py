@@ -22,11 +22,13 @@ from contextlib import nullcontext
 
 import torch
 
+from . import kernels
 from .architecture import require
 from .model import LlamaModel, sample
 
 GRAPH_FREE_COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 OUTPUTS = ("logits", "tokens")
+ATTENTION_KERNELS = ("auto", "torch", "triton")
 
 
 class StaticDecoder:
@@ -42,18 +44,29 @@ class StaticDecoder:
     output: what one step returns — "logits" (batch, vocab), for any sampling, or "tokens"
     (batch, 1), the greedy token selected on the vocabulary shards (`LlamaModel.greedy`: no
     logits gathered); a "tokens" decoder generates greedily only.
+    attention_kernel: "triton" runs each layer's rotary, cache writes and attention as one fused
+    kernel (impl/kernels.py), "torch" as PyTorch ops; "auto": triton on a CUDA device where Triton
+    is installed, else torch. The model's attention layers keep the choice until changed.
     Timings of the first call (compile) and of the capture are kept in `self.setup_s`.
     """
 
     def __init__(self, model: LlamaModel, batch: int, max_seq_len: int, compile: str | None = "inductor", compile_mode: str | None = None,
-                 cuda_graph: bool | None = None, output: str = "logits"):
+                 cuda_graph: bool | None = None, output: str = "logits", attention_kernel: str = "auto"):
         require(isinstance(batch, int) and batch >= 1, "batch", batch, "must be an integer >= 1")
         require(output in OUTPUTS, "output", output, f"must be one of {OUTPUTS}")
+        require(attention_kernel in ATTENTION_KERNELS, "attention_kernel", attention_kernel, f"must be one of {ATTENTION_KERNELS}")
         device = next(model.parameters()).device
         cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         require(not cuda_graph or device.type == "cuda", "cuda_graph", cuda_graph, f"needs the model on a CUDA device, not {device}")
         # torch.compile's own cudagraph modes would capture a second time, around our capture
         require(compile_mode in GRAPH_FREE_COMPILE_MODES, "compile_mode", compile_mode, f"must be one of {GRAPH_FREE_COMPILE_MODES} (the graph is captured by cuda_graph=True)")
+        if attention_kernel == "auto":
+            attention_kernel = "triton" if device.type == "cuda" and kernels.available(device) else "torch"
+        require(attention_kernel == "torch" or kernels.available(device), "attention_kernel", attention_kernel,
+                f"needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); found {device}, Triton {'present' if kernels.triton else 'absent'}")
+        for layer in model.layers:
+            layer.attention.decode_kernel = attention_kernel
+        self.attention_kernel = attention_kernel
         model.allocate_kv_cache(batch, max_seq_len)
         self._cache = model.layers[0].attention.k_cache  # the graph holds its address
         self.model, self.batch, self.max_seq_len, self.device, self.output = model, batch, max_seq_len, device, output

@@ -21,6 +21,7 @@ from torch import nn
 
 from .architecture import Communicator, TPConfigError, check_kv_heads, require, require_divisible
 from .communication import copy_to_parallel, gather_from_parallel, gather_from_sequence, reduce_from_parallel, reduce_scatter_to_sequence, scatter_to_parallel
+from .kernels import decode_attention as fused_decode_attention
 
 
 # --------------------------------------------------------------------------- sharding helpers
@@ -473,6 +474,10 @@ class ParallelAttention(nn.Module):
         self.o_proj = o_proj or RowParallelLinear(num_heads * head_dim, hidden_size, comm, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         self.register_buffer("inv_freq", rotary_inv_freq(head_dim, rope_theta, rope_scaling).to(device), persistent=False)
         self.k_cache = self.v_cache = None
+        # "torch": rotary, cache writes and attention as separate PyTorch ops (any device; the reference);
+        # "triton": a static decode step (one token, tensor start_pos) runs them as one fused kernel
+        # (impl/kernels.py). Set by whoever owns the decode loop (impl/decoding.py StaticDecoder).
+        self.decode_kernel = "torch"
 
     def allocate_kv_cache(self, max_batch: int, max_seq_len: int):
         shape = (max_batch, self.qkv.local_kv_heads, max_seq_len, self.head_dim)
@@ -508,6 +513,10 @@ class ParallelAttention(nn.Module):
         require(use_cache or start_pos == 0, "start_pos", start_pos, "must be 0 without use_cache=True (start_pos counts the tokens already in the KV cache)")
         positions = start_pos.reshape(1) + torch.arange(s, device=x.device) if static else torch.arange(start_pos, start_pos + s, device=x.device)
         cos, sin = self.rotary(positions[None])
+        if static and s == 1 and self.decode_kernel == "triton":
+            require(self.k_cache is not None and b <= self.k_cache.shape[0], "use_cache", use_cache, "call allocate_kv_cache() first, for at least this batch")
+            out = fused_decode_attention(q, k, v, cos, sin, self.k_cache, self.v_cache, positions)
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, hq * d))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if use_cache:
             require(self.k_cache is not None, "use_cache", use_cache, "call allocate_kv_cache() first")
