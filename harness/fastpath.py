@@ -114,7 +114,7 @@ def bench_decode(model, batch: int, prompt: int, steps: int, variants: list[str]
     for name in variants:
         kwargs, inductor_config = VARIANTS[name]
         torch._dynamo.reset()  # inductor settings are not part of dynamo's guards: compile afresh
-        decoder = StaticDecoder(model, batch, max_seq, **kwargs)
+        decoder = StaticDecoder(model, batch, max_seq, output="tokens", **kwargs)  # greedy: selected on the vocabulary shards
         started = time.perf_counter()
         with torch._inductor.config.patch(inductor_config):
             decoder.warm_up()

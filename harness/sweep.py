@@ -74,6 +74,18 @@ def resolve_decode_path(path: str, implementation: str, device: str) -> str:
     return ("cuda-graph" if device == "cuda" else "eager") if path == "auto" else path
 
 
+# How the reference prefills: "compiled" runs the prefill through torch.compile (one compile per
+# point; ~1-3 min on an 8B shape), "eager" does not; auto: compiled on CUDA, eager on CPU (where a
+# compile costs more than the tiny preset's whole sweep). The peer always prefills eagerly.
+PREFILL_PATHS = ("auto", "eager", "compiled")
+
+
+def resolve_prefill_path(path: str, implementation: str, device: str) -> str:
+    if implementation != "reference":
+        return "eager"
+    return ("compiled" if device == "cuda" else "eager") if path == "auto" else path
+
+
 @dataclass
 class SweepConfig:
     """A sweep definition: every (implementation, preset, phase, world size) point to run.
@@ -92,6 +104,8 @@ class SweepConfig:
     project: bool = False  # allow world sizes beyond the devices present (projected)
     compare_projection: bool = False  # also project the measured world sizes > 1 (projection-error table)
     decode_path: str = "auto"  # reference decode: see DECODE_PATHS (auto: cuda-graph on CUDA, eager on CPU)
+    prefill_path: str = "auto"  # reference prefill: see PREFILL_PATHS (auto: compiled on CUDA, eager on CPU)
+    sequence_parallel: bool = True  # reference prefill with sequence parallelism (norms, residuals on sequence shards)
 
     def validate(self) -> "SweepConfig":
         """Types first (so no check below meets a value it cannot compare), then values, then
@@ -113,13 +127,13 @@ class SweepConfig:
         require(len(self.phases) >= 1, "phases", list(self.phases), "must hold at least one phase")
         for ph in self.phases:
             _check_phase(ph)
-        for key in ("dtype", "device", "decode_path"):
+        for key in ("dtype", "device", "decode_path", "prefill_path"):
             require(isinstance(getattr(self, key), str), key, getattr(self, key), "must be a string")
         parse_dtype(self.dtype)
         require(self.device in ("cpu", "cuda"), "device", self.device, "must be cpu or cuda")
         require(_is_int(self.warmup) and self.warmup >= 0, "warmup", self.warmup, "must be an integer >= 0")
         require(_is_int(self.repeats) and self.repeats >= 1, "repeats", self.repeats, "must be an integer >= 1")
-        for key in ("project", "compare_projection"):
+        for key in ("project", "compare_projection", "sequence_parallel"):
             require(isinstance(getattr(self, key), bool), key, getattr(self, key), "must be true or false")
         for preset in self.presets:
             for ws in self.world_sizes:
@@ -134,6 +148,7 @@ class SweepConfig:
                         raise TPConfigError("world_sizes", ws, f"the dtensor implementation cannot shard preset {preset} {ws} ways ({e})") from None
         require(self.decode_path in DECODE_PATHS, "decode_path", self.decode_path, f"must be one of {DECODE_PATHS}")
         require(self.decode_path in ("auto", "eager") or self.device == "cuda", "decode_path", self.decode_path, "needs device = cuda (CUDA graphs)")
+        require(self.prefill_path in PREFILL_PATHS, "prefill_path", self.prefill_path, f"must be one of {PREFILL_PATHS}")
         if self.device == "cuda":
             self._check_gpus(torch.cuda.device_count())
         return self
@@ -238,15 +253,16 @@ class BuiltModel:
 MODES = ("tp", "null", "projected")
 
 
-def build_model(ctx, implementation: str, preset: str, dtype: str, mode: str, world: int) -> BuiltModel:
+def build_model(ctx, implementation: str, preset: str, dtype: str, mode: str, world: int, sequence_parallel: bool = False) -> BuiltModel:
     """This rank's model for one point. mode: "tp" (its part of the world's TP model, real
     collectives), "null" (the same shard shapes, no collectives: T_null), "projected" (rank 0's
-    shard of a `world`-way model alone on this device, no collectives)."""
+    shard of a `world`-way model alone on this device, no collectives). `sequence_parallel`:
+    the reference's prompts run with sequence parallelism (impl/model.py)."""
     config, torch_dtype = PRESETS[preset], parse_dtype(dtype)
     if implementation == "reference":
         rank = ctx.rank if mode == "null" else 0
         comm = CountingCommunicator(ctx.comm if mode == "tp" else NullCommunicator(world, rank))
-        model = random_model(config, comm, torch_dtype, ctx.device).eval()
+        model = random_model(config, comm, torch_dtype, ctx.device, sequence_parallel=sequence_parallel).eval()
         return BuiltModel(model, config.vocab_size, comm.reset, lambda phase: [asdict(r) for r in comm.records])
     # the peer: DTensor's collectives are invisible to a Communicator, so they are listed from its plan
     if mode == "tp" and world > 1:
@@ -271,19 +287,38 @@ def build_model(ctx, implementation: str, preset: str, dtype: str, mode: str, wo
 # `run`. A faster decode path (e.g. CUDA graphs) replaces decode_step / make_decode only.
 
 
-def make_prefill(model, ids):
+def greedy_next(model, ids, position: int = 0, use_cache: bool = False):
+    """The greedy next token (batch,) after ids (batch, seq): the reference selects it on its
+    vocabulary shards (LlamaModel.greedy); the peer's argmax consumes its gathered logits, so
+    DTensor's asynchronous last all-gather cannot still be in flight when the clock stops."""
+    if hasattr(model, "greedy"):
+        return model.greedy(ids, position, use_cache=use_cache)
+    return model(ids, position, use_cache=use_cache, last_only=True)[:, -1].argmax(-1)
+
+
+def make_prefill(model, ids, path: str = "eager"):
+    """A last-token prefill of ids to the greedy token. path "compiled": through torch.compile,
+    compiled here (untimed). The first call is eager on either path: it fixes the model's
+    sequence-parallel mode and its collectives are the ones a counting communicator sees."""
+    with torch.no_grad():
+        greedy_next(model, ids)
+    step = greedy_next
+    if path == "compiled":
+        torch._dynamo.reset()  # each point compiles its own model; stay clear of dynamo's recompile limit
+        step = torch.compile(greedy_next, dynamic=False)
+        with torch.no_grad():
+            step(model, ids)
+
     @torch.no_grad()
     def run():
-        # the argmax consumes the logits: DTensor's last all-gather is asynchronous and would
-        # otherwise still be in flight when the clock stops
-        model(ids, last_only=True)[:, -1].argmax(-1)
+        step(model, ids)
 
     return (lambda: None), run
 
 
 def decode_step(model, token, position: int):
     """One decode step: the next token (batch, 1) from `token` at `position` (KV cache in the model)."""
-    return model(token, position, use_cache=True)[:, -1].argmax(-1, keepdim=True)
+    return greedy_next(model, token, position, use_cache=True)[:, None]
 
 
 def make_decode(model, ids, steps: int, path: str = "eager", count_step=None):
@@ -298,21 +333,21 @@ def make_decode(model, ids, steps: int, path: str = "eager", count_step=None):
         max_seq = -(-(prompt + steps) // 16) * 16
         step_records = count_step(ids, max_seq) if count_step else None
         torch._dynamo.reset()  # each point compiles its own model; stay clear of dynamo's recompile limit
-        decoder = StaticDecoder(model, ids.shape[0], max_seq, compile="inductor" if path.startswith("compiled") else None, cuda_graph=True)
+        decoder = StaticDecoder(model, ids.shape[0], max_seq, compile="inductor" if path.startswith("compiled") else None, cuda_graph=True, output="tokens")
         decoder.warm_up()
         with torch.no_grad():
-            model(ids, 0, use_cache=True, last_only=True)[:, -1].argmax(-1)
+            greedy_next(model, ids, 0, use_cache=True)
 
         def replay_run():
             token = ids[:, -1:]
             for step in range(steps):
-                token = decoder.replay(token, prompt + step).argmax(-1, keepdim=True)
+                token = decoder.replay(token, prompt + step)
 
         return (lambda: None), replay_run, step_records
     if hasattr(model, "allocate_kv_cache"):  # tpgate: preallocated cache, rewritten in place by every run
         model.allocate_kv_cache(ids.shape[0], prompt + steps)
     with torch.no_grad():
-        model(ids, 0, use_cache=True, last_only=True)[:, -1].argmax(-1)  # consumed: see make_prefill
+        greedy_next(model, ids, 0, use_cache=True)
     # the peer's cache grows by concatenation: cut it back to the prompt before every run
     setup = (lambda: model.truncate_cache(prompt)) if hasattr(model, "truncate_cache") else (lambda: None)
 
@@ -330,7 +365,7 @@ def _step_counter(built: BuiltModel):
     def count(ids, max_seq):
         built.model.allocate_kv_cache(ids.shape[0], max_seq)
         with torch.no_grad():
-            built.model(ids, 0, use_cache=True, last_only=True)
+            greedy_next(built.model, ids, 0, use_cache=True)
             built.reset()
             decode_step(built.model, ids[:, -1:], ids.shape[1])
         return built.records(Phase("decode", ids.shape[0], ids.shape[1], 1))
@@ -339,9 +374,10 @@ def _step_counter(built: BuiltModel):
 
 
 def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: str, warmup: int, repeats: int, mode: str,
-                    world: int | None = None, decode_path: str = "eager") -> dict:
-    """Time one phase on this rank (see build_model for `mode`; `world` defaults to the rank's world;
-    `decode_path` as resolved by resolve_decode_path)."""
+                    world: int | None = None, decode_path: str = "eager", prefill_path: str = "eager", sequence_parallel: bool = False) -> dict:
+    """Time one phase on this rank (see build_model for `mode` and `sequence_parallel`; `world`
+    defaults to the rank's world; `decode_path` / `prefill_path` as resolved by
+    resolve_decode_path / resolve_prefill_path)."""
     require(mode in MODES, "mode", mode, f"must be one of {MODES}")
     world = world or ctx.world_size
     threads = torch.get_num_threads()
@@ -349,14 +385,18 @@ def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: 
         # a CPU rank of a `world`-rank sweep gets cores // world threads (orchestrator); the projection plays such a rank
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        built = build_model(ctx, implementation, preset, dtype, mode, world)
+        built = build_model(ctx, implementation, preset, dtype, mode, world, sequence_parallel)
         ids = torch.randint(0, built.vocab, (phase.batch, phase.prompt), device=ctx.device)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         if phase.kind == "prefill":
-            (setup, run), step_records = make_prefill(built.model, ids), None
+            built.reset()
+            setup, run = make_prefill(built.model, ids, prefill_path)
+            # a compiled run is invisible to the communicator: make_prefill's first, eager call was counted
+            run_records = built.records(phase) if prefill_path == "compiled" else None
         else:
             setup, run, step_records = make_decode(built.model, ids, phase.steps, decode_path, count_step=_step_counter(built))
+            run_records = None if step_records is None else step_records * phase.steps
         timed = _clock(ctx.device)
         for _ in range(warmup):
             setup()
@@ -368,7 +408,7 @@ def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: 
                 ctx.comm.barrier()  # ranks start each repeat together
             built.reset()
             times.append(timed(run))
-        collectives = built.records(phase) if step_records is None else step_records * phase.steps  # one repeat's worth
+        collectives = built.records(phase) if run_records is None else run_records  # one repeat's worth
     finally:
         torch.set_num_threads(threads)
     per_step = phase.steps if phase.kind == "decode" else 1
@@ -426,11 +466,13 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: dict | None = None, progr
                "world_size": ws, "device": cfg.device, "dtype": cfg.dtype, "projected": projected, "status": "ok", "error": ""}
         if progress:
             progress(n, len(tasks), f"{impl} {preset} {phase.kind} ws={ws}{' (projected)' if projected else ''}")
-        path = resolve_decode_path(cfg.decode_path, impl, cfg.device) if phase.kind == "decode" else ""
-        row["decode_path"] = path
+        decode = phase.kind == "decode"
+        row["decode_path"] = resolve_decode_path(cfg.decode_path, impl, cfg.device) if decode else ""
+        row["prefill_path"] = "" if decode else resolve_prefill_path(cfg.prefill_path, impl, cfg.device)
+        row["sequence_parallel"] = not decode and impl == "reference" and cfg.sequence_parallel and ws > 1
         try:
             args = (impl, preset, phase, cfg.dtype, cfg.warmup, cfg.repeats)
-            kw = {"decode_path": path} if path else {}
+            kw = {"decode_path": row["decode_path"]} if decode else {"prefill_path": row["prefill_path"], "sequence_parallel": row["sequence_parallel"]}
             if projected:
                 if ws > gpus and cfg.device == "cuda" and not cfg.project:
                     raise TPConfigError("world_sizes", ws, f"needs {ws} GPUs, {gpus} present; pass --project to project it")

@@ -22,10 +22,13 @@ from contextlib import nullcontext
 
 import torch
 
+from . import kernels
 from .architecture import require
 from .model import LlamaModel, sample
 
 GRAPH_FREE_COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
+OUTPUTS = ("logits", "tokens")
+ATTENTION_KERNELS = ("auto", "torch", "triton")
 
 
 class StaticDecoder:
@@ -38,20 +41,35 @@ class StaticDecoder:
     without code generation), or None for eager kernels. compile_mode is passed to
     torch.compile (e.g. "max-autotune-no-cudagraphs"; never a cudagraph mode: the graph is
     captured here, explicitly). cuda_graph: capture the step (default: when on CUDA).
+    output: what one step returns — "logits" (batch, vocab), for any sampling, or "tokens"
+    (batch, 1), the greedy token selected on the vocabulary shards (`LlamaModel.greedy`: no
+    logits gathered); a "tokens" decoder generates greedily only.
+    attention_kernel: "triton" runs each layer's rotary, cache writes and attention as one fused
+    kernel (impl/kernels.py), "torch" as PyTorch ops; "auto": triton on a CUDA device where Triton
+    is installed, else torch. The model's attention layers keep the choice until changed.
     Timings of the first call (compile) and of the capture are kept in `self.setup_s`.
     """
 
     def __init__(self, model: LlamaModel, batch: int, max_seq_len: int, compile: str | None = "inductor", compile_mode: str | None = None,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, output: str = "logits", attention_kernel: str = "auto"):
         require(isinstance(batch, int) and batch >= 1, "batch", batch, "must be an integer >= 1")
+        require(output in OUTPUTS, "output", output, f"must be one of {OUTPUTS}")
+        require(attention_kernel in ATTENTION_KERNELS, "attention_kernel", attention_kernel, f"must be one of {ATTENTION_KERNELS}")
         device = next(model.parameters()).device
         cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         require(not cuda_graph or device.type == "cuda", "cuda_graph", cuda_graph, f"needs the model on a CUDA device, not {device}")
         # torch.compile's own cudagraph modes would capture a second time, around our capture
         require(compile_mode in GRAPH_FREE_COMPILE_MODES, "compile_mode", compile_mode, f"must be one of {GRAPH_FREE_COMPILE_MODES} (the graph is captured by cuda_graph=True)")
+        if attention_kernel == "auto":
+            attention_kernel = "triton" if device.type == "cuda" and kernels.available(device) else "torch"
+        require(attention_kernel == "torch" or kernels.available(device), "attention_kernel", attention_kernel,
+                f"needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); found {device}, Triton {'present' if kernels.triton else 'absent'}")
+        for layer in model.layers:
+            layer.attention.decode_kernel = attention_kernel
+        self.attention_kernel = attention_kernel
         model.allocate_kv_cache(batch, max_seq_len)
         self._cache = model.layers[0].attention.k_cache  # the graph holds its address
-        self.model, self.batch, self.max_seq_len, self.device = model, batch, max_seq_len, device
+        self.model, self.batch, self.max_seq_len, self.device, self.output = model, batch, max_seq_len, device, output
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # static input of the step
         self.position = torch.zeros((), dtype=torch.long, device=device)  # tokens already cached
         self.step = self._eager_step if compile is None else torch.compile(self._eager_step, backend=compile, mode=compile_mode, fullgraph=True, dynamic=False)
@@ -60,13 +78,16 @@ class StaticDecoder:
 
     @torch.no_grad()
     def _eager_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """token (batch, 1) long, position () long -> logits (batch, vocab), replicated on every rank."""
+        """token (batch, 1) long, position () long -> logits (batch, vocab) or, with output
+        "tokens", the greedy next token (batch, 1) long; replicated on every rank."""
+        if self.output == "tokens":
+            return self.model.greedy(token, position, use_cache=True)[:, None]
         return self.model(token, position, use_cache=True)[:, -1]
 
     @torch.no_grad()
     def replay(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        """Logits (batch, vocab) of the step that feeds `token` (batch, 1) at `position` (tokens
-        already cached); the returned tensor is the graph's output buffer, overwritten by the
+        """Logits (batch, vocab) — or the greedy token (batch, 1) with output "tokens" — of the
+        step that feeds `token` (batch, 1) at `position` (tokens already cached); the returned tensor is the graph's output buffer, overwritten by the
         next replay. Both inputs reach the graph by device-side copies: no host sync."""
         self.warm_up()
         self.token.copy_(token)
@@ -116,17 +137,20 @@ class StaticDecoder:
         replay. `on_step(step)` is called after each step is enqueued (for timing; it must not sync)."""
         require(ids.dim() == 2 and ids.shape[0] == self.batch, "ids.shape", tuple(ids.shape), f"must be (batch={self.batch}, prompt)")
         require(max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "must be >= 1")
+        require(self.output == "logits" or temperature == 0, "temperature", temperature, 'must be 0 with output="tokens" (the step returns greedy tokens, not logits)')
         prompt = ids.shape[1]
         # the last token is returned, never fed back: prompt + max_new_tokens - 1 positions are cached
         require(prompt + max_new_tokens - 1 <= self.max_seq_len, "prompt + max_new_tokens - 1", prompt + max_new_tokens - 1, f"must be <= max_seq_len={self.max_seq_len} of the static KV cache")
         self.warm_up()
         generator = torch.Generator(device=ids.device).manual_seed(seed)
         out = torch.empty(self.batch, max_new_tokens, dtype=torch.long, device=ids.device)
-        logits = self.model(ids, 0, use_cache=True, last_only=True)[:, -1]
+
+        def pick(step_output: torch.Tensor) -> torch.Tensor:  # a step's output -> tokens (batch,)
+            return step_output[:, 0] if self.output == "tokens" else sample(step_output.float(), temperature, top_k, top_p, generator)
+
+        prefill = self.model.greedy(ids, 0, use_cache=True)[:, None] if self.output == "tokens" else self.model(ids, 0, use_cache=True, last_only=True)[:, -1]
         for step in range(max_new_tokens):
-            out[:, step] = sample(logits.float(), temperature, top_k, top_p, generator)
-            if step + 1 < max_new_tokens:
-                logits = self.replay(out[:, step, None], prompt + step)
+            out[:, step] = pick(prefill if step == 0 else self.replay(out[:, step - 1, None], prompt + step - 1))
             if on_step is not None:
                 on_step(step)
         return out

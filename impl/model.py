@@ -178,8 +178,12 @@ class LlamaModel(nn.Module):
         tag_sequence_parallel_grad(self.norm.weight, active)  # the final norm runs on sequence shards too
         self._sp_active = active
 
-    def forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor = 0, use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
-        """`start_pos` may be a long tensor on ids' device (static decode, see ParallelAttention)."""
+    def final_hidden(self, ids: torch.Tensor, start_pos: int | torch.Tensor = 0, use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
+        """ids (batch, seq) long, replicated -> the final norm's output (batch, seq or 1, hidden),
+        replicated: what the LM head reads. `start_pos` may be a long tensor on ids' device
+        (static decode, see ParallelAttention). With sequence parallelism and `last_only`, only
+        each shard's last token is all-gathered (the last rank's is the sequence's last), not
+        the whole (batch, seq, hidden) hidden state."""
         tp, seq = self.comm.world_size, ids.shape[1]
         window = self.config.extra.get("sliding_window")
         # sliding-window attention is not implemented; within the window full attention is identical.
@@ -191,13 +195,24 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             h = layer(h, start_pos, use_cache)
         h = self.norm(h)
+        if last_only:
+            h = h[:, -1:]
         if sp:
             # all-gather whose backward keeps this rank's slice: the LM head's copy_to_parallel
             # already all-reduces the input gradient, so a reduce-scatter here would count it tp times
             h = gather_from_parallel(h, self.comm, 1)
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(h)
+            h = h[:, -1:] if last_only else h
+        return h
+
+    def forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor = 0, use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
+        """Logits (batch, seq or 1, vocab_size), replicated (see final_hidden for the arguments)."""
+        return self.lm_head(self.final_hidden(ids, start_pos, use_cache, last_only))
+
+    def greedy(self, ids: torch.Tensor, start_pos: int | torch.Tensor = 0, use_cache: bool = False) -> torch.Tensor:
+        """The greedy next token after `ids` (batch, seq): (batch,) long, replicated, equal to
+        `forward(..., last_only=True)[:, -1].argmax(-1)` but selected on the vocabulary shards
+        (ParallelLMHead.greedy: one all-gather of (batch, 2) instead of (batch, vocab/tp) logits)."""
+        return self.lm_head.greedy(self.final_hidden(ids, start_pos, use_cache, last_only=True))[:, -1]
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -217,13 +232,15 @@ class LlamaModel(nn.Module):
         # the last token is returned, never fed back: prompt + max_new_tokens - 1 positions are cached
         self.allocate_kv_cache(batch, prompt + max_new_tokens - 1)
         generator = torch.Generator(device=ids.device).manual_seed(seed)
-        logits = self(ids, 0, use_cache=True, last_only=True)[:, -1]
-        out = []
-        for step in range(max_new_tokens):
-            token = sample(logits.float(), temperature, top_k, top_p, generator)
-            out.append(token)
-            if step + 1 < max_new_tokens:
-                logits = self(token[:, None], prompt + step, use_cache=True)[:, -1]
+
+        def next_token(x: torch.Tensor, start_pos: int) -> torch.Tensor:
+            if temperature == 0:  # on the vocabulary shards: no logits gathered
+                return self.greedy(x, start_pos, use_cache=True)
+            return sample(self(x, start_pos, use_cache=True, last_only=True)[:, -1].float(), temperature, top_k, top_p, generator)
+
+        out = [next_token(ids, 0)]
+        for step in range(1, max_new_tokens):
+            out.append(next_token(out[-1][:, None], prompt + step - 1))
         return torch.stack(out, 1)
 
 
@@ -243,7 +260,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def random_model(config: ModelConfig, comm: Communicator, dtype=torch.bfloat16, device="cpu", seed: int = 0, std: float = 0.02) -> LlamaModel:
+def random_model(config: ModelConfig, comm: Communicator, dtype=torch.bfloat16, device="cpu", seed: int = 0, std: float = 0.02,
+                 sequence_parallel: bool = False) -> LlamaModel:
     """A model of `config` whose local shards are drawn directly on this rank (no full tensors
     exist anywhere): for timing and memory sweeps, where values do not matter but shapes do."""
     config.check_tp(comm.world_size)
@@ -258,7 +276,7 @@ def random_model(config: ModelConfig, comm: Communicator, dtype=torch.bfloat16, 
         layers.append(TransformerBlock(attention, mlp, RMSNorm(config.hidden_size, config.rms_norm_eps, **kw), RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)))
     norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
     lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, comm, tied_to=embed if config.tie_word_embeddings else None, **kw)
-    model = LlamaModel(config, comm, embed, layers, norm, lm_head)
+    model = LlamaModel(config, comm, embed, layers, norm, lm_head, sequence_parallel)
     generator = torch.Generator(device=device).manual_seed(seed + comm.rank)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -21,6 +21,7 @@ from torch import nn
 
 from .architecture import Communicator, TPConfigError, check_kv_heads, require, require_divisible
 from .communication import copy_to_parallel, gather_from_parallel, gather_from_sequence, reduce_from_parallel, reduce_scatter_to_sequence, scatter_to_parallel
+from .kernels import decode_attention as fused_decode_attention
 
 
 # --------------------------------------------------------------------------- sharding helpers
@@ -361,6 +362,25 @@ class ParallelLMHead(nn.Module):
     def forward(self, x):
         return gather_from_parallel(self.local_logits(x), self.comm, -1)[..., : self.vocab_size]
 
+    def greedy(self, x):
+        """The greedy token without gathering the logits: x (..., hidden) replicated -> (...) long,
+        replicated, equal to `forward(x).argmax(-1)` — ties go to the lowest vocabulary index (as
+        torch.argmax takes the first maximum), padded columns (-inf) are never chosen.
+
+        Each rank reduces its V_padded/tp columns to (best value, global index); one all-gather of
+        (..., 2) values replaces the all-gather of (..., V_padded/tp) logits. Ranks hold ascending
+        vocabulary ranges, so the first rank holding the maximum holds its lowest index. The pair
+        travels in the logits' dtype widened to at least float32, which holds every index exactly."""
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        exact = 2 ** 24 if wide == torch.float32 else 2 ** 53  # integers a float holds exactly
+        require(self.rows * self.comm.world_size <= exact, "vocab_size", self.vocab_size, f"must be <= {exact} for indices to travel exactly in {wide}")
+        logits = self.local_logits(x)
+        index = logits.argmax(-1, keepdim=True)
+        pair = torch.cat([logits.gather(-1, index).to(wide), (index + self.start).to(wide)], -1)
+        candidates = gather_from_parallel(pair, self.comm, -1).unflatten(-1, (self.comm.world_size, 2))
+        winner = candidates[..., 0].argmax(-1, keepdim=True)
+        return candidates[..., 1].gather(-1, winner).squeeze(-1).long()
+
     @classmethod
     def from_full(cls, weight, comm: Communicator, **kw):
         vocab, hidden = shape_of(weight)
@@ -454,6 +474,10 @@ class ParallelAttention(nn.Module):
         self.o_proj = o_proj or RowParallelLinear(num_heads * head_dim, hidden_size, comm, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         self.register_buffer("inv_freq", rotary_inv_freq(head_dim, rope_theta, rope_scaling).to(device), persistent=False)
         self.k_cache = self.v_cache = None
+        # "torch": rotary, cache writes and attention as separate PyTorch ops (any device; the reference);
+        # "triton": a static decode step (one token, tensor start_pos) runs them as one fused kernel
+        # (impl/kernels.py). Set by whoever owns the decode loop (impl/decoding.py StaticDecoder).
+        self.decode_kernel = "torch"
 
     def allocate_kv_cache(self, max_batch: int, max_seq_len: int):
         shape = (max_batch, self.qkv.local_kv_heads, max_seq_len, self.head_dim)
@@ -489,6 +513,10 @@ class ParallelAttention(nn.Module):
         require(use_cache or start_pos == 0, "start_pos", start_pos, "must be 0 without use_cache=True (start_pos counts the tokens already in the KV cache)")
         positions = start_pos.reshape(1) + torch.arange(s, device=x.device) if static else torch.arange(start_pos, start_pos + s, device=x.device)
         cos, sin = self.rotary(positions[None])
+        if static and s == 1 and self.decode_kernel == "triton":
+            require(self.k_cache is not None and b <= self.k_cache.shape[0], "use_cache", use_cache, "call allocate_kv_cache() first, for at least this batch")
+            out = fused_decode_attention(q, k, v, cos, sin, self.k_cache, self.v_cache, positions)
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, hq * d))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if use_cache:
             require(self.k_cache is not None, "use_cache", use_cache, "call allocate_kv_cache() first")

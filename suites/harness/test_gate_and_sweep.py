@@ -5,6 +5,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from harness import gate as gate_module
 from harness.gate import GateConfig, evaluate_gate
@@ -190,12 +191,27 @@ def test_cpu_sweep_measures_every_point(worlds):
     frame = run_sweep(cfg, lambda n: worlds[n])
     assert (frame["status"] == "ok").all(), frame["error"].tolist()
     assert len(frame) == 2 * 2 * 3  # implementations x phases x (ws 1, ws 2, ws 2 projected)
-    layers = PRESETS["tiny"].num_layers
-    tp2 = frame[frame["world_size"] == 2]
-    # per forward: 2 all-reduces per block + the embedding's all-reduce + the LM head's all-gather, for both implementations
-    assert (tp2["collectives_per_step"] == 2 * layers + 2).all()
-    by_impl = tp2[~tp2["projected"]].set_index(["phase", "implementation"])["comm_bytes_per_step"].unstack()
-    assert (by_impl["reference"] == by_impl["dtensor"]).all(), by_impl  # the same messages
+    c = PRESETS["tiny"]
+    layers, h, f32 = c.num_layers, c.hidden_size, 4
+    tp2 = frame[frame["world_size"] == 2].set_index(["implementation", "phase", "projected"])
+    # (collectives, bytes this rank sends) per step, from the algorithm. Plain TP (the peer; the reference's
+    # decode): 2 all-reduces per block + the embedding's all-reduce of (b, s, h), then an all-gather —
+    # of (b, 1, vocab/tp) logits for the peer, of one (value, index) pair per row for the reference's
+    # greedy selection on its vocabulary shards. The reference's prefill is sequence-parallel (8 % 2 == 0):
+    # per block 2 all-gathers of (b, s/2, h) and 2 reduce-scatters of (b, s, h), the embedding's
+    # reduce-scatter, the all-gather of each shard's last token, the pair.
+    b, s, tp = 1, 8, 2
+    expected = {
+        ("dtensor", "prefill"): (2 * layers + 2, (2 * layers + 1) * b * s * h * f32 + b * c.vocab_size // tp * f32),
+        ("dtensor", "decode"): (2 * layers + 2, (2 * layers + 1) * b * h * f32 + b * c.vocab_size // tp * f32),
+        ("reference", "prefill"): (4 * layers + 3, (2 * layers * (b * s // tp * h) + (2 * layers + 1) * b * s * h + b * h + 2 * b) * f32),
+        ("reference", "decode"): (2 * layers + 2, ((2 * layers + 1) * b * h + 2 * b) * f32),
+    }
+    for (impl, phase), (count, nbytes) in expected.items():
+        for projected in (False, True):
+            row = tp2.loc[(impl, phase, projected)]
+            assert (row["collectives_per_step"], row["comm_bytes_per_step"]) == (count, nbytes), (impl, phase, projected)
+    assert frame[(frame["phase"] == "prefill") & (frame["world_size"] == 2)].groupby("implementation")["sequence_parallel"].all().to_dict() == {"dtensor": False, "reference": True}
     assert (frame[frame["world_size"] == 1]["collectives_per_step"] == 0).all()
     assert frame["exposed_comm"].between(0, 1).all() and (frame["latency_s"] > 0).all()
     assert (frame[frame["world_size"] == 1]["speedup"] == 1.0).all()
@@ -251,3 +267,22 @@ def test_graph_decode_counts_one_eager_step():
     run()
     assert none is None and len(one_step) == 2 * PRESETS["tiny"].num_layers + 2
     assert [r.__dict__ for r in comm.records] == one_step * 3
+
+
+@pytest.mark.parametrize("path", ("eager", "compiled"))
+def test_prefill_collectives_are_counted_on_either_path(path, monkeypatch):
+    """A compiled prefill's runs are invisible to the counting communicator; the point's collectives
+    come from make_prefill's first, eager call instead, so the projection prices the same messages
+    on both paths (torch.compile's backend is swapped for "eager" here: tracing, no code generation)."""
+    from types import SimpleNamespace
+
+    from harness.sweep import measure_on_rank
+    from impl.communication import NullCommunicator
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", dynamic=kw.get("dynamic")))
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), comm=NullCommunicator(1))
+    out = measure_on_rank(ctx, "reference", "tiny", Phase("prefill", 1, 8), "float32", 0, 2, "projected", world=2, prefill_path=path, sequence_parallel=True)
+    layers = PRESETS["tiny"].num_layers
+    kinds = [r["kind"] for r in out["collectives"]]
+    assert len(kinds) == 4 * layers + 3 and kinds.count("reduce_scatter") == 2 * layers + 1, kinds

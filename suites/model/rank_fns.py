@@ -12,6 +12,15 @@ def logits(ctx, directory, ids, sequence_parallel=False, dtype=torch.float32):
         return model(ids.to(ctx.device)).float().cpu()
 
 
+def prefill_outputs(ctx, directory, ids, sequence_parallel=False, dtype=torch.float32):
+    """A prompt's full logits (batch, seq, vocab), its last-token logits (batch, 1, vocab) and the
+    greedy next token (batch,) selected on the vocabulary shards, on this rank."""
+    model = DistributedCheckpointLoader(directory, ctx.comm).load(dtype, ctx.device, sequence_parallel=sequence_parallel)
+    ids, wide = ids.to(ctx.device), torch.promote_types(dtype, torch.float32)  # a float64 reference stays float64
+    with torch.no_grad():
+        return {"logits": model(ids).to(wide).cpu(), "last": model(ids, last_only=True).to(wide).cpu(), "greedy": model.greedy(ids).cpu()}
+
+
 def save(ctx, directory, out_dir):
     model = DistributedCheckpointLoader(directory, ctx.comm).load(torch.float32, ctx.device)
     save_shards(model, out_dir)

@@ -18,20 +18,26 @@ def _ids(directory, batch=2, seq=8, seed=0):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("world_size", (2, 4))
-@pytest.mark.parametrize("seq", (8, 7))  # 7: not a multiple of tp -> the model falls back to plain TP
-def test_sequence_parallel_model_matches_plain_tp(world_size, seq, checkpoint, worlds):
-    directory = str(checkpoint("llama-gqa"))
+@pytest.mark.parametrize("world_size,seq,dtype", [(ws, seq, "float32") for ws in (1, 2, 4) for seq in (8, 7)] + [(2, 8, "bfloat16"), (4, 8, "bfloat16")])
+def test_sequence_parallel_model_matches_plain_tp(world_size, seq, dtype, checkpoint, worlds):
+    """Sequence-parallel prefill (seq a multiple of tp; 7 is not, and falls back to plain TP) gives
+    the single-device function within the tolerance policy: full logits, the last-token logits
+    (only each shard's last token is gathered) and the greedy token (selected on the vocabulary
+    shards, equal to the argmax of the same forward's last-token logits)."""
+    directory, torch_dtype = str(checkpoint("llama-gqa")), getattr(torch, dtype)
     ids = _ids(directory, seq=seq)
-    plain = worlds[world_size].run(rank_fns.logits, directory, ids)[0]
-    sp = worlds[world_size].run(rank_fns.logits, directory, ids, True)
-    assert all(torch.equal(s, sp[0]) for s in sp)
-    single = worlds[1].run(rank_fns.logits, directory, ids)[0]
-    exact = worlds[1].run(rank_fns.logits, directory, ids, False, torch.float64)[0].double()
-    row = compare("logits", sp[0], single, exact, torch.float32, world_size)
-    assert row["passed"], row
-    if seq % world_size:
-        assert torch.equal(sp[0], plain)
+    plain = worlds[world_size].run(rank_fns.prefill_outputs, directory, ids, False, torch_dtype)[0]
+    sp = worlds[world_size].run(rank_fns.prefill_outputs, directory, ids, True, torch_dtype)
+    for key in ("logits", "last", "greedy"):
+        assert all(torch.equal(s[key], sp[0][key]) for s in sp), f"{key} differs between ranks"
+    single = worlds[1].run(rank_fns.prefill_outputs, directory, ids, False, torch_dtype)[0]
+    exact = worlds[1].run(rank_fns.prefill_outputs, directory, ids, False, torch.float64)[0]
+    for key in ("logits", "last"):
+        row = compare(key, sp[0][key], single[key], exact[key], torch_dtype, world_size)
+        assert row["passed"], row
+    assert torch.equal(sp[0]["greedy"], sp[0]["last"][:, -1].argmax(-1))
+    if seq % world_size or world_size == 1:
+        assert all(torch.equal(sp[0][key], plain[key]) for key in plain)
 
 
 @pytest.mark.parametrize("save_tp,load_tp", [(4, 2), (2, 1), (1, 4), (4, 4)])
