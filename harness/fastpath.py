@@ -95,7 +95,8 @@ CDT = {"coordinate_descent_tuning": True}
 VARIANTS = {
     "eager": (dict(compile=None, cuda_graph=False), {}),
     "cuda-graph": (dict(compile=None, cuda_graph=True), {}),
-    "compiled+cuda-graph": (dict(compile="inductor", cuda_graph=True), CDT),
+    "compiled+cuda-graph": (dict(compile="inductor", cuda_graph=True), CDT),  # attention: the fused Triton kernel (impl/kernels.py)
+    "compiled-torch-attention+cuda-graph": (dict(compile="inductor", cuda_graph=True, attention_kernel="torch"), CDT),
     "compiled-cublas+cuda-graph": (dict(compile="inductor", cuda_graph=True), {"coordinate_descent_tuning": False}),
     "autotuned+cuda-graph": (dict(compile="inductor", compile_mode="max-autotune-no-cudagraphs", cuda_graph=True), CDT),
     # horizontal fusion of independent small kernels (rotary, cache writes), and fusion past inductor's

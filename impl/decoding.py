@@ -46,7 +46,7 @@ class StaticDecoder:
     logits gathered); a "tokens" decoder generates greedily only.
     attention_kernel: "triton" runs each layer's rotary, cache writes and attention as one fused
     kernel (impl/kernels.py), "torch" as PyTorch ops; "auto": triton on a CUDA device where Triton
-    is installed, else torch. The model's attention layers keep the choice until changed.
+    is installed and the model is not float64, else torch. The model's attention layers keep the choice until changed.
     Timings of the first call (compile) and of the capture are kept in `self.setup_s`.
     """
 
@@ -60,10 +60,12 @@ class StaticDecoder:
         require(not cuda_graph or device.type == "cuda", "cuda_graph", cuda_graph, f"needs the model on a CUDA device, not {device}")
         # torch.compile's own cudagraph modes would capture a second time, around our capture
         require(compile_mode in GRAPH_FREE_COMPILE_MODES, "compile_mode", compile_mode, f"must be one of {GRAPH_FREE_COMPILE_MODES} (the graph is captured by cuda_graph=True)")
+        dtype = next(model.parameters()).dtype
         if attention_kernel == "auto":
-            attention_kernel = "triton" if device.type == "cuda" and kernels.available(device) else "torch"
-        require(attention_kernel == "torch" or kernels.available(device), "attention_kernel", attention_kernel,
-                f"needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); found {device}, Triton {'present' if kernels.triton else 'absent'}")
+            attention_kernel = "triton" if device.type == "cuda" and kernels.available(device, dtype) else "torch"
+        require(attention_kernel == "torch" or kernels.available(device, dtype), "attention_kernel", attention_kernel,
+                f"needs Triton, a CUDA device (or TRITON_INTERPRET=1 on the CPU) and a model in one of {kernels.KERNEL_DTYPES}; "
+                f"found {dtype} on {device}, Triton {'present' if kernels.triton else 'absent'}")
         for layer in model.layers:
             layer.attention.decode_kernel = attention_kernel
         self.attention_kernel = attention_kernel

@@ -27,33 +27,39 @@ except ImportError:  # CPU-only machines: the plain path is the only path
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available(device: torch.device) -> bool:
-    """Whether the fused kernel can run on tensors of `device` (a CUDA GPU, or the CPU under Triton's interpreter)."""
-    return triton is not None and (device.type == "cuda" or (_INTERPRET and device.type == "cpu"))
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # it computes in float32: no float64 reference runs here
+
+
+def available(device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Whether the fused kernel can run on tensors of `device` (a CUDA GPU, or the CPU under
+    Triton's interpreter) and, if given, of `dtype`."""
+    return triton is not None and (device.type == "cuda" or (_INTERPRET and device.type == "cpu")) and (dtype is None or dtype in KERNEL_DTYPES)
 
 
 if triton is not None:
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr,
-                                 sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_s, so_b, so_h, scale,
-                                 GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr):
-        # one program per (batch row, kv head): the kv head's new key/value and its GROUP query heads
+    def _decode_attention_kernel(qkv_ptr, table_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, s_row, sc_b, sc_h, sc_s, so_b, so_h,
+                                 SCALE: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HALF: tl.constexpr,
+                                 BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr):
+        # one program per (batch row, kv head): the kv head's new key/value and its GROUP query heads.
+        # A qkv row holds [q heads | k heads | v heads], each head 2*HALF values; the table [cos | sin].
         b, kvh = tl.program_id(0), tl.program_id(1)
         pos = tl.load(pos_ptr)
         h = tl.arange(0, BLOCK_H)
         hm = h < HALF
-        cos = tl.load(cos_ptr + h, mask=hm, other=0.0).to(tl.float32)  # both halves of the table are equal
-        sin = tl.load(sin_ptr + h, mask=hm, other=0.0).to(tl.float32)
+        cos = tl.load(table_ptr + h, mask=hm, other=0.0).to(tl.float32)  # both halves of each table are equal
+        sin = tl.load(table_ptr + 2 * HALF + h, mask=hm, other=0.0).to(tl.float32)
         dtype = k_cache_ptr.dtype.element_ty
+        row = qkv_ptr + b * s_row
 
         # the new key, rotated (half-split pairing) and rounded to the cache's dtype; the new value
-        k_row = k_ptr + b * sk_b + kvh * sk_h
+        k_row = row + (HEADS + kvh) * 2 * HALF
         k1 = tl.load(k_row + h, mask=hm, other=0.0).to(tl.float32)
         k2 = tl.load(k_row + HALF + h, mask=hm, other=0.0).to(tl.float32)
         kr1 = (k1 * cos - k2 * sin).to(dtype)
         kr2 = (k2 * cos + k1 * sin).to(dtype)
-        v_row = v_ptr + b * sv_b + kvh * sv_h
+        v_row = row + (HEADS + KV_HEADS + kvh) * 2 * HALF
         v1 = tl.load(v_row + h, mask=hm, other=0.0).to(dtype)
         v2 = tl.load(v_row + HALF + h, mask=hm, other=0.0).to(dtype)
         cache = b * sc_b + kvh * sc_h
@@ -65,7 +71,7 @@ if triton is not None:
         # the group's queries, rotated and rounded like the plain path's
         g = tl.arange(0, BLOCK_G)
         gm = g < GROUP
-        q_rows = q_ptr + b * sq_b + (kvh * GROUP + g)[:, None] * sq_h
+        q_rows = row + (kvh * GROUP + g)[:, None] * 2 * HALF
         qm = gm[:, None] & hm[None, :]
         q1 = tl.load(q_rows + h[None, :], mask=qm, other=0.0).to(tl.float32)
         q2 = tl.load(q_rows + HALF + h[None, :], mask=qm, other=0.0).to(tl.float32)
@@ -74,7 +80,7 @@ if triton is not None:
         qr2 = (q2 * cos[None, :] + q1 * sin[None, :]).to(dtype).to(tl.float32)
 
         # online softmax, started from the new token (held in registers, never re-read from the cache)
-        m = (tl.sum(qr1 * kr1.to(tl.float32)[None, :], 1) + tl.sum(qr2 * kr2.to(tl.float32)[None, :], 1)) * scale
+        m = (tl.sum(qr1 * kr1.to(tl.float32)[None, :], 1) + tl.sum(qr2 * kr2.to(tl.float32)[None, :], 1)) * SCALE
         denominator = tl.full((BLOCK_G,), 1.0, tl.float32)
         acc1 = tl.zeros((BLOCK_G, BLOCK_H), tl.float32) + v1.to(tl.float32)[None, :]
         acc2 = tl.zeros((BLOCK_G, BLOCK_H), tl.float32) + v2.to(tl.float32)[None, :]
@@ -85,7 +91,7 @@ if triton is not None:
             km = sm[:, None] & hm[None, :]
             kt1 = tl.load(rows, mask=km, other=0.0).to(tl.float32)
             kt2 = tl.load(rows + HALF, mask=km, other=0.0).to(tl.float32)
-            scores = (tl.dot(qr1, tl.trans(kt1), input_precision="ieee") + tl.dot(qr2, tl.trans(kt2), input_precision="ieee")) * scale
+            scores = (tl.dot(qr1, tl.trans(kt1), input_precision="ieee") + tl.dot(qr2, tl.trans(kt2), input_precision="ieee")) * SCALE
             scores = tl.where(sm[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
             alpha = tl.exp(m - m_new)
@@ -106,51 +112,50 @@ def _next_pow2(n: int, at_least: int) -> int:
     return max(at_least, 1 << (n - 1).bit_length())
 
 
-def _launch(q, k, v, cos, sin, k_cache, v_cache, position, out) -> None:
-    b, hq, _, d = q.shape
-    hkv = k.shape[1]
-    # tl.dot needs every dimension >= 16; padded query rows and head-dim columns are masked out
-    grid = (b, hkv)
+def _launch(qkv, table, k_cache, v_cache, position, out, heads: int, kv_heads: int) -> None:
+    b, d = qkv.shape[0], out.shape[-1]
     kernel = _decode_attention_kernel if _INTERPRET or not hasattr(torch.library, "wrap_triton") else torch.library.wrap_triton(_decode_attention_kernel)
-    kernel[grid](q, k, v, cos, sin, k_cache, v_cache, position, out,
-                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), d ** -0.5,
-                 GROUP=hq // hkv, HALF=d // 2, BLOCK_G=_next_pow2(hq // hkv, 16), BLOCK_H=_next_pow2(d // 2, 16), BLOCK_S=32)
+    # tl.dot needs every dimension >= 16: padded query rows and head-dim columns are masked out
+    kernel[(b, kv_heads)](qkv, table, k_cache, v_cache, position, out, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                          out.stride(0), out.stride(1), SCALE=d ** -0.5, HEADS=heads, KV_HEADS=kv_heads, GROUP=heads // kv_heads, HALF=d // 2,
+                          BLOCK_G=_next_pow2(heads // kv_heads, 16), BLOCK_H=_next_pow2(d // 2, 16), BLOCK_S=32)
 
 
 if triton is not None and hasattr(torch.library, "triton_op"):
     @torch.library.triton_op("tpgate::decode_attention", mutates_args={"k_cache", "v_cache"})
-    def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                             k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(q)
-        _launch(q, k, v, cos, sin, k_cache, v_cache, position, out)
+    def _decode_attention_op(qkv: torch.Tensor, table: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
+                             heads: int, kv_heads: int) -> torch.Tensor:
+        out = qkv.new_empty(qkv.shape[0], heads, 1, k_cache.shape[-1])
+        _launch(qkv, table, k_cache, v_cache, position, out, heads, kv_heads)
         return out
 else:
     _decode_attention_op = None
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """One decode step's attention for one layer, fused; returns (b, hq, 1, d) in q's dtype and writes
-    the step's rotated key and its value into cache slot `position` of rows [0, b).
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     position: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """One decode step's attention for one layer, fused; returns (b, heads, 1, d) in qkv's dtype and
+    writes the step's rotated key and its value into cache slot `position` of rows [0, b).
 
-    q: (b, hq, 1, d), k and v: (b, hkv, 1, d) — before rotary, as the qkv projection produced them;
-    cos, sin: the rotary tables of the step's position, d values each (any leading dims of size 1);
-    k_cache, v_cache: (max_batch >= b, hkv, S, d), contiguous in d; position: a 1-element long tensor
-    (tokens already cached, < S) on the same device. hq must be a multiple of hkv (GQA), d even.
-    The plain path it equals: apply_rotary + index_copy_ + softmax(q·Kᵀ/√d)·V over positions <= position."""
-    b, hq, s, d = q.shape
-    hkv = k.shape[1]
-    require(s == 1 and tuple(k.shape) == (b, hkv, 1, d) and tuple(v.shape) == (b, hkv, 1, d), "q/k/v shapes", (tuple(q.shape), tuple(k.shape), tuple(v.shape)),
-            "must be (b, hq, 1, d) and (b, hkv, 1, d): one decode token")
-    require(hq % hkv == 0 and d % 2 == 0, "heads / head_dim", (hq, hkv, d), "hq must be a multiple of hkv and head_dim even")
-    require(k_cache.shape[1:] == (hkv, k_cache.shape[2], d) and k_cache.shape[0] >= b and k_cache.stride(-1) == 1, "k_cache", tuple(k_cache.shape),
-            f"must be (>= {b}, {hkv}, S, {d}), contiguous in the last dim")
+    qkv: (b, 1, (heads + 2 kv_heads) d), the qkv projection's output before rotary, laid out
+    [q heads | k heads | v heads] (QKVParallelLinear's local layout); cos, sin: the rotary tables of
+    the step's position, d values each (leading dims of size 1); k_cache, v_cache: (max_batch >= b,
+    kv_heads, S, d), contiguous in d; position: a 1-element long tensor (tokens already cached, < S)
+    on the same device. heads a multiple of kv_heads (GQA), d even. The plain path it equals:
+    apply_rotary + index_copy_ into the caches + softmax(q·Kᵀ/√d)·V over the positions <= position."""
+    b, s, width = qkv.shape
+    d = k_cache.shape[-1]
+    require(s == 1 and width == (heads + 2 * kv_heads) * d, "qkv.shape", tuple(qkv.shape), f"must be (b, 1, (heads + 2 kv_heads) * head_dim = {(heads + 2 * kv_heads) * d}): one decode token")
+    require(qkv.dtype in KERNEL_DTYPES, "qkv.dtype", qkv.dtype, f"must be one of {KERNEL_DTYPES} (the kernel computes in float32)")
+    require(heads % kv_heads == 0 and d % 2 == 0, "heads / kv_heads / head_dim", (heads, kv_heads, d), "heads must be a multiple of kv_heads and head_dim even")
+    require(k_cache.shape[1] == kv_heads and k_cache.shape[0] >= b and k_cache.stride(-1) == 1, "k_cache", tuple(k_cache.shape),
+            f"must be (>= {b}, {kv_heads}, S, {d}), contiguous in the last dim")
     require(v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride(), "v_cache", tuple(v_cache.shape), "must match k_cache's shape and strides")
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    cos, sin, position = cos.reshape(-1)[-d:].contiguous(), sin.reshape(-1)[-d:].contiguous(), position.reshape(1)
+    qkv = qkv.reshape(b, width).contiguous()
+    table = torch.cat([cos.reshape(-1)[-d:], sin.reshape(-1)[-d:]])  # one small tensor: one kernel to make, not two
+    position = position.reshape(1)
     if _decode_attention_op is not None and not _INTERPRET:
-        return _decode_attention_op(q, k, v, cos, sin, k_cache, v_cache, position)
-    out = torch.empty_like(q)
-    _launch(q, k, v, cos, sin, k_cache, v_cache, position, out)
+        return _decode_attention_op(qkv, table, k_cache, v_cache, position, heads, kv_heads)
+    out = qkv.new_empty(b, heads, 1, d)
+    _launch(qkv, table, k_cache, v_cache, position, out, heads, kv_heads)
     return out

@@ -503,20 +503,22 @@ class ParallelAttention(nn.Module):
         qkv = self.qkv(x)
         s = qkv.shape[1]
         d, hq, hkv = self.head_dim, self.qkv.local_heads, self.qkv.local_kv_heads
+        static = isinstance(start_pos, torch.Tensor)
+        if static and s == 1 and self.decode_kernel == "triton":
+            require(use_cache and self.k_cache is not None and b <= self.k_cache.shape[0], "use_cache", use_cache, "the fused decode step needs allocate_kv_cache() first, for at least this batch")
+            positions = start_pos.reshape(1)
+            cos, sin = self.rotary(positions[None])
+            out = fused_decode_attention(qkv, cos, sin, self.k_cache, self.v_cache, positions, hq, hkv)
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, hq * d))
         q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         q = q.view(b, s, hq, d).transpose(1, 2)
         k = k.view(b, s, hkv, d).transpose(1, 2)
         v = v.view(b, s, hkv, d).transpose(1, 2)
-        static = isinstance(start_pos, torch.Tensor)
         require(use_cache or not static, "start_pos", "tensor", "a tensor start_pos needs use_cache=True (it addresses the static KV cache)")
         # without a cache the keys are only these s tokens: a later start would have nothing to attend to before them
         require(use_cache or start_pos == 0, "start_pos", start_pos, "must be 0 without use_cache=True (start_pos counts the tokens already in the KV cache)")
         positions = start_pos.reshape(1) + torch.arange(s, device=x.device) if static else torch.arange(start_pos, start_pos + s, device=x.device)
         cos, sin = self.rotary(positions[None])
-        if static and s == 1 and self.decode_kernel == "triton":
-            require(self.k_cache is not None and b <= self.k_cache.shape[0], "use_cache", use_cache, "call allocate_kv_cache() first, for at least this batch")
-            out = fused_decode_attention(q, k, v, cos, sin, self.k_cache, self.v_cache, positions)
-            return self.o_proj(out.transpose(1, 2).reshape(b, s, hq * d))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if use_cache:
             require(self.k_cache is not None, "use_cache", use_cache, "call allocate_kv_cache() first")

@@ -65,7 +65,8 @@ def check_shape(shape, dtype: torch.dtype, device: str, seed: int, mutant: str |
     fused_cache, fused_v_cache = k_cache.clone().to(dev), v_cache.clone().to(dev)
     step = position + (1 if mutant == "slot_off_by_one" else 0)
     tables = _tables(position - (1 if mutant == "tables_of_previous_position" else 0), d, torch.promote_types(dtype, torch.float32))
-    out = kernels.decode_attention(q.to(dev), k.to(dev), v.to(dev), tables[0].to(dev), tables[1].to(dev), fused_cache, fused_v_cache, step.to(dev))
+    qkv = torch.cat([t.transpose(1, 2).reshape(b, 1, -1) for t in (q, k, v)], -1)  # the qkv projection's layout
+    out = kernels.decode_attention(qkv.to(dev), tables[0].to(dev), tables[1].to(dev), fused_cache, fused_v_cache, step.to(dev), hq, hkv)
     written = fused_cache[:b, :, pos].cpu()
     rows = [compare("out", out.cpu(), single, exact, dtype, 1, magnitude=magnitude),
             compare("k_cache_row", written, single_cache[:b, :, pos], exact_cache[:b, :, pos], dtype, 1,
