@@ -37,14 +37,14 @@ YARN_MSCALE = {"rope_type": "yarn", "factor": None, "original_max_position_embed
 ROPE_CHECKPOINTS = {
     # name: (config class name, kwargs); head_dim 16, kv heads replicated at TP 4
     "linear": ("LlamaConfig", dict(BASE, rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 4.0})),
-    # positions stop at max_position_embeddings - 1 = 23, the longest a KV cache may hold (dynamic's growth: test below)
-    "dynamic": ("Qwen2Config", dict(BASE, max_position_embeddings=24, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    # positions stop at max_position_embeddings - 1 = 18: the KV cache holds all max_position_embeddings it may (dynamic's growth: test below)
+    "dynamic": ("Qwen2Config", dict(BASE, max_position_embeddings=19, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
     "yarn": ("LlamaConfig", dict(BASE, rope_scaling=YARN)),
     "yarn-mscale": ("MistralConfig", dict(BASE, rope_scaling=YARN_MSCALE)),
     "proportional": ("LlamaConfig", dict(BASE, rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.5, "factor": 2.0})),
 }
 LEGACY_CONFIG = {"linear"}  # config.json rewritten the transformers 4.x way: top-level rope_theta, rope_scaling with "type"
-PROMPT, NEW_TOKENS = 12, 12  # positions 0..22: past original_max_position_embeddings=16
+PROMPT, NEW_TOKENS = 12, 8  # positions 0..18: past original_max_position_embeddings=16
 
 
 def _as_legacy_config(directory) -> None:
