@@ -6,6 +6,7 @@ Nothing here touches torch.distributed. Collectives live in `impl.communication`
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -50,9 +51,108 @@ def parse_dtype(name: str | torch.dtype, argument: str = "dtype") -> torch.dtype
     return DTYPES[name]
 
 
+# Rotary position embeddings: the rope_type values transformers' Llama-family models accept
+# (transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS plus "default") that tpgate computes exactly.
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "proportional")
+ROPE_TYPES_REFUSED = {
+    "longrope": "its frequencies switch from short_factor to long_factor once the sequence passes original_max_position_embeddings, "
+                "re-rotating every cached key (transformers' cached and recomputed results differ there); tpgate's static KV cache "
+                "rotates each key once",
+}
+
+
+def _rope_number(params: dict, key: str, default=None, above: float | None = 0.0) -> float:
+    """params[key] (`default` when absent or None) as a float: finite and, unless `above` is None, > above."""
+    value = params.get(key)
+    value = default if value is None else value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (above is None or value > above)
+    require(ok, f"rope_scaling.{key}", params.get(key), "must be a finite number" + ("" if above is None else f" > {above:g}"))
+    return float(value)
+
+
+def _rope_positions(params: dict, max_position_embeddings: int | None) -> int:
+    """original_max_position_embeddings, defaulting (as transformers does) to max_position_embeddings."""
+    value = params.get("original_max_position_embeddings", max_position_embeddings)
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, "rope_scaling.original_max_position_embeddings",
+            params.get("original_max_position_embeddings"), "must be a positive integer (it defaults to max_position_embeddings)")
+    return value
+
+
+def _mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_scaling_parameters(scaling: dict | None, head_dim: int, max_position_embeddings: int | None, rope_theta: float) -> dict | None:
+    """The rope scaling of a config, validated, with transformers' defaults resolved; None for the
+    unscaled (default) rope. Accepts 4.x `rope_scaling` (`type` or `rope_type`) and 5.x
+    `rope_parameters` dicts (its `rope_theta` is read by ModelConfig.from_hf, ignored here), and
+    its own output (idempotent). Keys per rope_type:
+      linear        factor                      (inv_freq / factor)
+      dynamic       factor, max_position_embeddings (NTK base growth past max_position_embeddings)
+      yarn          factor, original_max_position_embeddings, attention_factor (resolved from
+                    factor / mscale / mscale_all_dim when absent), beta_fast, beta_slow, truncate
+      llama3        factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+      proportional  factor, partial_rotary_factor (the last head_dim/2 - angles frequencies are 0)
+    TPConfigError naming `rope_scaling.<field>` for an unsupported type or a field out of range.
+    Transformers only warns about most out-of-range fields; tpgate refuses those that make the
+    rotary tables undefined (division by zero, log of a non-positive number) or inverted."""
+    require(scaling is None or isinstance(scaling, dict), "rope_scaling", scaling, "must be a mapping (or null)")
+    params = dict(scaling or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    if isinstance(kind, str) and kind in ROPE_TYPES_REFUSED:
+        raise TPConfigError("rope_scaling.rope_type", kind, f"not supported: {ROPE_TYPES_REFUSED[kind]}; supported: {', '.join(ROPE_TYPES)}")
+    require(kind in ROPE_TYPES, "rope_scaling.rope_type", kind, f"must be one of {', '.join(ROPE_TYPES)}")
+    if kind == "default":  # transformers' Llama default rope rotates the whole head whatever partial_rotary_factor says
+        return None
+    partial = _rope_number(params, "partial_rotary_factor", 1.0)
+    if kind == "proportional":
+        require(partial <= 1.0, "rope_scaling.partial_rotary_factor", params["partial_rotary_factor"], "must be in (0, 1]")
+        return {"rope_type": kind, "factor": _rope_number(params, "factor", 1.0), "partial_rotary_factor": partial}
+    # transformers rotates only head_dim * partial_rotary_factor dims here, and its Llama attention then fails on the shape
+    require(partial == 1.0, "rope_scaling.partial_rotary_factor", params.get("partial_rotary_factor"), f"must be 1 for rope_type {kind} (partial rotary is proportional-only)")
+    if kind == "linear":
+        return {"rope_type": kind, "factor": _rope_number(params, "factor")}
+    if kind == "dynamic":
+        length = max_position_embeddings if max_position_embeddings is not None else params.get("max_position_embeddings")
+        require(isinstance(length, int) and length >= 1, "max_position_embeddings", length, "dynamic rope scaling needs a positive integer")
+        require(head_dim > 2, "head_dim", head_dim, "must be > 2 for dynamic rope scaling (its base exponent is head_dim / (head_dim - 2))")
+        return {"rope_type": kind, "factor": _rope_number(params, "factor"), "max_position_embeddings": length}
+    original = _rope_positions(params, max_position_embeddings)
+    if kind == "llama3":
+        low, high = _rope_number(params, "low_freq_factor"), _rope_number(params, "high_freq_factor")
+        require(high > low, "rope_scaling.high_freq_factor", params["high_freq_factor"], f"must be > low_freq_factor={params['low_freq_factor']!r}")
+        return {"rope_type": kind, "factor": _rope_number(params, "factor"), "low_freq_factor": low, "high_freq_factor": high,
+                "original_max_position_embeddings": original}
+    require(rope_theta > 1, "rope_theta", rope_theta, "must be > 1 for yarn rope scaling (its correction range divides by log(rope_theta))")
+    if params.get("factor") is None:  # transformers: null means the ratio of the extended and the original context
+        require("factor" in params and max_position_embeddings is not None, "rope_scaling.factor", None,
+                "yarn needs a factor (null: max_position_embeddings / original_max_position_embeddings)")
+        params["factor"] = max_position_embeddings / original
+    factor = _rope_number(params, "factor")
+    # transformers: `beta_fast or 32`, `beta_slow or 1`
+    beta_fast = _rope_number(params, "beta_fast") if params.get("beta_fast") else 32.0
+    beta_slow = _rope_number(params, "beta_slow") if params.get("beta_slow") else 1.0
+    require(beta_fast >= beta_slow, "rope_scaling.beta_fast", params.get("beta_fast"), f"must be >= beta_slow={beta_slow:g} (the ramp would run backwards)")
+    truncate = params.get("truncate", True)
+    require(isinstance(truncate, bool), "rope_scaling.truncate", truncate, "must be true or false")
+    if params.get("attention_factor") is not None:
+        attention = _rope_number(params, "attention_factor")
+    elif params.get("mscale") and params.get("mscale_all_dim"):  # transformers uses them only when both are non-zero
+        numerator = _mscale(factor, _rope_number(params, "mscale", above=None))
+        denominator = _mscale(factor, _rope_number(params, "mscale_all_dim", above=None))
+        require(numerator > 0 and denominator > 0, "rope_scaling.mscale", (params["mscale"], params["mscale_all_dim"]),
+                f"(mscale, mscale_all_dim) must make 0.1 * m * log(factor={factor:g}) + 1 positive for both")
+        attention = numerator / denominator
+    else:
+        attention = _mscale(factor)
+    return {"rope_type": kind, "factor": factor, "original_max_position_embeddings": original, "attention_factor": attention,
+            "beta_fast": beta_fast, "beta_slow": beta_slow, "truncate": truncate}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder. Sizes are the full (unsharded) ones."""
+    """A Llama-family decoder. Sizes are the full (unsharded) ones. `rope_scaling` is stored as
+    rope_scaling_parameters() returns it (validated, defaults resolved; None when unscaled)."""
 
     vocab_size: int = 1000
     hidden_size: int = 256
@@ -79,6 +179,10 @@ class ModelConfig:
             require(self.hidden_size % self.num_heads == 0, "hidden_size", self.hidden_size, f"must be a multiple of num_heads={self.num_heads} when head_dim is not given")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even (rotary embeddings rotate pairs)")
+        theta = self.rope_theta
+        require(isinstance(theta, (int, float)) and not isinstance(theta, bool) and math.isfinite(theta) and theta > 0, "rope_theta", theta, "must be a finite number > 0")
+        object.__setattr__(self, "rope_theta", float(theta))
+        object.__setattr__(self, "rope_scaling", rope_scaling_parameters(self.rope_scaling, self.head_dim, self.max_seq_len, self.rope_theta))
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -88,15 +192,18 @@ class ModelConfig:
         require(kind in HF_MODEL_TYPES, "model_type", kind, f"must be one of {HF_MODEL_TYPES}")
         require(hf.get("hidden_act", "silu") == "silu", "hidden_act", hf.get("hidden_act"), "must be silu (SwiGLU MLP)")
         require(not hf.get("mlp_bias", False), "mlp_bias", hf.get("mlp_bias"), "MLP biases are not supported")
-        rope = dict(hf.get("rope_parameters") or {})
+        # transformers 5.x: `rope_scaling` (4.x) wins over `rope_parameters`, and a rope_theta inside it over the top-level one
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if hf.get("partial_rotary_factor") is not None:
+            rope.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
+        scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
         heads = hf["num_attention_heads"]
         attention_bias = bool(hf.get("attention_bias", False))
         return cls(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+            head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
             max_seq_len=hf.get("max_position_embeddings", 2048), qkv_bias=kind == "qwen2" or attention_bias,
             o_bias=kind != "qwen2" and attention_bias, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             extra={"model_type": kind, "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None},

@@ -29,7 +29,7 @@ from torch import nn
 
 from .architecture import ModelConfig, TPConfigError, require, require_divisible
 from .model import checkpoint_shapes
-from .tensor_parallel import RMSNorm, apply_rotary, rotary_inv_freq
+from .tensor_parallel import RMSNorm, apply_rotary, rotary_inv_freq, rotary_tables
 
 COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
@@ -178,10 +178,8 @@ class PlainLlama(nn.Module):
         return cls(config, decoder, lm_head, dtype).eval()
 
     def rotary(self, positions: torch.Tensor):
-        wide = torch.promote_types(self.dtype, torch.float32)  # float64 tables for a float64 model, as tpgate
-        freqs = positions.to(wide)[..., None] * self.inv_freq.to(positions.device, wide)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        # float64 tables for a float64 model, as tpgate
+        return rotary_tables(positions, self.inv_freq, self.dtype, self.config.rope_theta, self.config.rope_scaling)
 
     def forward(self, ids: torch.Tensor, start_pos: int = 0, use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
         seq = ids.shape[1]

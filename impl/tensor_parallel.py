@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import Communicator, TPConfigError, check_kv_heads, require, require_divisible
+from .architecture import Communicator, TPConfigError, check_kv_heads, require, require_divisible, rope_scaling_parameters
 from .communication import copy_to_parallel, gather_from_parallel, gather_from_sequence, reduce_from_parallel, reduce_scatter_to_sequence, scatter_to_parallel
 from .kernels import decode_attention as fused_decode_attention
 
@@ -414,21 +414,102 @@ class RMSNorm(nn.Module):
         return layer
 
 
+def rotary_exponents(head_dim: int, device=None) -> torch.Tensor:
+    """(head_dim/2,) float64: 2i / head_dim, so that frequency i of the unscaled rope is theta ** -exponent_i."""
+    return torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
+
+
+def yarn_ramp(low: float, high: float, n: int) -> torch.Tensor:
+    """(n,) float64: each frequency's share of interpolation in yarn, 0 up to index `low`, 1 from
+    index `high`, linear between."""
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    return ((torch.arange(n, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+
+
+def yarn_inv_freq(head_dim: int, theta: float, p: dict) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than beta_slow times over the original context are
+    interpolated (divided by factor), those turning more than beta_fast times are kept, a linear
+    ramp over the dimensions blends the ones between."""
+    base = theta ** rotary_exponents(head_dim)
+    kept, interpolated = 1.0 / base, 1.0 / (p["factor"] * base)
+
+    def dimension_turning(rotations: float) -> float:  # the (fractional) dimension that turns `rotations` times
+        return head_dim * math.log(p["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dimension_turning(p["beta_fast"]), dimension_turning(p["beta_slow"])
+    if p["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    share = yarn_ramp(max(low, 0), min(high, head_dim - 1), head_dim // 2)
+    return interpolated * share + kept * (1 - share)
+
+
+def llama3_inv_freq(inv: torch.Tensor, p: dict) -> torch.Tensor:
+    """Llama 3.1: wavelengths beyond original/low_freq_factor divided by factor, below
+    original/high_freq_factor kept, a smooth blend between."""
+    factor, low, high, original = p["factor"], p["low_freq_factor"], p["high_freq_factor"], p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = ((original / wavelen) - low) / (high - low)
+    scaled = torch.where(wavelen > original / low, inv / factor, inv)
+    mid = (wavelen <= original / low) & (wavelen >= original / high)
+    return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+
+
+def dynamic_ntk_base(head_dim: int, theta: float, p: dict, seq_len) -> torch.Tensor:
+    """Dynamic NTK's rope base for a sequence of `seq_len` tokens: theta up to max_position_embeddings,
+    growing beyond. `seq_len`: an int or a long tensor on any device (computed there: no host
+    synchronisation). A 0-dim float64 tensor on that device."""
+    length = torch.as_tensor(seq_len).to(torch.float64).clamp_min(p["max_position_embeddings"])
+    return theta * (p["factor"] * length / p["max_position_embeddings"] - (p["factor"] - 1)) ** (head_dim / (head_dim - 2))
+
+
+def dynamic_ntk_inv_freq(head_dim: int, theta: float, p: dict, seq_len) -> torch.Tensor:
+    """(head_dim/2,) float64 frequencies of dynamic NTK for a sequence of `seq_len` tokens, on its device."""
+    base = dynamic_ntk_base(head_dim, theta, p, seq_len)
+    return 1.0 / (base ** rotary_exponents(head_dim, base.device))
+
+
 def rotary_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """Inverse frequencies (float64) of rotary embeddings, with Llama-3 style scaling when asked."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-    if kind in (None, "default"):
+    """(head_dim/2,) float64 inverse frequencies, as transformers' rope init functions
+    (modeling_rope_utils.ROPE_INIT_FUNCTIONS) compute them for `scaling`'s rope_type (any dict
+    rope_scaling_parameters accepts). Dynamic NTK: those of a sequence within max_position_embeddings
+    (rotary_tables recomputes them for longer ones)."""
+    scaling = rope_scaling_parameters(scaling, head_dim, None, theta)
+    kind = scaling["rope_type"] if scaling else "default"
+    if kind == "yarn":
+        return yarn_inv_freq(head_dim, theta, scaling)
+    if kind == "dynamic":
+        return dynamic_ntk_inv_freq(head_dim, theta, scaling, scaling["max_position_embeddings"])
+    if kind == "proportional":  # the first `angles` frequencies rotate, the rest are 0 (cos 1, sin 0: passed through)
+        angles = int(scaling["partial_rotary_factor"] * head_dim // 2)
+        inv = 1.0 / (theta ** rotary_exponents(head_dim)[:angles])
+        return torch.cat([inv, torch.zeros(head_dim // 2 - angles, dtype=torch.float64)]) / scaling["factor"]
+    inv = 1.0 / (theta ** rotary_exponents(head_dim))
+    if kind == "default":
         return inv
     if kind == "linear":
         return inv / scaling["factor"]
-    require(kind == "llama3", "rope_scaling.rope_type", kind, "must be one of default, linear, llama3")
-    factor, low, high, orig = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    smooth = ((orig / wavelen) - low) / (high - low)
-    scaled = torch.where(wavelen > orig / low, inv / factor, inv)
-    mid = (wavelen <= orig / low) & (wavelen >= orig / high)
-    return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return llama3_inv_freq(inv, scaling)
+
+
+def rotary_attention_factor(scaling: dict | None) -> float:
+    """The factor transformers multiplies cos and sin with: yarn's attention_factor, else 1."""
+    return scaling.get("attention_factor", 1.0) if scaling else 1.0
+
+
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, theta: float, scaling: dict | None):
+    """cos, sin: (batch or 1, seq, head_dim) for `positions` (batch or 1, seq) long, in
+    promote(dtype, float32) (float64 tables for the float64 reference), times the attention
+    factor. `inv_freq`: rotary_inv_freq's, `scaling`: rope_scaling_parameters' output. Dynamic NTK
+    recomputes the frequencies for the longest position on the device."""
+    wide = torch.promote_types(dtype, torch.float32)
+    if scaling and scaling["rope_type"] == "dynamic":
+        inv_freq = dynamic_ntk_inv_freq(2 * inv_freq.shape[-1], theta, scaling, positions.max() + 1)
+    freqs = positions.to(wide)[..., None] * inv_freq.to(positions.device, wide)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    factor = rotary_attention_factor(scaling)
+    return (cos, sin) if factor == 1.0 else (cos * factor, sin * factor)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -472,7 +553,8 @@ class ParallelAttention(nn.Module):
         # from_full passes prebuilt shards so no throwaway parameters are allocated
         self.qkv = qkv or QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, comm, bias=qkv_bias, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         self.o_proj = o_proj or RowParallelLinear(num_heads * head_dim, hidden_size, comm, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
-        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, rope_theta, rope_scaling).to(device), persistent=False)
+        self.rope_theta, self.rope_scaling = rope_theta, rope_scaling_parameters(rope_scaling, head_dim, None, rope_theta)
+        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, rope_theta, self.rope_scaling).to(device), persistent=False)
         self.k_cache = self.v_cache = None
         # "torch": rotary, cache writes and attention as separate PyTorch ops (any device; the reference);
         # "triton": a static decode step (one token, tensor start_pos) runs them as one fused kernel
@@ -487,10 +569,7 @@ class ParallelAttention(nn.Module):
 
     def rotary(self, positions: torch.Tensor):
         # float64 rotary tables when the layer itself is float64 (the exact reference)
-        wide = torch.promote_types(self.qkv.weight.dtype, torch.float32)
-        freqs = positions.to(wide)[..., None] * self.inv_freq.to(wide)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        return rotary_tables(positions, self.inv_freq, self.qkv.weight.dtype, self.rope_theta, self.rope_scaling)
 
     def forward(self, x, start_pos: int | torch.Tensor = 0, use_cache: bool = False):
         """`start_pos`: tokens already in the KV cache, a Python int or a 0-dim/1-element long

@@ -2,6 +2,7 @@
 constraint — before any process is started or collective entered."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 
 import pytest
@@ -87,3 +88,71 @@ def test_mismatched_input_dtype_is_named():
     emb = VocabParallelEmbedding(10, 4, NullCommunicator(1))
     with pytest.raises(TPConfigError, match="integer token ids"):
         emb(torch.ones(1, 2))
+
+
+# --------------------------------------------------------------------------- rope scaling
+
+ROPE_SIZES = dict(hidden_size=64, num_heads=4, num_kv_heads=4, max_seq_len=64)  # head_dim 16
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("rope_scaling,argument,value", [
+    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}, "rope_scaling.rope_type", "longrope"),
+    ({"type": "axial"}, "rope_scaling.rope_type", "axial"),
+    ({"rope_type": "ntk"}, "rope_scaling.rope_type", "ntk"),
+    ("linear", "rope_scaling", "linear"),
+    ({"rope_type": "linear"}, "rope_scaling.factor", None),
+    ({"type": "linear", "factor": 0}, "rope_scaling.factor", 0),
+    ({"rope_type": "dynamic", "factor": -2.0}, "rope_scaling.factor", -2.0),
+    ({"rope_type": "linear", "factor": "2"}, "rope_scaling.factor", "2"),
+    ({"rope_type": "yarn"}, "rope_scaling.factor", None),
+    ({**YARN, "original_max_position_embeddings": 0}, "rope_scaling.original_max_position_embeddings", 0),
+    ({**YARN, "original_max_position_embeddings": 16.5}, "rope_scaling.original_max_position_embeddings", 16.5),
+    ({**YARN, "beta_fast": 1.0, "beta_slow": 2.0}, "rope_scaling.beta_fast", 1.0),
+    ({**YARN, "beta_slow": -1.0}, "rope_scaling.beta_slow", -1.0),
+    ({**YARN, "attention_factor": -1.0}, "rope_scaling.attention_factor", -1.0),
+    ({**YARN, "truncate": "yes"}, "rope_scaling.truncate", "yes"),
+    ({**YARN, "partial_rotary_factor": 0.5}, "rope_scaling.partial_rotary_factor", 0.5),
+    ({k: v for k, v in LLAMA3.items() if k != "high_freq_factor"}, "rope_scaling.high_freq_factor", None),
+    ({**LLAMA3, "low_freq_factor": 4.0}, "rope_scaling.high_freq_factor", 4.0),
+    ({"rope_type": "proportional", "partial_rotary_factor": 1.5}, "rope_scaling.partial_rotary_factor", 1.5),
+])
+def test_bad_rope_scaling_names_field_value_constraint(rope_scaling, argument, value):
+    with pytest.raises(TPConfigError) as info:
+        ModelConfig(**ROPE_SIZES, rope_scaling=rope_scaling)
+    err = info.value
+    assert (err.argument, err.value) == (argument, value)
+    assert f"{argument}={value!r}: {err.constraint}" == str(err) and err.constraint
+    if argument == "rope_scaling.rope_type":  # the supported types are named
+        assert "default, linear, dynamic, yarn, llama3, proportional" in err.constraint
+
+
+@pytest.mark.parametrize("build,argument,value", [
+    (lambda: ModelConfig(**ROPE_SIZES, rope_theta=0.0), "rope_theta", 0.0),
+    (lambda: ModelConfig(**ROPE_SIZES, rope_theta=1.0, rope_scaling=YARN), "rope_theta", 1.0),  # yarn divides by log(theta)
+    (lambda: ModelConfig(hidden_size=8, num_heads=4, num_kv_heads=4, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "head_dim", 2),
+])
+def test_rope_sizes_a_scaling_type_cannot_use(build, argument, value):
+    with pytest.raises(TPConfigError) as info:
+        build()
+    assert (info.value.argument, info.value.value) == (argument, value)
+
+
+HF_CONFIG = {"model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+             "num_attention_heads": 4, "max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("rope,needle", [
+    ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}, "rope_scaling.rope_type='longrope'"),  # 4.x
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 0.0}}, "rope_scaling.factor=0.0"),  # 5.x
+])
+@pytest.mark.parametrize("tp_flag", ([], ["--tp", "1,2"]))
+def test_tpgate_verify_refuses_an_unsupported_rope_before_any_rank(rope, needle, tp_flag, tmp_path, capsys, monkeypatch):
+    """Exit 2 naming the field, read from config.json alone (no weights needed) before a world starts."""
+    from harness.cli import main
+
+    monkeypatch.setattr(MultiGPUOrchestrator, "__init__", lambda *a, **k: pytest.fail("a world was started"))
+    (tmp_path / "config.json").write_text(json.dumps({**HF_CONFIG, **rope}))
+    assert main(["verify", str(tmp_path), *tp_flag]) == 2
+    assert needle in capsys.readouterr().err

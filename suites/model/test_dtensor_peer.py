@@ -2,11 +2,18 @@
 transformers on the same checkpoints, at TP 1/2/4 in float32, judged by the tolerance policy.
 
 References, all single-device and computed once per variant in the driver:
-  exact   tpgate TP=1 in float64 (y* of harness/tolerance.py);
-  hf      transformers in float32 (the `single` whose error E1 calibrates the bound);
-  tp1     tpgate TP=1 in float32 (a second `single`).
-The peer applies only where kv heads and the vocabulary divide by tp (it neither replicates
-kv heads nor pads the vocabulary); other (variant, tp) pairs are skipped with the reason.
+  hf64    transformers in float64: the independent y*;
+  hf      transformers in float32: its error against hf64 is the E1 that calibrates the bound;
+  exact   tpgate TP=1 in float64, and tp1, tpgate TP=1 in float32: the peer's sibling, for the
+          peer-vs-tpgate equivalence (the peer reuses tpgate's rotary and norm code).
+Correctness is judged against transformers alone (peer and tpgate within the bound of hf64,
+E1 = max|hf - hf64|): a bug in the code the peer shares with tpgate sits in `exact` and tp1 as
+much as in the peer, and a bound 2*max|hf - exact| would grow with it
+(test_shared_rope_bug_fails_the_transformers_check shows one). Against tp1/exact, and the peer's
+own single-device model in the tied-embedding test, the check is TP equivalence (the same
+function at every TP degree), which a shared bug passes by design. The peer applies only
+where kv heads and the vocabulary divide by tp (it neither replicates kv heads nor pads the
+vocabulary); other (variant, tp) pairs are skipped with the reason.
 """
 from __future__ import annotations
 
@@ -17,16 +24,17 @@ import pytest
 import torch
 
 from harness.tolerance import compare
+from harness.verify import VerifyRequest, hf_run
 from impl.architecture import ModelConfig, TPConfigError
 from impl.communication import NullCommunicator
 from impl.dtensor_peer import COLWISE, ROWWISE, PlainLlama, check_dtensor_tp, load_dtensor_model, parallelize, tp_plan
-from impl.model import LlamaModel, checkpoint_shapes
+from impl.model import checkpoint_shapes
 from impl.model_loader import DistributedCheckpointLoader, read_config
 
-from . import dtensor_rank_fns, rank_fns
+from . import dtensor_rank_fns, rank_fns, rope_rank_fns
 
 WORLD_SIZES = (1, 2, 4)
-BATCH, PROMPT, SEED = 2, 12, 3
+BATCH, PROMPT, SEED, NEW_TOKENS = 2, 12, 3, 6
 
 
 def _ids(vocab: int) -> torch.Tensor:
@@ -35,9 +43,7 @@ def _ids(vocab: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def references(checkpoint):
-    """references(variant) -> {"directory", "config", "ids", "exact", "tp1", "hf", "tokens"}, computed once."""
-    from transformers import AutoModelForCausalLM
-
+    """references(variant) -> {"directory", "config", "ids", "exact", "tp1", "hf", "hf64", "hf64_tokens"}, computed once."""
     cache = {}
 
     def get(variant: str) -> dict:
@@ -46,12 +52,13 @@ def references(checkpoint):
             config = read_config(directory)
             ids = _ids(config.vocab_size)
             with torch.no_grad():
-                exact_model = DistributedCheckpointLoader(directory, NullCommunicator(1)).load(torch.float64)
-                exact = exact_model(ids).double()
-                tokens = exact_model.generate(ids, 6)
+                exact = DistributedCheckpointLoader(directory, NullCommunicator(1)).load(torch.float64)(ids).double()
                 tp1 = DistributedCheckpointLoader(directory, NullCommunicator(1)).load(torch.float32)(ids).float()
-                hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()(ids).logits.float()
-            cache[variant] = {"directory": directory, "config": config, "ids": ids, "exact": exact, "tp1": tp1, "hf": hf, "tokens": tokens}
+            greedy = VerifyRequest(directory, (1,), new_tokens=NEW_TOKENS)
+            hf = hf_run(greedy, ids, torch.float32, "cpu")
+            hf64 = hf_run(greedy, ids, torch.float64, "cpu")
+            cache[variant] = {"directory": directory, "config": config, "ids": ids, "exact": exact, "tp1": tp1, "hf": hf["logits"],
+                              "hf64": hf64["logits"].double(), "hf64_tokens": hf64["tokens"]}
         return cache[variant]
 
     return get
@@ -82,14 +89,32 @@ def test_peer_matches_tpgate_and_transformers(variant, world_size, references, w
     peer = per_rank[0]
     assert all(torch.equal(r, peer) for r in per_rank), "replicated logits must be bitwise identical on every rank"
     tpgate = worlds[world_size].run(rank_fns.logits, ref["directory"], ref["ids"])[0]
-    vs_hf = compare("logits", peer, ref["hf"], ref["exact"], torch.float32, world_size)
-    vs_tp1 = compare("logits", peer, ref["tp1"], ref["exact"], torch.float32, world_size)
-    tpgate_row = compare("logits", tpgate, ref["hf"], ref["exact"], torch.float32, world_size)
+    vs_hf = compare("logits", peer, ref["hf"], ref["hf64"], torch.float32, world_size)
+    vs_tp1 = compare("logits", peer, ref["tp1"], ref["exact"], torch.float32, world_size)  # TP equivalence with tpgate's single device
+    tpgate_row = compare("logits", tpgate, ref["hf"], ref["hf64"], torch.float32, world_size)
     assert vs_hf["passed"], vs_hf
     assert vs_tp1["passed"], vs_tp1
-    # peer and tpgate at the same tp: both within the bound of exact, and within one bound of each other
+    assert tpgate_row["passed"], tpgate_row
+    # peer and tpgate at the same tp: both within the bound of transformers float64, and within one bound of each other
     assert (peer - tpgate).abs().max().item() <= min(vs_hf["bound"], tpgate_row["bound"]), ((peer - tpgate).abs().max().item(), vs_hf, tpgate_row)
-    assert torch.equal(peer.argmax(-1), ref["exact"].argmax(-1))  # fp32 has no near-ties at these margins
+    assert torch.equal(peer.argmax(-1), ref["hf64"].argmax(-1))  # fp32 has no near-ties at these margins
+
+
+def test_shared_rope_bug_fails_the_transformers_check(references, worlds):
+    """A rope frequency bug in the code the peer shares with tpgate, planted in the peer's ranks and
+    in the driver's tpgate references: calibrated on tpgate's float64 model (E1 = |hf - exact|), as
+    this check was, the bug becomes tolerance and the peer passes; calibrated on transformers
+    alone (E1 = |hf - hf64|) it fails by orders of magnitude."""
+    _skip_on_gloo_sharing_a_gpu(2)
+    ref = references("llama3-rope-scaling")
+    mutant = "exponent_missing_factor_2"
+    peer = worlds[2].run(rope_rank_fns.with_mutant, mutant, dtensor_rank_fns.logits, ref["directory"], ref["ids"])[0]
+    with rope_rank_fns.mutated(mutant), torch.no_grad():
+        exact = DistributedCheckpointLoader(ref["directory"], NullCommunicator(1)).load(torch.float64)(ref["ids"]).double()
+    self_calibrated = compare("logits", peer, ref["hf"], exact, torch.float32, 2)
+    independent = compare("logits", peer, ref["hf"], ref["hf64"], torch.float32, 2)
+    assert self_calibrated["passed"] and self_calibrated["err_single"] > 100 * independent["err_single"], (self_calibrated, independent)
+    assert not independent["passed"] and independent["err_tp"] > 100 * independent["bound"], independent
 
 
 @pytest.mark.parametrize("world_size", (2, 4))
@@ -97,9 +122,9 @@ def test_peer_greedy_decode_with_kv_cache(world_size, references, worlds):
     ref = references("llama3-rope-scaling")
     _skip_unless_peer_applies(ref["config"], world_size)
     _skip_on_gloo_sharing_a_gpu(world_size)
-    per_rank = worlds[world_size].run(dtensor_rank_fns.greedy, ref["directory"], ref["ids"], ref["tokens"].shape[1])
+    per_rank = worlds[world_size].run(dtensor_rank_fns.greedy, ref["directory"], ref["ids"], NEW_TOKENS)
     assert all(torch.equal(r["tokens"], per_rank[0]["tokens"]) for r in per_rank)
-    assert torch.equal(per_rank[0]["tokens"], ref["tokens"])  # the exact (tpgate float64) greedy tokens
+    assert torch.equal(per_rank[0]["tokens"], ref["hf64_tokens"])  # transformers' float64 greedy tokens
     cached, full = per_rank[0]["cached"], per_rank[0]["full"]
     assert (cached - full).abs().max().item() <= 1e-5 * full.abs().max().item()
 
@@ -122,8 +147,8 @@ def test_tied_embedding_and_biases_at_tp2(worlds):
     out = worlds[2].run(dtensor_rank_fns.random_peer_and_tpgate, TIED, tensors, ids)
     assert all(o["tied"] for o in out)
     with torch.no_grad():
-        exact = LlamaModel.from_tensors(tensors, TIED, NullCommunicator(1), dtype=torch.float64)(ids)
-        single = PlainLlama.from_tensors(tensors, TIED)(ids)  # the peer's own single-device model
+        exact = PlainLlama.from_tensors(tensors, TIED, dtype=torch.float64)(ids)  # the peer's own single-device model
+        single = PlainLlama.from_tensors(tensors, TIED)(ids)
     row = compare("logits", out[0]["peer"], single, exact, torch.float32, 2)
     assert row["passed"], row
     assert (out[0]["peer"] - out[0]["tpgate"]).abs().max().item() <= row["bound"]
