@@ -187,10 +187,11 @@ def tp_groups(world_size: int, tp_size: int, tp_layout: str = "contiguous") -> l
     contiguous: group g = ranks g*tp_size .. g*tp_size + tp_size - 1 (e.g. {0,1},{2,3}): TP
                 inside a node when tp_size divides the ranks per node;
     strided:    group g = ranks g, g+G, g+2G, ... with G = world_size // tp_size
-                (e.g. {0,2},{1,3}): the other parallel dimension (data parallel) is the
-                consecutive one.
+                (e.g. {0,2},{1,3}): a group's ranks are G apart, so consecutive ranks belong
+                to different TP groups (to one data-parallel group).
     """
     check_tp_layout(tp_layout)
+    require(isinstance(tp_size, int) and tp_size >= 1 and world_size % tp_size == 0, "tp_size", tp_size, f"must divide world_size={world_size}")
     count = world_size // tp_size
     if tp_layout == "contiguous":
         return [tuple(range(g * tp_size, (g + 1) * tp_size)) for g in range(count)]
@@ -218,11 +219,8 @@ class ProcessGroupManager:
         self.world_size, self.rank = world_size, rank
         self.local_rank = rank if local_rank is None else local_rank
         self.local_world_size = world_size if local_world_size is None else local_world_size
-        self.tp_size = world_size if tp_size is None else tp_size
-        require(isinstance(self.tp_size, int) and self.tp_size >= 1 and world_size % self.tp_size == 0, "tp_size", self.tp_size,
-                f"must divide world_size={world_size}")
-        self.tp_layout = tp_layout
-        self.all_tp_ranks = tp_groups(world_size, self.tp_size, tp_layout)
+        self.tp_size, self.tp_layout = world_size if tp_size is None else tp_size, tp_layout
+        self.all_tp_ranks = tp_groups(world_size, self.tp_size, tp_layout)  # validates both
         self.tp_group_index = next(g for g, ranks in enumerate(self.all_tp_ranks) if rank in ranks)
         self.tp_ranks = self.all_tp_ranks[self.tp_group_index]
         self.tp_rank = self.tp_ranks.index(rank)
