@@ -32,12 +32,16 @@ def _move_to_front(tensor: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class ProcessGroupCommunicator(Communicator):
-    """Collectives over a torch.distributed process group (NCCL or gloo)."""
+    """Collectives over a torch.distributed process group (NCCL or gloo); None: the world.
+
+    `rank` and `world_size` are this process's rank in the group and the group's size;
+    `global_ranks` are the group's members as global ranks, in group-rank order."""
 
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self.global_ranks = tuple(dist.get_process_group_ranks(dist.group.WORLD if group is None else group))
 
     def all_reduce(self, tensor):
         if self.world_size > 1:
@@ -115,11 +119,13 @@ class CollectiveRecord:
     nbytes: int  # bytes of the tensor this rank contributes (input of the collective)
     shape: tuple
     dtype: str
+    group_ranks: tuple = ()  # global ranks of the group it ran on; () for a communicator without a process group
 
 
 @dataclass
 class CountingCommunicator(Communicator):
-    """Wraps a communicator and records every collective's kind and input bytes."""
+    """Wraps a communicator and records every collective's kind, input bytes and group
+    (the wrapped communicator's `global_ranks`, where it has them)."""
 
     inner: Communicator
     records: list[CollectiveRecord] = field(default_factory=list)
@@ -135,7 +141,10 @@ class CountingCommunicator(Communicator):
     def _record(self, kind, tensor):
         if torch.compiler.is_compiling():  # a traced graph replays without Python: count eager runs only
             return
-        self.records.append(CollectiveRecord(kind, tensor.numel() * tensor.element_size(), tuple(tensor.shape), str(tensor.dtype)))
+        self.records.append(CollectiveRecord(kind, tensor.numel() * tensor.element_size(), tuple(tensor.shape), str(tensor.dtype), self._group_ranks()))
+
+    def _group_ranks(self) -> tuple:
+        return tuple(getattr(self.inner, "global_ranks", ()))
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -163,7 +172,7 @@ class CountingCommunicator(Communicator):
         return self.inner.broadcast(tensor, src)
 
     def barrier(self):
-        self.records.append(CollectiveRecord("barrier", 0, (), ""))
+        self.records.append(CollectiveRecord("barrier", 0, (), "", self._group_ranks()))
         self.inner.barrier()
 
 

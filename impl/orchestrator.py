@@ -46,6 +46,7 @@ from .communication import ProcessGroupCommunicator, gather_objects
 
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("cpu", "cuda")
+TP_LAYOUTS = ("contiguous", "strided")
 
 
 # --------------------------------------------------------------------------- errors
@@ -176,24 +177,53 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
 # --------------------------------------------------------------------------- one rank
 
 
+def check_tp_layout(tp_layout) -> None:
+    require(tp_layout in TP_LAYOUTS, "tp_layout", tp_layout, f"must be one of {TP_LAYOUTS}")
+
+
+def tp_groups(world_size: int, tp_size: int, tp_layout: str = "contiguous") -> list[tuple[int, ...]]:
+    """The global ranks of every TP group, group index order; within a group, TP-rank order.
+
+    contiguous: group g = ranks g*tp_size .. g*tp_size + tp_size - 1 (e.g. {0,1},{2,3}): TP
+                inside a node when tp_size divides the ranks per node;
+    strided:    group g = ranks g, g+G, g+2G, ... with G = world_size // tp_size
+                (e.g. {0,2},{1,3}): a group's ranks are G apart, so consecutive ranks belong
+                to different TP groups (to one data-parallel group).
+    """
+    check_tp_layout(tp_layout)
+    require(isinstance(tp_size, int) and tp_size >= 1 and world_size % tp_size == 0, "tp_size", tp_size, f"must divide world_size={world_size}")
+    count = world_size // tp_size
+    if tp_layout == "contiguous":
+        return [tuple(range(g * tp_size, (g + 1) * tp_size)) for g in range(count)]
+    return [tuple(range(g, world_size, count)) for g in range(count)]
+
+
 class ProcessGroupManager:
     """Create, hold and destroy one rank's process group and its TP subgroup.
 
-    The TP groups are consecutive blocks of `tp_size` ranks. Every collective inherits
-    `timeout_s`; with NCCL, TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (set unless the user set it)
-    makes a collective that outlives it abort the process instead of blocking forever.
+    The world is split into world_size // tp_size TP groups of `tp_size` ranks, laid out as
+    `tp_layout` says (see `tp_groups`). This rank's place in it is known from construction:
+    `tp_group_index` (which group), `tp_rank` (its rank inside that group, the one every
+    sharding decision uses; `rank` stays the global rank) and `tp_ranks` (the group's global
+    ranks, in TP-rank order). Every collective inherits `timeout_s`; with NCCL,
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (set unless the user set it) makes a collective that
+    outlives it abort the process instead of blocking forever.
     """
 
     def __init__(self, world_size: int, rank: int, *, local_rank: int | None = None, local_world_size: int | None = None, tp_size: int | None = None,
-                 device: str = "cpu", backend: str = "auto", master_addr: str = "127.0.0.1", master_port: int = 29500, timeout_s: float = 60.0):
+                 tp_layout: str = "contiguous", device: str = "cpu", backend: str = "auto", master_addr: str = "127.0.0.1", master_port: int = 29500,
+                 timeout_s: float = 60.0):
         require(isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "must be an integer >= 1")
         require(isinstance(rank, int) and 0 <= rank < world_size, "rank", rank, f"must be in [0, {world_size})")
         require(timeout_s > 0, "timeout_s", timeout_s, "must be > 0")
         self.world_size, self.rank = world_size, rank
         self.local_rank = rank if local_rank is None else local_rank
         self.local_world_size = world_size if local_world_size is None else local_world_size
-        self.tp_size = world_size if tp_size is None else tp_size
-        require(self.tp_size >= 1 and world_size % self.tp_size == 0, "tp_size", self.tp_size, f"must divide world_size={world_size}")
+        self.tp_size, self.tp_layout = world_size if tp_size is None else tp_size, tp_layout
+        self.all_tp_ranks = tp_groups(world_size, self.tp_size, tp_layout)  # validates both
+        self.tp_group_index = next(g for g, ranks in enumerate(self.all_tp_ranks) if rank in ranks)
+        self.tp_ranks = self.all_tp_ranks[self.tp_group_index]
+        self.tp_rank = self.tp_ranks.index(rank)
         gpus = torch.cuda.device_count() if device == "cuda" else 0
         self.backend = choose_backend(device, self.local_world_size, gpus, backend)
         self.device = torch.device(f"cuda:{self.local_rank % gpus}") if device == "cuda" else torch.device("cpu")
@@ -220,10 +250,17 @@ class ProcessGroupManager:
         timeout = datetime.timedelta(seconds=self.timeout_s)
         kw = {"device_id": self.device} if self.backend == "nccl" else {}
         dist.init_process_group(self.backend, init_method=self.init_method, rank=self.rank, world_size=self.world_size, timeout=timeout, **kw)
+        return self.create_tp_groups()
+
+    def create_tp_groups(self) -> "ProcessGroupManager":
+        """Create every TP group and keep this rank's (`tp_group`). init() calls it; call it
+        directly only on a world whose default group is already initialised (a collective:
+        every rank calls it, and every rank creates every group in the same order, as
+        torch.distributed requires, including the groups it is not a member of)."""
+        timeout = datetime.timedelta(seconds=self.timeout_s)
         self.tp_group = None
-        for start in range(0, self.world_size, self.tp_size):
-            ranks = list(range(start, start + self.tp_size))
-            group = dist.new_group(ranks, timeout=timeout) if self.tp_size < self.world_size else dist.group.WORLD
+        for ranks in self.all_tp_ranks:
+            group = dist.new_group(list(ranks), timeout=timeout) if self.tp_size < self.world_size else dist.group.WORLD
             if self.rank in ranks:
                 self.tp_group = group
         return self
@@ -246,7 +283,10 @@ class ProcessGroupManager:
 
 @dataclass
 class RankContext:
-    """What a function run on a rank receives as its first argument."""
+    """What a function run on a rank receives as its first argument.
+
+    `rank` and `world_size` are global; `comm` is this rank's TP group's communicator, and
+    layers shard by its `comm.rank` (== `tp_rank`), never by the global rank."""
 
     rank: int
     world_size: int
@@ -255,6 +295,18 @@ class RankContext:
     comm: ProcessGroupCommunicator
     manager: ProcessGroupManager
     state: dict = field(default_factory=dict)  # persists across calls on this rank
+
+    @property
+    def tp_rank(self) -> int:
+        return self.manager.tp_rank
+
+    @property
+    def tp_group_index(self) -> int:
+        return self.manager.tp_group_index
+
+    @property
+    def tp_ranks(self) -> tuple[int, ...]:
+        return self.manager.tp_ranks
 
 
 # --------------------------------------------------------------------------- rank process
@@ -382,12 +434,13 @@ class MultiGPUOrchestrator:
     """
 
     def __init__(self, world_size: int, device: str = "cpu", backend: str = "auto", tp_size: int | None = None, timeout_s: float = 120.0,
-                 start_timeout_s: float = 120.0, grace_s: float = 2.0, master_port: int | None = None):
+                 start_timeout_s: float = 120.0, grace_s: float = 2.0, master_port: int | None = None, tp_layout: str = "contiguous"):
         # every argument is checked here, before any process exists (ranks would only fail later, one by one)
         require(isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "must be an integer >= 1")
         require(device in DEVICES, "device", device, f"must be one of {DEVICES}")
         require(tp_size is None or (isinstance(tp_size, int) and tp_size >= 1 and world_size % tp_size == 0), "tp_size", tp_size,
                 f"must be an integer >= 1 dividing world_size={world_size}")
+        check_tp_layout(tp_layout)
         for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
             require(value > 0, name, value, "must be > 0")
         require(grace_s >= 0, "grace_s", grace_s, "must be >= 0")
@@ -397,7 +450,7 @@ class MultiGPUOrchestrator:
         self.backend = choose_backend(device, world_size, gpus, backend)  # validates before any process starts
         if device == "cuda" and self.backend == "gloo" and gpus < world_size:
             print(f"tpgate: {world_size} ranks share {gpus} GPU(s) over gloo; correctness only, not for timing", file=sys.stderr)
-        self.world_size, self.device, self.tp_size = world_size, device, tp_size
+        self.world_size, self.device, self.tp_size, self.tp_layout = world_size, device, tp_size, tp_layout
         self.timeout_s, self.start_timeout_s, self.grace_s, self.master_port = timeout_s, start_timeout_s, grace_s, master_port
         self.dispatch: list[DispatchRecord] = []
         self._procs: list = []
@@ -446,7 +499,7 @@ class MultiGPUOrchestrator:
         self._stack_dir = tempfile.mkdtemp(prefix="tpgate-stacks-")
         port = free_port() if self.master_port is None else self.master_port
         pdeathsig = threading.current_thread() is threading.main_thread()  # see _die_with_parent
-        init_kwargs = dict(device=self.device, backend=self.backend, tp_size=self.tp_size, master_port=port, timeout_s=self.timeout_s)
+        init_kwargs = dict(device=self.device, backend=self.backend, tp_size=self.tp_size, tp_layout=self.tp_layout, master_port=port, timeout_s=self.timeout_s)
         self._procs = [ctx.Process(target=_rank_main, args=(r, self.world_size, init_kwargs, self._requests[r], pipes[r][1], os.getpid(), self._stack_file(r), pdeathsig),
                                    daemon=True, name=f"tpgate-rank{r}")
                        for r in range(self.world_size)]
@@ -692,9 +745,11 @@ class TorchrunWorld:
     collective, and torchrun tears the job down when a rank fails.
     """
 
-    def __init__(self, device: str = "cpu", backend: str = "auto", timeout_s: float = 300.0, tp_size: int | None = None):
-        # tp_size < world size keeps TP inside a node (e.g. tp_size=LOCAL_WORLD_SIZE), so all-reduces stay off the network
-        self.manager = ProcessGroupManager.from_env(device=device, backend=backend, timeout_s=timeout_s, tp_size=tp_size).init()
+    def __init__(self, device: str = "cpu", backend: str = "auto", timeout_s: float = 300.0, tp_size: int | None = None, tp_layout: str = "contiguous"):
+        # tp_size < world size with the contiguous layout keeps TP inside a node (e.g.
+        # tp_size=LOCAL_WORLD_SIZE), so all-reduces stay off the network
+        check_tp_layout(tp_layout)  # before from_env: a bad argument is named whatever the environment
+        self.manager = ProcessGroupManager.from_env(device=device, backend=backend, timeout_s=timeout_s, tp_size=tp_size, tp_layout=tp_layout).init()
         m = self.manager
         self.world_size, self.rank = m.world_size, m.rank
         self.ctx = RankContext(m.rank, m.world_size, m.device, m.backend, m.communicator(), m)
@@ -704,8 +759,9 @@ class TorchrunWorld:
         return gather_objects(fn(self.ctx, *args, **kwargs), dst=0)
 
     def shutdown(self):
-        # a rank that tears gloo down while a peer still reads from it aborts the peer
-        self.ctx.comm.barrier()
+        # a rank that tears gloo down while a peer still reads from it aborts the peer: wait for
+        # the whole world, not only this TP group (run's gather spans every group)
+        ProcessGroupCommunicator().barrier()
         self.manager.destroy()
 
 
@@ -715,5 +771,6 @@ def in_torchrun() -> bool:
 
 __all__ = [
     "CallTimeoutError", "MultiGPUOrchestrator", "ProcessGroupManager", "RankContext", "RankDiedError", "RankError", "TPConfigError",
-    "TorchrunWorld", "WorldError", "WorldStartError", "check_port_free", "choose_backend", "free_port", "in_torchrun",
+    "TP_LAYOUTS", "TorchrunWorld", "WorldError", "WorldStartError", "check_port_free", "check_tp_layout", "choose_backend", "free_port", "in_torchrun",
+    "tp_groups",
 ]

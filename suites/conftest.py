@@ -6,9 +6,13 @@ import os
 
 import pytest
 
-from impl.orchestrator import MultiGPUOrchestrator
+from impl.orchestrator import TP_LAYOUTS, MultiGPUOrchestrator
+
+from .tp_groups import TPGroupsWorld
 
 WORLD_SIZES = (1, 2, 4)
+# worlds of several TP groups: SUBGROUP_WORLD ranks as SUBGROUP_WORLD // SUBGROUP_TP groups of SUBGROUP_TP
+SUBGROUP_WORLD, SUBGROUP_TP = 4, 2
 
 
 def _device() -> str:
@@ -36,6 +40,15 @@ def worlds():
     w = Worlds()
     yield w
     w.close()
+
+
+@pytest.fixture(scope="session")
+def subgroup_worlds(worlds):
+    """subgroup_worlds[layout]: SUBGROUP_WORLD ranks in TP groups of SUBGROUP_TP, laid out as
+    `layout` (one of TP_LAYOUTS: contiguous {0,1},{2,3}; strided {0,2},{1,3}). They run on the
+    ranks of worlds[SUBGROUP_WORLD] (suites/tp_groups.py): two more worlds of 4 would cost two
+    process starts (~4 s each with the first call's imports on 2 cores) for the same groups."""
+    return {layout: TPGroupsWorld(worlds[SUBGROUP_WORLD], SUBGROUP_TP, layout) for layout in TP_LAYOUTS}
 
 
 class MetricsSink:

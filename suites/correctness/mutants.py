@@ -2,12 +2,16 @@
 if it did not, a passing suite would prove nothing."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from harness.cases import build_layer, forward_backward
+from harness.cases import build_layer, forward_backward, run_on_rank
 from impl.architecture import parse_dtype
-from impl.communication import NullCommunicator, reduce_from_parallel
+from impl.communication import NullCommunicator, ProcessGroupCommunicator, reduce_from_parallel
+from impl.orchestrator import ProcessGroupManager
 
 
 class _ClaimsRank:
@@ -67,3 +71,64 @@ def replicated_grad_off_rank0(ctx, case):
         for name in replicated_grad_names(case, out["grads"]):
             out["grads"][name] = out["grads"][name] * 0.5
     return out
+
+
+# --------------------------------------------------------------------------- TP groups inside a larger world
+
+
+class GlobalRankCommunicator(ProcessGroupCommunicator):
+    """The TP group's collectives, but its rank derived from the global rank: right for
+    contiguous groups ({0,1},{2,3}: global % tp is the TP rank), wrong for strided ones."""
+
+    def __init__(self, group):
+        super().__init__(group)
+        self.rank = dist.get_rank() % self.world_size
+
+
+class UngroupedAllReduceCommunicator(ProcessGroupCommunicator):
+    """all_reduce issued without `group=`, i.e. over the whole world (it sums the partials of
+    every TP group); the records still name the TP group, only the values can tell."""
+
+    def all_reduce(self, tensor):
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+
+def world_communicator(ctx) -> ProcessGroupCommunicator:
+    """A communicator over the world group where the TP group's was meant (ProcessGroupCommunicator()'s default)."""
+    return ProcessGroupCommunicator()
+
+
+MUTANT_COMMUNICATORS = {
+    "global_rank": lambda ctx: GlobalRankCommunicator(ctx.manager.tp_group),
+    "ungrouped_all_reduce": lambda ctx: UngroupedAllReduceCommunicator(ctx.manager.tp_group),
+    "world_group": world_communicator,
+}
+
+
+def on_mutant_communicator(ctx, mutant: str, fn, *args):
+    """fn(ctx, *args) with ctx.comm replaced by MUTANT_COMMUNICATORS[mutant]: any rank function
+    (a layer case, a whole model) run over that broken communicator."""
+    return fn(replace(ctx, comm=MUTANT_COMMUNICATORS[mutant](ctx)), *args)
+
+
+def tp_rank_from_global_rank(ctx, case):
+    return on_mutant_communicator(ctx, "global_rank", run_on_rank, case)
+
+
+def all_reduce_without_group(ctx, case):
+    return on_mutant_communicator(ctx, "ungrouped_all_reduce", run_on_rank, case)
+
+
+def collectives_over_world_group(ctx, case):
+    return on_mutant_communicator(ctx, "world_group", run_on_rank, case)
+
+
+class LayoutDroppedManager(ProcessGroupManager):
+    """Accepts tp_layout but does not pass it on (a wrapper forwarding every argument but the
+    new one): contiguous groups whatever was asked, while `tp_layout` reports the request."""
+
+    def __init__(self, world_size, rank, *, tp_layout="contiguous", **kw):
+        super().__init__(world_size, rank, **kw)
+        self.tp_layout = tp_layout

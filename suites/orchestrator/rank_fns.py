@@ -91,3 +91,49 @@ def torn_reply(ctx, bad_rank):
         os.write(fd, header + b"x" * 100)
         os.kill(os.getpid(), signal.SIGKILL)
     return ctx.rank
+
+
+def _group_report(rank: int, tp_rank: int, tp_group_index: int, tp_ranks, comm) -> dict:
+    """Where a rank sits, and who took part in an all-reduce over its TP communicator: every
+    member adds 2**(its global rank), so the sum is the bitmask of the members."""
+    mask = comm.all_reduce(torch.tensor([2 ** rank], dtype=torch.int64))
+    return {"rank": rank, "tp_rank": tp_rank, "tp_group_index": tp_group_index, "tp_ranks": list(tp_ranks), "comm_rank": comm.rank,
+            "comm_size": comm.world_size, "comm_ranks": list(comm.global_ranks), "members_mask": int(mask.item())}
+
+
+def tp_group_report(ctx):
+    """_group_report of this world's own TP group (ctx.comm, made by the world's manager)."""
+    return _group_report(ctx.rank, ctx.tp_rank, ctx.tp_group_index, ctx.tp_ranks, ctx.comm)
+
+
+def tp_groups_made_by(ctx, manager_cls, tp_size, tp_layout):
+    """_group_report of the TP groups a `manager_cls` manager creates on this running world
+    (ProcessGroupManager.create_tp_groups: the default group is already initialised)."""
+    manager = manager_cls(ctx.world_size, ctx.rank, tp_size=tp_size, tp_layout=tp_layout, device=ctx.device.type, backend=ctx.backend,
+                          timeout_s=ctx.manager.timeout_s).create_tp_groups()
+    return _group_report(ctx.rank, manager.tp_rank, manager.tp_group_index, manager.tp_ranks, manager.communicator())
+
+
+def expected_tp_group(rank: int, world_size: int, tp_size: int, layout: str) -> tuple[int, list[int]]:
+    """(group index, members in TP-rank order) of `rank`, from the layouts' definitions
+    (independently of impl.orchestrator.tp_groups): contiguous blocks of tp_size ranks, or
+    strided ranks g, g+G, g+2G, ... with G = world_size // tp_size."""
+    groups = world_size // tp_size
+    if layout == "contiguous":
+        return rank // tp_size, [r for r in range(world_size) if r // tp_size == rank // tp_size]
+    return rank % groups, [r for r in range(world_size) if r % groups == rank % groups]
+
+
+def tp_group_problems(reports: list[dict], tp_size: int, layout: str) -> list[str]:
+    """Driver side: every rank's _group_report (in global rank order) that is not what `layout`
+    prescribes: its group, TP rank, communicator (rank, size, members), and who took part in
+    its all-reduce. Empty when the world is split as asked."""
+    out = []
+    for rank, report in enumerate(reports):
+        index, members = expected_tp_group(rank, len(reports), tp_size, layout)
+        want = {"rank": rank, "tp_group_index": index, "tp_rank": members.index(rank), "tp_ranks": members, "comm_rank": members.index(rank),
+                "comm_size": tp_size, "comm_ranks": members, "members_mask": sum(2 ** m for m in members)}
+        got = {k: report.get(k) for k in want}
+        if got != want:
+            out.append(f"rank {rank}: {got}, expected {want}")
+    return out
