@@ -260,7 +260,7 @@ def build_model(ctx, implementation: str, preset: str, dtype: str, mode: str, wo
     the reference's prompts run with sequence parallelism (impl/model.py)."""
     config, torch_dtype = PRESETS[preset], parse_dtype(dtype)
     if implementation == "reference":
-        rank = ctx.rank if mode == "null" else 0
+        rank = ctx.comm.rank if mode == "null" else 0  # its rank inside the TP group, not in the world
         comm = CountingCommunicator(ctx.comm if mode == "tp" else NullCommunicator(world, rank))
         model = random_model(config, comm, torch_dtype, ctx.device, sequence_parallel=sequence_parallel).eval()
         return BuiltModel(model, config.vocab_size, comm.reset, lambda phase: [asdict(r) for r in comm.records])
@@ -379,7 +379,7 @@ def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: 
     defaults to the rank's world; `decode_path` / `prefill_path` as resolved by
     resolve_decode_path / resolve_prefill_path)."""
     require(mode in MODES, "mode", mode, f"must be one of {MODES}")
-    world = world or ctx.world_size
+    world = world or ctx.comm.world_size  # the TP group's size
     threads = torch.get_num_threads()
     if mode == "projected" and ctx.device.type == "cpu":
         # a CPU rank of a `world`-rank sweep gets cores // world threads (orchestrator); the projection plays such a rank

@@ -100,13 +100,13 @@ def logits_digest(logits: torch.Tensor) -> str:
 
 
 def run_on_rank(ctx, req: VerifyRequest, ids: torch.Tensor) -> dict:
-    """Rank 0: run_model's dict plus "logits_digest"; other ranks: only "tokens" and
+    """Rank 0 of the TP group: run_model's dict plus "logits_digest"; other ranks: only "tokens" and
     "logits_digest" (their logits would be copies of rank 0's: ADR-9 promises every rank holds
     the same bytes, which rank_disagreements checks)."""
     model = DistributedCheckpointLoader(req.directory, ctx.comm).load(parse_dtype(req.dtype), ctx.device)
     out = run_model(model, ids.to(ctx.device), req.new_tokens)
     out["logits_digest"] = logits_digest(out["logits"])
-    return out if ctx.rank == 0 else {"tokens": out["tokens"], "logits_digest": out["logits_digest"]}
+    return out if ctx.comm.rank == 0 else {"tokens": out["tokens"], "logits_digest": out["logits_digest"]}
 
 
 def rank_disagreements(per_rank: list[dict]) -> list[dict]:
