@@ -373,13 +373,48 @@ def _step_counter(built: BuiltModel):
     return count
 
 
+class PointOutOfMemory(RuntimeError):
+    """A rank ran out of device memory during a sweep point; the message names the rank and the bytes."""
+
+
+def describe_out_of_memory(rank: int, error: BaseException, free_bytes: int, total_bytes: int) -> str:
+    """One line for a CUDA out-of-memory on `rank`: the allocation that failed (as torch's message
+    states it, in bytes) and the device's free and total bytes when it failed."""
+    import re
+
+    units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    match = re.search(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB|TiB)", str(error))
+    requested = f"{round(float(match[1]) * units[match[2]])} bytes" if match else "an unknown number of bytes"
+    return f"rank {rank}: CUDA out of memory: requested {requested}, {free_bytes} bytes free of {total_bytes}"
+
+
+def point_error(e: BaseException) -> str:
+    """A failed point's error text. For a rank's exception, each failing rank's own last line (the
+    exception it raised), not the head of its traceback: 2,000 characters of traceback would cut it off."""
+    from impl.orchestrator import RankError
+
+    if isinstance(e, RankError):
+        lines = [f"rank {r}: {tb.strip().splitlines()[-1]}" for r, tb in sorted(e.tracebacks.items()) if tb.strip()]
+        return ("RankError: " + "; ".join(lines))[:2000]
+    return f"{type(e).__name__}: {e}"[:2000]
+
+
 def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: str, warmup: int, repeats: int, mode: str,
                     world: int | None = None, decode_path: str = "eager", prefill_path: str = "eager", sequence_parallel: bool = False) -> dict:
     """Time one phase on this rank (see build_model for `mode` and `sequence_parallel`; `world`
     defaults to the rank's world; `decode_path` / `prefill_path` as resolved by
-    resolve_decode_path / resolve_prefill_path)."""
+    resolve_decode_path / resolve_prefill_path). A CUDA out-of-memory raises PointOutOfMemory naming
+    this rank, the bytes requested and the bytes free: the point fails, the sweep goes on."""
     require(mode in MODES, "mode", mode, f"must be one of {MODES}")
     world = world or ctx.comm.world_size  # the TP group's size
+    try:
+        return _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, world, decode_path, prefill_path, sequence_parallel)
+    except torch.OutOfMemoryError as e:
+        free, total = torch.cuda.mem_get_info(ctx.device) if ctx.device.type == "cuda" else (0, 0)
+        raise PointOutOfMemory(describe_out_of_memory(ctx.rank, e, free, total)) from None
+
+
+def _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, world, decode_path, prefill_path, sequence_parallel) -> dict:
     threads = torch.get_num_threads()
     if mode == "projected" and ctx.device.type == "cpu":
         # a CPU rank of a `world`-rank sweep gets cores // world threads (orchestrator); the projection plays such a rank
@@ -490,7 +525,7 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: dict | None = None, progr
                 row.update(_summarise(real, null, None, phase, ws, dispatch=[real_call, world.dispatch[-1]]))
                 row["backend"] = getattr(world, "backend", "")
         except Exception as e:  # noqa: BLE001 - a failed point is data, the sweep goes on
-            row.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+            row.update(status="failed", error=point_error(e))
         rows.append(row)
     frame = pd.DataFrame(rows)
     return add_speedups(frame)

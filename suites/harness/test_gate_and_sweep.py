@@ -286,3 +286,62 @@ def test_prefill_collectives_are_counted_on_either_path(path, monkeypatch):
     layers = PRESETS["tiny"].num_layers
     kinds = [r["kind"] for r in out["collectives"]]
     assert len(kinds) == 4 * layers + 3 and kinds.count("reduce_scatter") == 2 * layers + 1, kinds
+
+
+OOM_MESSAGE = ("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of 139.80 GiB of which 1.25 GiB is free. "
+               "Including non-PyTorch memory, this process has 138.50 GiB memory in use.")
+
+
+def test_out_of_memory_is_described_in_bytes():
+    from harness.sweep import describe_out_of_memory
+
+    line = describe_out_of_memory(3, torch.OutOfMemoryError(OOM_MESSAGE), free_bytes=1342177280, total_bytes=150107537408)
+    assert line == f"rank 3: CUDA out of memory: requested {int(2.5 * 2**30)} bytes, 1342177280 bytes free of 150107537408"
+    assert "requested an unknown number of bytes" in describe_out_of_memory(0, torch.OutOfMemoryError("out of memory"), 0, 0)
+
+
+def test_rank_out_of_memory_fails_its_point_naming_rank_and_bytes(worlds):
+    """A rank's out-of-memory reaches the driver as a RankError whose traceback ends in the
+    PointOutOfMemory line; the row keeps that line (not the head of the traceback), the next
+    point runs on a fresh world."""
+    import harness.sweep as sweep
+    from impl.orchestrator import RankError
+
+    cfg = sweep.SweepConfig(world_sizes=(1,), phases=(Phase("prefill", 1, 4), Phase("decode", 1, 4, 2)), warmup=0, repeats=1).validate()
+    line = sweep.describe_out_of_memory(0, torch.OutOfMemoryError(OOM_MESSAGE), 1342177280, 150107537408)
+    traceback = "Traceback (most recent call last):\n" + '  File "x.py", line 1, in f\n' * 200 + f"harness.sweep.PointOutOfMemory: {line}\n"
+
+    def world_for(n):
+        world = worlds[n]
+
+        class OutOfMemoryOnPrefill:
+            dispatch, backend = world.dispatch, world.backend
+
+            def run(self, fn, *args, **kwargs):
+                if args[2].kind == "prefill":
+                    raise RankError({0: traceback}, "measure_on_rank#1")
+                return world.run(fn, *args, **kwargs)
+
+        return OutOfMemoryOnPrefill()
+
+    frame = sweep.run_sweep(cfg, world_for)
+    assert list(frame["status"]) == ["failed", "ok"]
+    assert frame.loc[0, "error"] == f"RankError: rank 0: harness.sweep.PointOutOfMemory: {line}"
+
+
+@pytest.mark.gpu
+def test_cuda_out_of_memory_mid_sweep_is_that_points_failure(worlds):
+    """On a GPU: a point whose activations cannot fit fails naming the rank and the bytes, and the
+    points after it are measured."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (a real out-of-memory)")
+    import harness.sweep as sweep
+    from impl.orchestrator import MultiGPUOrchestrator
+
+    cfg = sweep.SweepConfig(world_sizes=(1,), phases=(Phase("prefill", 1, 16), Phase("prefill", 2**20, 1024), Phase("decode", 1, 8, 2)),
+                            device="cuda", dtype="bfloat16", warmup=0, repeats=1).validate()
+    with MultiGPUOrchestrator(1, device="cuda") as world:
+        frame = sweep.run_sweep(cfg, lambda n: world)
+    assert list(frame["status"]) == ["ok", "failed", "ok"], frame["error"].tolist()
+    error = frame.loc[1, "error"]
+    assert "rank 0: CUDA out of memory: requested " in error and " bytes free of " in error and "unknown" not in error, error
