@@ -182,7 +182,7 @@ def _verify(args) -> int:
 
 def _print_verify(result: dict) -> None:
     sem = result["semantic_check"]
-    print(f"reference: float64 tpgate TP=1 (exact); single-device run: {result['reference']}")
+    print(f"reference: float64 tpgate TP=1 (exact); single-device run: {result['reference']}; bound calibrated on {result['calibration']}")
     if sem:
         div = sem.get("first_diverging_token")
         tokens = "greedy tokens equal" if div is None else f"greedy tokens differ from step {div}{' (near-tie)' if sem.get('divergence_at_near_tie') else ''}"
