@@ -41,6 +41,7 @@ def pytest_addoption(parser):
                     help=f"hypothesis examples per layer property (default {DEFAULT_EXAMPLES})")
     group.addoption("--tpgate-device", choices=DEVICES, default=None,
                     help=f"where the ranks and single-device references compute (default {DEFAULT_DEVICE})")
+    group.addoption("--tpgate-bench", action="store_true", help="run suites/scaling's layer benchmarks (also under --benchmark-disable)")
     group.addoption("--tpgate-fault-table", default=None, metavar="FILE", help="write suites/faults' time-to-error table (Markdown) to FILE")
 
 

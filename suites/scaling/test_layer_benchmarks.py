@@ -7,7 +7,7 @@ Run, and keep the JSON (one file per run under reports/benchmarks/<machine>/):
 Compare against the latest saved run, failing on a >25% median regression:
     pytest suites/scaling --benchmark-only --benchmark-storage=reports/benchmarks \
         --benchmark-compare --benchmark-compare-fail=median:25%
-Quick look without saving: TPGATE_BENCH=1 pytest suites/scaling  (or --benchmark-enable).
+Quick look without saving: pytest suites/scaling --tpgate-bench  (or --benchmark-enable).
 On GPUs: --tpgate-device cuda (bfloat16; worlds of more ranks than GPUs fall back to gloo and
 are not for timing).
 
