@@ -50,8 +50,8 @@ def install(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The whole test suite with few hypothesis examples per property: fast."""
     install(session)
-    session.env["TPGATE_EXAMPLES"] = os.environ.get("TPGATE_EXAMPLES", "2")
-    session.run("python", "-m", "pytest", "-q", *session.posargs)
+    # posargs may give their own --tpgate-examples: argparse keeps the last one
+    session.run("python", "-m", "pytest", "-q", "--tpgate-examples", "2", *session.posargs)
 
 
 COVERAGE_DIR = "reports/coverage"

@@ -8,7 +8,6 @@ the float64 run is the "exact" reference the tolerance policy measures both agai
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -271,19 +270,15 @@ def run_on_rank(ctx, case: LayerCase) -> dict:
     return result
 
 
-def reference_device() -> torch.device:
-    return torch.device("cuda" if os.environ.get("TPGATE_DEVICE") == "cuda" and torch.cuda.is_available() else "cpu")
-
-
-def run_single(case: LayerCase, dtype: torch.dtype, absolute: bool = False) -> dict:
-    """The unsharded layer on one device, in `dtype` (float64 gives the exact reference).
+def run_single(case: LayerCase, dtype: torch.dtype, absolute: bool = False, *, device: str) -> dict:
+    """The unsharded layer on one `device` ("cpu" or "cuda": the ranks' device kind, so E1
+    reflects the same kernels), in `dtype` (float64 gives the exact reference).
 
     `absolute=True` evaluates it with |weights|, |inputs| and |output gradient|: for every
     reduction (matmul, sum over vocab) that gives the sum of the absolute values of the terms,
     the magnitude the rounding of any partial sum is proportional to (harness/tolerance.py)."""
     comm = NullCommunicator(1)
-    # the reference runs on the ranks' device kind, so E1 reflects the same kernels
-    layer = build_layer(case, comm, dtype).to(reference_device())
+    layer = build_layer(case, comm, dtype).to(device)
     if absolute:
         with torch.no_grad():
             for p in layer.parameters():

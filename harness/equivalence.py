@@ -1,7 +1,7 @@
 """Driver side of a layer-equivalence check: case -> world -> metric rows.
 
-`evaluate(world, case)` runs the case on every rank of `world`, the single-device layer in
-the case's dtype and in float64, and returns one metrics row per compared tensor (output,
+`evaluate(world, case)` runs the case on every rank of `world`, the single-device layer (on
+`world.device`, the ranks' device kind) in the case's dtype and in float64, and returns one metrics row per compared tensor (output,
 input gradient, each parameter gradient) plus the rank-consistency and collective facts.
 `evaluate_groups(world, cases)` does the same for a world of several TP groups, each group on
 its own case, group by group.
@@ -24,7 +24,7 @@ REPLICATED_OUTPUT = {"row", "embedding", "lm_head", "rmsnorm", "attention", "mlp
 def evaluate(world, case: LayerCase, rank_fn=run_on_rank) -> list[dict]:
     """`rank_fn(ctx, case)` is the rank side; the default runs the real implementation.
     For a world whose TP group is the whole world (see evaluate_groups otherwise)."""
-    return _group_rows(case, world.run(rank_fn, case))
+    return _group_rows(case, world.run(rank_fn, case), world.device)
 
 
 GROUP_SEED_STRIDE = 7919  # > the seed offsets cases.py derives from one seed (+1 input, +2 output grad)
@@ -62,7 +62,7 @@ def evaluate_groups(world, cases: list[LayerCase], rank_fn=run_on_rank) -> list[
     rows = []
     for g, case in enumerate(cases):
         ranks = [members[g][i] for i in range(tp)]
-        group_rows = _group_rows(case, [per_rank[r] for r in ranks])
+        group_rows = _group_rows(case, [per_rank[r] for r in ranks], world.device)
         for row in group_rows:
             row.update(layer=f"{case.kind}@tp{tp}x{len(cases)}-{layout}", tp_group=g, group_ranks=tuple(ranks))
         group_rows[0]["collectives"] = {r: per_rank[r]["collectives"] for r in ranks}
@@ -70,13 +70,14 @@ def evaluate_groups(world, cases: list[LayerCase], rank_fn=run_on_rank) -> list[
     return rows
 
 
-def _group_rows(case: LayerCase, per_rank: list[dict]) -> list[dict]:
-    """Metric rows of one TP group from its ranks' results, `per_rank` in TP-rank order."""
+def _group_rows(case: LayerCase, per_rank: list[dict], device: str) -> list[dict]:
+    """Metric rows of one TP group from its ranks' results, `per_rank` in TP-rank order, against
+    the single-device layer on `device`."""
     dtype = parse_dtype(case.dtype)
     tp = len(per_rank)
-    single = run_single(case, dtype)
-    exact = run_single(case, torch.float64)
-    magnitude = run_single(case, torch.float64, absolute=True)
+    single = run_single(case, dtype, device=device)
+    exact = run_single(case, torch.float64, device=device)
+    magnitude = run_single(case, torch.float64, absolute=True, device=device)
     base = {**case.as_row(), "world_size": tp, "case": case.describe()}
     rows = []
 

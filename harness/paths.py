@@ -9,7 +9,7 @@ import torch
 from impl.architecture import parse_dtype
 from impl.communication import CountingCommunicator, NullCommunicator, all_reduce_sequence_parallel_grads
 
-from .cases import LayerCase, block_config, build_layer, full_tensors, inputs, reference_device
+from .cases import LayerCase, block_config, build_layer, full_tensors, inputs
 from impl.model import O_BIAS, TransformerBlock
 
 
@@ -61,11 +61,10 @@ def sequence_parallel_block(ctx, case: LayerCase, reduce_grads: bool = True) -> 
             "forward_collectives": forward, "inference_collectives": inference, "inference_equal": inference_equal}
 
 
-def block_reference(case: LayerCase, dtype, grad: torch.Tensor | None = None, o_bias: bool = False, absolute: bool = False) -> dict:
-    """The unsharded block on one device; `o_bias` adds sp_block_tensors' o_proj bias.
+def block_reference(case: LayerCase, dtype, grad: torch.Tensor | None = None, o_bias: bool = False, absolute: bool = False, *, device: str) -> dict:
+    """The unsharded block on one `device` (the ranks' device kind); `o_bias` adds sp_block_tensors' o_proj bias.
     `absolute=True`: |weights|, |input|, |output gradient| — the magnitude S of the tolerance
     policy (harness/tolerance.py), as cases.run_single computes it for the layer suites."""
-    device = reference_device()
     if o_bias:
         layer = TransformerBlock.from_full(sp_block_tensors(case, parse_dtype(case.dtype)), block_config(case), NullCommunicator(1), dtype=dtype, device=device)
     else:

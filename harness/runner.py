@@ -1,8 +1,9 @@
 """The correctness runner: suites -> pytest -> metric rows -> pandas -> report.
 
-Runs the correctness suites in-process under pytest, collects each test's outcome and
-every metric row the suites emit (JSON lines in a temporary file named by $TPGATE_METRICS),
-and hands both tables to the report writer, with the run record the gate judges it by.
+Runs the correctness suites in-process under pytest, with a harness.suite_plugin.SuiteRun
+plugin that hands the suites this run's settings (examples, device) as fixtures and keeps every
+metric row they emit; collects each test's outcome, and hands both tables to the report writer,
+with the run record the gate judges it by.
 
 A report is published only when pytest ran the selection to its end (all passed, some failed,
 or a collection error, which the report shows as a failed test). An interrupted run (Ctrl-C:
@@ -12,9 +13,6 @@ cases nothing is written and the previous report stays as it was.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -129,28 +127,21 @@ def run_correctness(out_dir: str | Path = "reports/correctness", examples: int |
 
     from impl.orchestrator import choose_backend
 
+    from .suite_plugin import SuiteRun, SuiteSettings
+
     out_dir = check_report_out(out_dir, "correctness", REPO)
     gpus = _gpu_count(device)
     choose_backend(device, 1, gpus)  # validates device before anything runs
     # the suites run worlds of 1, 2 and 4 ranks: on fewer GPUs than ranks, those share GPUs over gloo
     backend = ", ".join(f"{n} rank{'s' * (n > 1)}: {choose_backend(device, n, gpus)}" for n in (1, 2, 4))
     examples = examples or configured_examples()
-    with tempfile.TemporaryDirectory(prefix="tpgate-") as tmp:
-        sink = Path(tmp) / "metrics.jsonl"
-        env = {"TPGATE_METRICS": str(sink), "TPGATE_DEVICE": device, "TPGATE_EXAMPLES": str(examples)}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        plugin = _Outcomes()
-        start = time.monotonic()
-        try:
-            code = pytest.main(["-q", "-p", "no:cacheprovider", *[str(REPO / s) for s in SUITES], *(pytest_args or [])], plugins=[plugin])
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        _require_complete_run(code, plugin, pytest_args)
-        wall_s = time.monotonic() - start
-        metrics = pd.DataFrame([json.loads(line) for line in sink.read_text().splitlines()] if sink.exists() else [])
-    tests = pd.DataFrame(list(plugin.rows.values()), columns=["nodeid", "outcome", "duration_s", "message"])
+    suite_run, outcomes = SuiteRun(SuiteSettings(examples, device)), _Outcomes()
+    start = time.monotonic()
+    code = pytest.main(["-q", "-p", "no:cacheprovider", *[str(REPO / s) for s in SUITES], *(pytest_args or [])], plugins=[suite_run, outcomes])
+    _require_complete_run(code, outcomes, pytest_args)
+    wall_s = time.monotonic() - start
+    metrics = pd.DataFrame(suite_run.metric_rows)
+    tests = pd.DataFrame(list(outcomes.rows.values()), columns=["nodeid", "outcome", "duration_s", "message"])
     environment = {**collect_environment(backend, device), "wall_time_s": round(wall_s, 1)}
     run = run_record(pytest_args, examples, device, environment)
     return write_correctness_report(metrics, tests, environment, out_dir, tolerance.__doc__, run)

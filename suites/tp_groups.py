@@ -17,7 +17,7 @@ from impl.orchestrator import ProcessGroupManager, RankContext, check_tp_layout
 class TPGroupsWorld:
     def __init__(self, world, tp_size: int, tp_layout: str):
         check_tp_layout(tp_layout)
-        self.world, self.world_size, self.tp_size, self.tp_layout = world, world.world_size, tp_size, tp_layout
+        self.world, self.world_size, self.device, self.tp_size, self.tp_layout = world, world.world_size, world.device, tp_size, tp_layout
 
     def run(self, fn, *args, timeout_s: float | None = None, **kwargs) -> list:
         return self.world.run(in_tp_groups, self.tp_size, self.tp_layout, fn, *args, timeout_s=timeout_s, **kwargs)

@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" 2>&1
 case "${1:-}" in
   correctness)
-    timeout ${CORRECTNESS_TIMEOUT:-560} python3 -m harness.cli correctness --device cuda --examples ${TPGATE_EXAMPLES:-3} -k "not faults" \
+    timeout ${CORRECTNESS_TIMEOUT:-560} python3 -m harness.cli correctness --device cuda --examples ${EXAMPLES:-3} -k "not faults" \
       --out reports/correctness > "$OUT/correctness.log" 2>&1
     echo "rc=$?"; grep -E "^FAILED" "$OUT/correctness.log"; tail -2 "$OUT/correctness.log"
     (cd reports && tar czf "$OUT/correctness.tgz" correctness) ;;
@@ -20,7 +20,7 @@ case "${1:-}" in
     echo "rc=$?"; grep -v "scaling sweep" "$OUT/scaling.log" | tail -12
     (cd reports && tar czf "$OUT/scaling.tgz" scaling index.html) ;;
   correctness4)  # one GPU per rank: NCCL (issue 7)
-    timeout ${CORRECTNESS_TIMEOUT:-570} python3 -m harness.cli correctness --device cuda --examples ${TPGATE_EXAMPLES:-3} \
+    timeout ${CORRECTNESS_TIMEOUT:-570} python3 -m harness.cli correctness --device cuda --examples ${EXAMPLES:-3} \
       --out reports/correctness > "$OUT/correctness.log" 2>&1
     echo "rc=$?"; grep -E "^FAILED" "$OUT/correctness.log"; tail -2 "$OUT/correctness.log"
     (cd reports && tar czf "$OUT/correctness.tgz" correctness) ;;

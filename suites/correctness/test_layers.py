@@ -2,8 +2,6 @@
 forward and backward, in float32, bfloat16 and float16 (tolerances: harness/tolerance.py)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -13,15 +11,14 @@ from harness.equivalence import evaluate, failures
 from ..conftest import WORLD_SIZES
 from .strategies import layer_cases
 
-EXAMPLES = int(os.environ.get("TPGATE_EXAMPLES", "5"))
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_layer_matches_single_device(kind, world_size, dtype, worlds, metrics, request):
-    @settings(max_examples=EXAMPLES, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+def test_layer_matches_single_device(kind, world_size, dtype, worlds, metrics, examples, request):
+    @settings(max_examples=examples, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
     @given(case=layer_cases(kind, world_size, dtype))
     def check(case):
         rows = evaluate(worlds[world_size], case)

@@ -27,9 +27,10 @@ def test_kv_cache_decode_matches_full_forward(world_size, dtype, worlds):
         prefill = data.draw(st.integers(1, case.seq), label="prefill")
         outs = worlds[world_size].run(paths.cached_decode, case, prefill)
         assert all(torch.equal(o, outs[0]) for o in outs), "ranks disagree"
-        single = paths.block_reference(case, parse_dtype(dtype))["out"]
-        exact = paths.block_reference(case, torch.float64)["out"]
-        magnitude = paths.block_reference(case, torch.float64, absolute=True)["out"]  # S of the policy
+        device = worlds[world_size].device
+        single = paths.block_reference(case, parse_dtype(dtype), device=device)["out"]
+        exact = paths.block_reference(case, torch.float64, device=device)["out"]
+        magnitude = paths.block_reference(case, torch.float64, absolute=True, device=device)["out"]  # S of the policy
         row = compare("output", outs[0], single, exact, parse_dtype(dtype), world_size, magnitude=magnitude)
         assert row["passed"], row
 
@@ -60,11 +61,11 @@ def check_sequence_parallel(world, case, world_size, reduce_grads=True):
     expected = [("all_gather", shard, str(dtype)), ("reduce_scatter", full, str(dtype))] * 2
     assert all(r["forward_collectives"] == expected and r["inference_collectives"] == expected for r in ranks), res["inference_collectives"]
     assert all(r["inference_equal"] for r in ranks)
-    single = paths.block_reference(case, dtype, res["grad"], o_bias=True)
-    exact = paths.block_reference(case, torch.float64, res["grad"], o_bias=True)
+    single = paths.block_reference(case, dtype, res["grad"], o_bias=True, device=world.device)
+    exact = paths.block_reference(case, torch.float64, res["grad"], o_bias=True, device=world.device)
     # S of the tolerance policy: without it the bound falls back to the expected-case sqrt(tp)
     # magnitude, too tight for gradients summed over tokens that cancel (norm weights, bias)
-    magnitude = paths.block_reference(case, torch.float64, res["grad"], o_bias=True, absolute=True)
+    magnitude = paths.block_reference(case, torch.float64, res["grad"], o_bias=True, absolute=True, device=world.device)
     for name in ("out", "grad_in"):
         row = compare(name, res[name], single[name].float(), exact[name], dtype, world_size, magnitude=magnitude[name])
         assert row["passed"], row

@@ -8,8 +8,6 @@ suite whose TP group is the whole world; these cases are where it fails (the str
 catches `global rank % tp`, which is right for contiguous groups)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -25,14 +23,14 @@ GROUPS = SUBGROUP_WORLD // SUBGROUP_TP
 # which shard and which group a rank uses, a structural fact the dtype does not change: a wrong
 # rank or group errs by the size of the output (harness/tolerance.py), and float32's bound is
 # the tightest. The dtypes' rounding is covered by test_layers.py's full-world cases.
-EXAMPLES = min(int(os.environ.get("TPGATE_EXAMPLES", "5")), 2)
+MAX_EXAMPLES = 2
 DTYPE = "float32"
 
 
 @pytest.mark.parametrize("layout", TP_LAYOUTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_layer_in_tp_groups(kind, layout, subgroup_worlds, worlds, metrics, request):
-    @settings(max_examples=EXAMPLES, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+def test_layer_in_tp_groups(kind, layout, subgroup_worlds, worlds, metrics, examples, request):
+    @settings(max_examples=min(examples, MAX_EXAMPLES), deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
     @given(case=layer_cases(kind, SUBGROUP_TP, DTYPE))
     def check(case):
         cases = group_cases(case, GROUPS)

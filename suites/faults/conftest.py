@@ -18,8 +18,8 @@ def fault_worlds():
 
 
 @pytest.fixture(scope="session")
-def time_table():
-    table = TimeTable()
+def time_table(pytestconfig):
+    table = TimeTable(pytestconfig.getoption("tpgate_fault_table", None))
     yield table
     table.write()
 

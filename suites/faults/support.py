@@ -154,9 +154,10 @@ def _seconds(t: float) -> str:
 
 
 class TimeTable:
-    """(case, world size, bound, measured) rows; written as Markdown to $TPGATE_FAULT_TABLE if set."""
+    """(case, world size, bound, measured) rows; written as Markdown to `path` (--tpgate-fault-table) if given."""
 
-    def __init__(self):
+    def __init__(self, path: str | None = None):
+        self.path = path
         self.rows: dict[tuple[str, int], tuple[float, float]] = {}
 
     def record(self, case: str, world_size: int, bound_s: float, measured_s: float) -> None:
@@ -176,6 +177,5 @@ class TimeTable:
         return "\n".join(lines) + "\n"
 
     def write(self) -> None:
-        path = os.environ.get("TPGATE_FAULT_TABLE")
-        if path and self.rows:
-            write_text_atomic(path, self.markdown())
+        if self.path and self.rows:
+            write_text_atomic(self.path, self.markdown())

@@ -17,7 +17,6 @@ vocabulary); other (variant, tp) pairs are skipped with the reason.
 """
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -64,12 +63,12 @@ def references(checkpoint):
     return get
 
 
-def _skip_on_gloo_sharing_a_gpu(world_size: int) -> None:
+def _skip_on_gloo_sharing_a_gpu(world_size: int, device: str) -> None:
     """On one GPU the ranks share it over gloo, and DTensor's functional collectives over gloo
     with CUDA tensors killed ranks with SIGSEGV at random (torch 2.11, 2 and 4 ranks; the
     reference's c10d collectives on the same worlds pass). The peer is checked on CPU (CI) and
     belongs on NCCL on a multi-GPU machine."""
-    if world_size > 1 and os.environ.get("TPGATE_DEVICE", "cpu") == "cuda" and torch.cuda.device_count() < world_size:
+    if world_size > 1 and device == "cuda" and torch.cuda.device_count() < world_size:
         pytest.skip(f"dtensor over gloo with CUDA tensors crashes (SIGSEGV) on torch 2.11; needs {world_size} GPUs for NCCL")
 
 
@@ -84,7 +83,7 @@ def _skip_unless_peer_applies(config: ModelConfig, world_size: int) -> None:
 def test_peer_matches_tpgate_and_transformers(variant, world_size, references, worlds):
     ref = references(variant)
     _skip_unless_peer_applies(ref["config"], world_size)
-    _skip_on_gloo_sharing_a_gpu(world_size)
+    _skip_on_gloo_sharing_a_gpu(world_size, worlds.device)
     per_rank = worlds[world_size].run(dtensor_rank_fns.logits, ref["directory"], ref["ids"])
     peer = per_rank[0]
     assert all(torch.equal(r, peer) for r in per_rank), "replicated logits must be bitwise identical on every rank"
@@ -105,7 +104,7 @@ def test_shared_rope_bug_fails_the_transformers_check(references, worlds):
     in the driver's tpgate references: calibrated on tpgate's float64 model (E1 = |hf - exact|), as
     this check was, the bug becomes tolerance and the peer passes; calibrated on transformers
     alone (E1 = |hf - hf64|) it fails by orders of magnitude."""
-    _skip_on_gloo_sharing_a_gpu(2)
+    _skip_on_gloo_sharing_a_gpu(2, worlds.device)
     ref = references("llama3-rope-scaling")
     mutant = "exponent_missing_factor_2"
     peer = worlds[2].run(rope_rank_fns.with_mutant, mutant, dtensor_rank_fns.logits, ref["directory"], ref["ids"])[0]
@@ -121,7 +120,7 @@ def test_shared_rope_bug_fails_the_transformers_check(references, worlds):
 def test_peer_greedy_decode_with_kv_cache(world_size, references, worlds):
     ref = references("llama3-rope-scaling")
     _skip_unless_peer_applies(ref["config"], world_size)
-    _skip_on_gloo_sharing_a_gpu(world_size)
+    _skip_on_gloo_sharing_a_gpu(world_size, worlds.device)
     per_rank = worlds[world_size].run(dtensor_rank_fns.greedy, ref["directory"], ref["ids"], NEW_TOKENS)
     assert all(torch.equal(r["tokens"], per_rank[0]["tokens"]) for r in per_rank)
     assert torch.equal(per_rank[0]["tokens"], ref["hf64_tokens"])  # transformers' float64 greedy tokens
@@ -141,7 +140,7 @@ TIED = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_laye
 
 def test_tied_embedding_and_biases_at_tp2(worlds):
     """Tied LM head (re-tied to the sharded embedding) and q/k/v/o biases, on random weights."""
-    _skip_on_gloo_sharing_a_gpu(2)
+    _skip_on_gloo_sharing_a_gpu(2, worlds.device)
     tensors = _random_tensors(TIED)
     ids = _ids(TIED.vocab_size)
     out = worlds[2].run(dtensor_rank_fns.random_peer_and_tpgate, TIED, tensors, ids)
@@ -222,7 +221,7 @@ SWEEP = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_lay
 @pytest.mark.parametrize("last_only", (True, False))
 def test_listed_collectives_are_what_dtensor_issues(worlds, last_only):
     """peer_collectives (what projections price) against torch's own count on a real tp=2 peer."""
-    _skip_on_gloo_sharing_a_gpu(2)
+    _skip_on_gloo_sharing_a_gpu(2, worlds.device)
     from impl.dtensor_peer import peer_collectives
 
     counted = worlds[2].run(dtensor_rank_fns.counted_collectives, SWEEP, 2, 5, last_only)[0]

@@ -1,33 +1,30 @@
 """Layer benchmarks run only when asked for, so a plain `pytest` stays fast.
 
 They run when any of these is given: --benchmark-enable, --benchmark-only,
---benchmark-autosave, --benchmark-save, --benchmark-json, --benchmark-compare, or the
-environment variable TPGATE_BENCH=1. Otherwise every test in this directory is skipped at
-collection (no rank world is started). Under --benchmark-disable (with TPGATE_BENCH=1)
+--benchmark-autosave, --benchmark-save, --benchmark-json, --benchmark-compare, or
+--tpgate-bench (suites/conftest.py). Otherwise every test in this directory is skipped at
+collection (no rank world is started). Under --benchmark-disable (with --tpgate-bench)
 pytest-benchmark calls each benchmarked function once and records nothing; the tests'
 shape/finiteness checks still run.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).parent
-_OPT_IN = ("benchmark_enable", "benchmark_only", "benchmark_autosave", "benchmark_save", "benchmark_json", "benchmark_compare")
+_OPT_IN = ("tpgate_bench", "benchmark_enable", "benchmark_only", "benchmark_autosave", "benchmark_save", "benchmark_json", "benchmark_compare")
 
 
 def benchmarks_requested(config) -> bool:
-    if os.environ.get("TPGATE_BENCH") == "1":
-        return True
     return any(config.getoption(name, default=None) for name in _OPT_IN)
 
 
 def pytest_collection_modifyitems(config, items):
     if benchmarks_requested(config):
         return
-    skip = pytest.mark.skip(reason="layer benchmarks: pass --benchmark-enable (or --benchmark-only/--benchmark-autosave) or set TPGATE_BENCH=1")
+    skip = pytest.mark.skip(reason="layer benchmarks: pass --benchmark-enable (or --benchmark-only/--benchmark-autosave) or --tpgate-bench")
     for item in items:
         if HERE in Path(item.path).parents:  # this hook sees the whole session's items
             item.add_marker(skip)

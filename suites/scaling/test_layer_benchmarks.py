@@ -7,8 +7,8 @@ Run, and keep the JSON (one file per run under reports/benchmarks/<machine>/):
 Compare against the latest saved run, failing on a >25% median regression:
     pytest suites/scaling --benchmark-only --benchmark-storage=reports/benchmarks \
         --benchmark-compare --benchmark-compare-fail=median:25%
-Quick look without saving: TPGATE_BENCH=1 pytest suites/scaling  (or --benchmark-enable).
-On GPUs: TPGATE_DEVICE=cuda (bfloat16; worlds of more ranks than GPUs fall back to gloo and
+Quick look without saving: pytest suites/scaling --tpgate-bench  (or --benchmark-enable).
+On GPUs: --tpgate-device cuda (bfloat16; worlds of more ranks than GPUs fall back to gloo and
 are not for timing).
 
 What is timed: one benchmark round is one orchestrator `run` that makes every rank do
@@ -21,7 +21,6 @@ The regression gate is pytest-benchmark's --benchmark-compare-fail, never an ass
 """
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -140,7 +139,7 @@ def test_layer_forward(benchmark, worlds, layer, world_size):
         "per_rank_seconds": [r["seconds"] for r in last],
         "slowest_rank_seconds_per_round": per_round_slowest,
         "slowest_rank_us_per_forward": min(per_round_slowest) / CALLS * 1e6,
-        "env_device": os.environ.get("TPGATE_DEVICE", "cpu"),
+        "env_device": worlds.device,  # the device asked for (--tpgate-device); "device" is where rank 0 computed
     })
     assert slowest == per_round_slowest[-1] and slowest > 0
     assert [r["rank"] for r in last] == list(range(world_size))
