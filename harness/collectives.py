@@ -27,12 +27,8 @@ A world of one rank still times the (local) calls, but has no bus: busbw_GBps is
 `note` says so. Gloo worlds, and worlds whose ranks share a GPU, measure host staging,
 not the interconnect: use their figures for plumbing, never for projections.
 
-`fit_cost_model(rows)` fits, per op, the alpha-beta model
-
-    t(n) = alpha + n * factor(op, world_size) / busbw      (t in us, n in bytes)
-
-by least squares, so one fit spans rows of several world sizes; `predict_latency_us`
-evaluates it for the projection.
+harness.perf_model.fit_cost_model fits the rows' alpha-beta cost model (the factor above is
+harness.perf_model.busbw_factor).
 """
 from __future__ import annotations
 
@@ -45,21 +41,13 @@ import torch.distributed as dist
 
 from impl.architecture import DTYPES, TPConfigError, parse_dtype, require
 
-OPS = ("all_reduce", "all_gather", "reduce_scatter")
+from .perf_model import OPS, busbw_factor
 
 # torch >= 2.12 renamed the tensor variants; 2.5-2.11 only have the old names.
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 KIB, MIB = 1 << 10, 1 << 20
-
-
-def busbw_factor(op: str, world_size: int) -> float:
-    """nccl-tests' bus-bandwidth factor: busbw = algbw * factor. 0 for a world of one."""
-    require(op in OPS, "op", op, f"must be one of {OPS}")
-    require(isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "must be an integer >= 1")
-    n = world_size
-    return (2 * (n - 1) / n) if op == "all_reduce" else ((n - 1) / n)
 
 
 def message_bytes(op: str, requested: int, world_size: int, elsize: int) -> int:
@@ -208,47 +196,4 @@ def decode_and_prefill_sizes(hidden: int, batch_decode=(1, 16), prefill_tokens: 
     return sorted(sizes)
 
 
-# --------------------------------------------------------------------------- cost model
-
-
-def fit_cost_model(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Least-squares alpha-beta fit per op: t(n) = alpha + n * factor(op, world_size) / busbw.
-
-    Returns {op: {"latency_us": alpha, "busbw_GBps": busbw}}. The regressor is
-    bytes * factor, so rows of several world sizes share one fit; world-size-1 rows (no bus)
-    are ignored. An op needs rows at >= 2 distinct regressor values. A non-positive slope
-    (latency not growing with size, e.g. noise at tiny sizes) gives busbw_GBps = inf.
-    """
-    require(isinstance(rows, (list, tuple)) and len(rows) > 0, "rows", rows, "must be a non-empty list of bench_collectives rows")
-    points: dict[str, list[tuple[float, float]]] = {}
-    for i, row in enumerate(rows):
-        for key in ("op", "bytes", "world_size", "latency_us"):
-            require(key in row, f"rows[{i}]", row, f"lacks {key!r}")
-        if row["world_size"] > 1:
-            points.setdefault(row["op"], []).append((row["bytes"] * busbw_factor(row["op"], row["world_size"]), float(row["latency_us"])))
-    require(bool(points), "rows", f"{len(rows)} rows", "need rows with world_size > 1 to fit a bandwidth")
-    model = {}
-    for op, pts in points.items():
-        xs = [x for x, _ in pts]
-        require(len(set(xs)) >= 2, "rows", op, "need at least two distinct message sizes per op to fit alpha and busbw")
-        mx = math.fsum(xs) / len(xs)
-        my = math.fsum(y for _, y in pts) / len(pts)
-        sxx = math.fsum((x - mx) ** 2 for x in xs)
-        sxy = math.fsum((x - mx) * (y - my) for x, y in pts)
-        slope = sxy / sxx  # us per (factor-weighted) byte
-        alpha = my - slope * mx
-        busbw = 1e6 / slope / 1e9 if slope > 0 else float("inf")  # bytes/us -> GB/s
-        model[op] = {"latency_us": alpha, "busbw_GBps": busbw}
-    return model
-
-
-def predict_latency_us(model: dict, op: str, nbytes: int, world_size: int) -> float:
-    """The fitted t(n) in microseconds; 0 for a world of one (nothing to communicate)."""
-    require(op in model, "op", op, f"not in the cost model (has {sorted(model)})")
-    if world_size == 1:
-        return 0.0
-    m = model[op]
-    return m["latency_us"] + nbytes * busbw_factor(op, world_size) / (m["busbw_GBps"] * 1e3)
-
-
-__all__ = ["OPS", "TPConfigError", "bench_collectives", "busbw_factor", "decode_and_prefill_sizes", "fit_cost_model", "message_bytes", "predict_latency_us"]
+__all__ = ["OPS", "TPConfigError", "bench_collectives", "decode_and_prefill_sizes", "message_bytes"]

@@ -50,6 +50,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
+from .perf_model import DEFAULTS, CostModel  # noqa: E402
 from .atomic import make_staging_dir, publish_dir_atomic, write_bytes_atomic, write_text_atomic  # noqa: E402
 from .report import _json_safe  # noqa: E402  (one strict-JSON converter for both reports)
 
@@ -491,8 +492,7 @@ def _collectives_plot(c: pd.DataFrame, fit: dict | None) -> str | None:
     """Latency vs message size per op (one line per world size, the fitted model dotted) and busbw."""
     if c.empty:
         return None
-    from .collectives import predict_latency_us
-
+    model = CostModel.from_dict(fit) if fit else None
     ops = list(dict.fromkeys(c["op"]))
     fig, axes = plt.subplots(2, len(ops), figsize=(4.3 * len(ops), 6.4), squeeze=False)
     sizes = sorted(int(w) for w in c["world_size"].unique())
@@ -503,11 +503,9 @@ def _collectives_plot(c: pd.DataFrame, fit: dict | None) -> str | None:
             g = g.sort_values("bytes")
             axes[0, j].plot(g["bytes"], g["latency_us"], marker="o", ms=4, color=colours[int(ws)], label=f"ws={int(ws)}")
             axes[1, j].plot(g["bytes"], g["busbw_GBps"], marker="o", ms=4, color=colours[int(ws)])
-            if fit and op in fit and ws > 1:
-                by_ws = fit[op].get("by_world_size") or {}
-                params = by_ws.get(int(ws), by_ws.get(str(int(ws)), fit[op]))  # this world size's own fit where there is one
+            if model and op in model.ops and ws > 1:  # priced with this world size's own fit where there is one
                 xs = np.geomspace(float(g["bytes"].min()), float(g["bytes"].max()), 40)
-                axes[0, j].plot(xs, [predict_latency_us({op: params}, op, int(x), int(ws)) for x in xs], ls=":", color=colours[int(ws)], lw=1.3)
+                axes[0, j].plot(xs, [model.collective_us(op, int(x), int(ws)) for x in xs], ls=":", color=colours[int(ws)], lw=1.3)
         for ax in axes[:, j]:
             ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3, lw=0.5)
@@ -548,9 +546,7 @@ def _cost_model_info(collectives: dict | None, r: pd.DataFrame) -> dict | None:
 
 
 def _default_source() -> str:
-    from .sweep import DEFAULT_COST_MODEL
-
-    return DEFAULT_COST_MODEL["source"]
+    return DEFAULTS.source
 
 
 def _layer_benchmarks(path: Path) -> tuple[bytes | None, str | None]:

@@ -8,7 +8,7 @@ reference, a plain model of one rank's shard shapes for the peer), so exposed co
 (T_tp - T_null) / T_tp. Where the machine has fewer devices than a world size needs (GPU runs),
 the point is *projected*: one rank's shard runs alone on one device without collectives and the
 collectives it would issue (counted per step; listed from the plan for the peer) are priced by a
-cost model. `compare_projection` also projects the world sizes it measured, so the report can
+cost model (harness.perf_model). `compare_projection` also projects the world sizes it measured, so the report can
 state the projection's error. Projected points are labelled as such everywhere and never count
 towards a GO.
 
@@ -31,6 +31,8 @@ from impl.decoding import StaticDecoder
 from impl.dtensor_peer import check_dtensor_tp, parallelize, peer_collectives, random_plain_model, shard_config, tp_mesh
 from impl.model import random_model
 
+from .perf_model import DEFAULTS, CostModel, collective_time_s
+
 # Named model shapes (random weights). tiny: CPU; llama3-8b and llama2-13b: GPU shapes (13b fits one H100 in bf16).
 PRESETS = {
     "tiny": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4, max_seq_len=1024),
@@ -40,16 +42,6 @@ PRESETS = {
 }
 IMPLEMENTATIONS = ("reference", "dtensor")
 PHASES = ("prefill", "decode")
-
-# Cost-model defaults when no collective benchmark of this machine exists (projection only).
-# NVLink 4 (H100 SXM) ring all-reduce: ~450 GB/s bus bandwidth at large messages in NVIDIA's
-# published nccl-tests results for 8-GPU DGX H100; small-message latency ~10-20 us per
-# all-reduce (NCCL tuning docs / nccl-tests at 8 B). 4-GPU subsets of an NVSwitch host keep
-# the per-GPU NVLink bandwidth. These are assumptions, stated in every projected row.
-DEFAULT_COST_MODEL = {"all_reduce": {"latency_us": 15.0, "busbw_GBps": 360.0}, "all_gather": {"latency_us": 12.0, "busbw_GBps": 360.0},
-                      "reduce_scatter": {"latency_us": 12.0, "busbw_GBps": 360.0}, "source": "defaults (published NVLink/NCCL figures), not measured"}
-BUSBW_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0}
-
 
 @dataclass(frozen=True)
 class Phase:
@@ -416,24 +408,6 @@ def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: 
             "times": times, "peak_memory": _peak_memory(ctx.device), "collectives": collectives, "steps": per_step}
 
 
-# --------------------------------------------------------------------------- projection
-
-
-def collective_time_s(records: list[dict], world: int, cost_model: dict) -> float:
-    """Seconds the collectives in `records` would take: latency + size * factor / busbw, with the
-    op's parameters for this world size when the model has them (`by_world_size`), else its own."""
-    total = 0.0
-    for r in records:
-        params = cost_model.get(r["kind"])
-        if params is None or world == 1:
-            continue
-        params = (params.get("by_world_size") or {}).get(world, params)
-        # nccl-tests sizes: all-reduce the tensor, all-gather the output, reduce-scatter the input
-        size = r["nbytes"] * (world if r["kind"] == "all_gather" else 1)
-        total += max(0.0, params["latency_us"]) * 1e-6 + size * BUSBW_FACTOR[r["kind"]](world) / (params["busbw_GBps"] * 1e9)
-    return total
-
-
 # --------------------------------------------------------------------------- driver
 
 
@@ -453,12 +427,13 @@ def sweep_tasks(cfg: SweepConfig, gpus: int) -> list[tuple]:
     return tasks
 
 
-def run_sweep(cfg: SweepConfig, world_for, cost_model: dict | None = None, progress=None) -> "pd.DataFrame":
-    """Measure (or project) every point; a failed point is a row with status 'failed' and its error."""
+def run_sweep(cfg: SweepConfig, world_for, cost_model: CostModel | None = None, progress=None) -> "pd.DataFrame":
+    """Measure (or project) every point; a failed point is a row with status 'failed' and its error.
+    Projected points are priced by `cost_model` (harness.perf_model.DEFAULTS when None)."""
     import pandas as pd
 
     gpus = torch.cuda.device_count() if cfg.device == "cuda" else 0
-    cost_model = cost_model or DEFAULT_COST_MODEL
+    cost_model = cost_model or DEFAULTS
     rows = []
     tasks = sweep_tasks(cfg, gpus)
     for n, (impl, preset, phase, ws, projected) in enumerate(tasks, 1):
@@ -481,7 +456,7 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: dict | None = None, progr
                 tp_s = alone["median_s"] + collective_time_s(issued, ws, cost_model)
                 row.update(_summarise([alone], [alone], tp_s, phase, ws, dispatch=None))
                 row["collectives_per_step"], row["comm_bytes_per_step"] = _comm_per_step(issued, phase)
-                row["cost_model"] = cost_model.get("source", "measured")
+                row["cost_model"] = cost_model.source or "measured"
             else:
                 world = world_for(ws)
                 real = world.run(measure_on_rank, *args, "tp", **kw)

@@ -1,0 +1,64 @@
+"""harness.perf_model: pricing against hand-computed figures, the fit's round trip, and mutants
+of the pricing rule (the class of bug a drifted copy carried) that the figures reject."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from harness import perf_model
+from harness.perf_model import DEFAULTS, CostModel, OpCost, collective_time_s, fit_cost_model
+
+# DEFAULTS at world size 4, by hand: all_reduce of a 1 MB tensor: 15 us + 1e6 B * 2*3/4 / 360e3 B/us = 15 + 25/6 us;
+# all_gather whose ranks each contribute 250 kB (nccl-tests size 1 MB): 12 us + 1e6 * 3/4 / 360e3 = 12 + 25/12 us.
+RECORDS = [{"kind": "all_reduce", "nbytes": 1_000_000}, {"kind": "all_gather", "nbytes": 250_000}, {"kind": "broadcast", "nbytes": 8}]
+HAND_S = 33.25e-6  # 15 + 12 + 25/6 + 25/12 = 33.25 us (broadcast: not priced)
+
+
+def _check_pricing():
+    assert collective_time_s(RECORDS, 4, DEFAULTS) == pytest.approx(HAND_S, rel=1e-12)
+    assert collective_time_s(RECORDS, 1, DEFAULTS) == 0.0
+    # a fitted alpha below zero (noise) is no credit: 1e6 B * 1 / 100e3 B/us = 10 us at world size 2
+    assert CostModel({"all_reduce": OpCost(-5.0, 100.0)}).collective_us("all_reduce", 1_000_000, 2) == pytest.approx(10.0, rel=1e-12)
+
+
+def test_pricing_matches_hand_computed_figures():
+    _check_pricing()
+
+
+MUTANTS = {
+    "all_reduce factor (n-1)/n, like all_gather": ("busbw_factor", lambda op, n: (n - 1) / n),
+    "all_gather priced at the per-rank input": ("nccl_tests_bytes", lambda op, nbytes, n: nbytes),
+    "latency read as ms": ("busbw_factor", None),
+}
+
+
+@pytest.mark.parametrize("name", MUTANTS)
+def test_pricing_check_rejects_mutants(name, monkeypatch):
+    attr, bad = MUTANTS[name]
+    if bad is None:  # units: alpha taken as ms, the drift between the two pricing copies this module replaced
+        real = CostModel.collective_us
+        monkeypatch.setattr(CostModel, "collective_us", lambda self, op, nbytes, ws: real(self, op, nbytes, ws) + (
+            999 * max(0.0, self.params(op, ws).latency_us) if ws > 1 else 0.0))
+    else:
+        monkeypatch.setattr(perf_model, attr, bad)
+    with pytest.raises(AssertionError):
+        _check_pricing()
+
+
+def test_fit_round_trips_through_json():
+    truth = {2: OpCost(20.0, 50.0), 4: OpCost(45.0, 40.0)}
+    rows = [{"op": "all_reduce", "bytes": b, "world_size": ws, "latency_us": p.latency_us + b * perf_model.busbw_factor("all_reduce", ws) / (p.busbw_GBps * 1e3)}
+            for ws, p in truth.items() for b in (1 << 10, 1 << 16, 1 << 20)]
+    fit = fit_cost_model(rows, per_world_size=True)
+    for ws, p in truth.items():  # each world size's own fit recovers its parameters, and pricing uses it
+        own = fit.by_world_size["all_reduce"][ws]
+        assert math.isclose(own.latency_us, p.latency_us, rel_tol=1e-9) and math.isclose(own.busbw_GBps, p.busbw_GBps, rel_tol=1e-9)
+        assert fit.collective_us("all_reduce", 1 << 20, ws) == pytest.approx(rows[[r["world_size"] for r in rows].index(ws) + 2]["latency_us"])
+    priced = CostModel({**DEFAULTS.ops, **fit.ops}, fit.by_world_size, "fitted", "measured", fit)
+    stored = json.loads(json.dumps(priced.to_dict()))  # JSON turns the world sizes into strings
+    assert set(stored) == {"all_reduce", "all_gather", "reduce_scatter", "source", "reason", "fit"} and "fit" not in stored["fit"]
+    assert CostModel.from_dict(stored) == priced
+    assert CostModel.from_dict(DEFAULTS.to_dict()) == DEFAULTS
+
