@@ -18,9 +18,8 @@ Requested sizes are rounded up to a multiple of elsize (all_reduce) or elsize*wo
     factor: all_reduce 2(n-1)/n, all_gather and reduce_scatter (n-1)/n (nccl-tests' PERFORMANCE.md)
 
 Timing per rank: buffers are allocated once per (op, size); `warmup` untimed calls; a
-barrier; then `iters` calls, each timed alone (CUDA events around each call and one
-torch.cuda.synchronize after the batch on GPU; time.perf_counter on CPU). Each rank
-reports the median and p90 (nearest rank) of its own calls; the driver keeps the max over
+barrier; then `iters` calls, each timed alone (harness.timing.time_calls). Each rank
+reports the median and p90 (harness.timing.percentile, nearest rank) of its own calls; the driver keeps the max over
 ranks, the slowest rank being what a TP layer waits for. GB/s are 1e9 bytes per second.
 
 A world of one rank still times the (local) calls, but has no bus: busbw_GBps is 0 and
@@ -34,7 +33,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -42,6 +40,7 @@ import torch.distributed as dist
 from impl.architecture import DTYPES, TPConfigError, parse_dtype, require
 
 from .perf_model import OPS, busbw_factor
+from .timing import percentile, time_calls
 
 # torch >= 2.12 renamed the tensor variants; 2.5-2.11 only have the old names.
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -54,11 +53,6 @@ def message_bytes(op: str, requested: int, world_size: int, elsize: int) -> int:
     """The nccl-tests size actually benchmarked for `requested` bytes (rounded up to whole elements per rank)."""
     unit = elsize if op == "all_reduce" else elsize * world_size
     return max(1, math.ceil(requested / unit)) * unit
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
 def _check_args(sizes_bytes, dtype, ops, warmup, iters) -> tuple[torch.dtype, tuple[str, ...]]:
@@ -90,25 +84,6 @@ def _collective_call(op: str, n: int, group, dtype, device, nbytes: int, elsize:
     return lambda: _reduce_scatter_tensor(shard, full, group=group)
 
 
-def _time_calls(call, iters: int, cuda: bool) -> list[float]:
-    """Seconds of each of `iters` calls."""
-    if cuda:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        for s, e in zip(starts, ends):
-            s.record()
-            call()
-            e.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def _bench_rank(ctx, plan: list[tuple[str, int, int]], dtype_name: str, warmup: int, iters: int) -> dict:
     """Run on every rank: time each (op, bytes) of `plan`; return this rank's median/p90."""
     dtype = parse_dtype(dtype_name)
@@ -123,8 +98,8 @@ def _bench_rank(ctx, plan: list[tuple[str, int, int]], dtype_name: str, warmup: 
         if cuda:
             torch.cuda.synchronize()
         dist.barrier(group=group)
-        times = sorted(_time_calls(call, iters, cuda))
-        timings.append({"op": op, "bytes": nbytes, "median_s": statistics.median(times), "p90_s": _percentile(times, 0.90)})
+        times = time_calls(call, iters, ctx.device)
+        timings.append({"op": op, "bytes": nbytes, "median_s": statistics.median(times), "p90_s": percentile(times, 0.90)})
         del call
     return {"rank": ctx.rank, "world_size": n, "backend": ctx.backend, "device": str(ctx.device), "timings": timings}
 

@@ -12,15 +12,14 @@ cost model (harness.perf_model). `compare_projection` also projects the world si
 state the projection's error. Projected points are labelled as such everywhere and never count
 towards a GO.
 
-Timing: CUDA events on GPU, a monotonic clock on CPU; warm-up, then `repeats` timed runs,
-median and p90 per rank; the slowest rank's median is the point's latency. Dispatch overhead
+Timing: harness.timing (CUDA events on GPU, a monotonic clock on CPU); warm-up, then `repeats`
+timed runs, median and p90 (nearest rank) per rank; the slowest rank's median is the point's latency. Dispatch overhead
 is one orchestrator call's overhead over one step's latency (see `_summarise`).
 """
 from __future__ import annotations
 
 import os
 import statistics
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -32,6 +31,7 @@ from impl.dtensor_peer import check_dtensor_tp, parallelize, peer_collectives, r
 from impl.model import random_model
 
 from .perf_model import DEFAULTS, CostModel, collective_time_s
+from .timing import percentile, time_calls
 
 # Named model shapes (random weights). tiny: CPU; llama3-8b and llama2-13b: GPU shapes (13b fits one H100 in bf16).
 PRESETS = {
@@ -204,23 +204,6 @@ def load_config(table: dict, overrides: dict | None = None) -> SweepConfig:
 # --------------------------------------------------------------------------- rank side
 
 
-def _clock(device):
-    if device.type == "cuda":
-        def timed(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-    else:
-        def timed(fn):
-            t = time.perf_counter()
-            fn()
-            return time.perf_counter() - t
-    return timed
-
-
 def _peak_memory(device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -389,7 +372,6 @@ def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: 
         else:
             setup, run, step_records = make_decode(built.model, ids, phase.steps, decode_path, count_step=_step_counter(built))
             run_records = None if step_records is None else step_records * phase.steps
-        timed = _clock(ctx.device)
         for _ in range(warmup):
             setup()
             run()
@@ -399,12 +381,12 @@ def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: 
             if mode == "tp":
                 ctx.comm.barrier()  # ranks start each repeat together
             built.reset()
-            times.append(timed(run))
+            times.append(time_calls(run, 1, ctx.device)[0])
         collectives = built.records(phase) if run_records is None else run_records  # one repeat's worth
     finally:
         torch.set_num_threads(threads)
     per_step = phase.steps if phase.kind == "decode" else 1
-    return {"rank": ctx.rank, "median_s": statistics.median(times), "p90_s": sorted(times)[min(len(times) - 1, int(0.9 * len(times)))],
+    return {"rank": ctx.rank, "median_s": statistics.median(times), "p90_s": percentile(times, 0.90),
             "times": times, "peak_memory": _peak_memory(ctx.device), "collectives": collectives, "steps": per_step}
 
 

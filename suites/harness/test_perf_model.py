@@ -62,3 +62,39 @@ def test_fit_round_trips_through_json():
     assert CostModel.from_dict(stored) == priced
     assert CostModel.from_dict(DEFAULTS.to_dict()) == DEFAULTS
 
+
+# --------------------------------------------------------------------------- harness.timing
+
+
+def _check_percentile(percentile):
+    ten = [7, 1, 9, 3, 5, 2, 10, 4, 8, 6]  # unsorted on purpose
+    assert percentile(ten, 0.9) == 9  # nearest rank: ceil(0.9 * 10) = 9th smallest, not the maximum
+    assert percentile(ten, 0.5) == 5 and percentile(ten, 1.0) == 10 and percentile(ten, 0.01) == 1
+    assert percentile(list(range(1, 21)), 0.9) == 18 and percentile([4.0], 0.99) == 4.0
+
+
+def test_percentile_is_nearest_rank():
+    from harness.timing import percentile
+
+    _check_percentile(percentile)
+
+
+@pytest.mark.parametrize("mutant", [
+    lambda v, q: sorted(v)[min(len(v) - 1, int(q * len(v)))],  # the floor-index copy sweep.py and bench.py had: p90 of 10 = the max
+    lambda v, q: v[max(0, math.ceil(q * len(v)) - 1)],  # forgets to sort
+])
+def test_percentile_check_rejects_mutants(mutant):
+    with pytest.raises(AssertionError):
+        _check_percentile(mutant)
+
+
+def test_time_calls_times_each_call_and_refuses_bad_iters():
+    from impl.architecture import TPConfigError
+    from harness.timing import time_calls
+
+    calls = []
+    times = time_calls(lambda: calls.append(1), 3, "cpu")
+    assert len(times) == 3 and len(calls) == 3 and all(t >= 0 for t in times)
+    with pytest.raises(TPConfigError) as e:
+        time_calls(lambda: None, 0, "cpu")
+    assert e.value.argument == "iters"
