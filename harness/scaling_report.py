@@ -7,8 +7,9 @@
   gate: harness.gate.evaluate_gate's dict ({"verdict", "criteria": [...]}); a missing verdict
     reads as INCOMPLETE.
   baseline: an earlier results frame (e.g. a committed results.csv). Successful rows of both are
-    joined on BASELINE_KEYS (plus `dtype` where both frames have it: latencies of different
-    dtypes are not comparable) and shown as latency now / baseline.
+    joined on harness.points.POINT_KEY (dtype and device included: latencies of different dtypes
+    are not comparable; a baseline lacking a key column matches nothing) and shown as latency
+    now / baseline.
   Output: out_dir is replaced as a whole (staged in a sibling directory, then publish_dir_atomic),
     so a reader sees the old report or the new one, never a mix. results.json is strict JSON
     {"kind": "scaling", "gate", "environment", "rows", ...} (NaN -> null). index.html is self-contained: inline CSS,
@@ -17,7 +18,7 @@
     reference (no scheme): anything else is shown as text, so the page never links off the disk.
   Projected points (a single rank's shard timed alone, collectives priced by a cost model) are
     drawn with hollow markers and dashed lines and never mixed with measured ones. Where a
-    measured and a projected point share POINT_KEYS (this run's projections, or the baseline's),
+    measured and a projected point share POINT_KEY (this run's projections, or the baseline's),
     the projection error (projected / measured - 1) is tabulated and stored in results.json.
   collectives: harness.scaling's {"rows": harness.collectives.bench_collectives rows, "world_sizes",
     "reason", "cost_model": the model projections used, with "source", "reason" and "fit"}; drawn as
@@ -51,11 +52,12 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
 from .perf_model import DEFAULTS, CostModel  # noqa: E402
+from .points import POINT_KEY, join_points, key_frame  # noqa: E402
 from .atomic import make_staging_dir, publish_dir_atomic, write_bytes_atomic, write_text_atomic  # noqa: E402
 from .report import _json_safe  # noqa: E402  (one strict-JSON converter for both reports)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
-COLUMNS = ["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device", "dtype", "projected", "status",
+COLUMNS = [*POINT_KEY, "projected", "status",
            "error", "latency_s", "latency_p90_s", "null_latency_s", "exposed_comm", "tokens_per_s", "peak_memory_bytes",
            "collectives_per_step", "comm_bytes_per_step", "rank_latency_s", "dispatch_us_per_call", "dispatch_fraction",
            "dispatch_us_per_step", "speedup", "efficiency", "backend", "cost_model"]
@@ -63,8 +65,6 @@ NUMERIC = ["batch", "prompt", "steps", "world_size", "latency_s", "latency_p90_s
            "peak_memory_bytes", "collectives_per_step", "comm_bytes_per_step", "dispatch_us_per_call", "dispatch_fraction",
            "dispatch_us_per_step", "speedup", "efficiency"]
 TEXT = ["implementation", "preset", "phase", "device", "dtype", "backend", "cost_model"]
-BASELINE_KEYS = ["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device"]
-POINT_KEYS = ["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device", "dtype"]
 VERDICT_CLASS = {"GO": "GO", "NO-GO": "NOGO", "INCOMPLETE": "INCOMPLETE"}
 CPU_WARNING = "CPU run (gloo, shared cores): not representative of GPUs"
 MAX_ERROR = 2000
@@ -377,7 +377,7 @@ def _failed_table(r: pd.DataFrame) -> str | None:
     bad = r[r["status"] == "failed"]
     if bad.empty:
         return None
-    t = bad[["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device", "dtype", "projected", "error"]].copy()
+    t = bad[[*POINT_KEY, "projected", "error"]].copy()
     for col in ("batch", "prompt", "steps", "world_size"):
         t[col] = t[col].map(_int)
     t["projected"] = t["projected"].map({True: "yes", False: "no"})
@@ -386,34 +386,25 @@ def _failed_table(r: pd.DataFrame) -> str | None:
     return t.to_html(index=False, classes="data failed", border=0, na_rep="—", formatters={"error": str})
 
 
-def _join_frame(f: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def _with_latency(f: pd.DataFrame) -> pd.DataFrame:
     f = f.copy()
-    for k in keys:
-        if k not in f:
-            f[k] = np.nan
-        if k in ("batch", "prompt", "steps", "world_size"):
-            f[k] = pd.to_numeric(f[k], errors="coerce").astype(float)
-        else:
-            f[k] = f[k].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)).astype(object)
-    if "latency_s" not in f:
-        f["latency_s"] = np.nan
-    f["latency_s"] = pd.to_numeric(f["latency_s"], errors="coerce").astype(float)
+    f["latency_s"] = pd.to_numeric(f["latency_s"], errors="coerce").astype(float) if "latency_s" in f else np.nan
     return f
 
 
 def _baseline_table(r: pd.DataFrame, baseline: pd.DataFrame | None) -> dict | None:
     if baseline is None:
         return None
-    keys = BASELINE_KEYS + (["dtype"] if "dtype" in baseline.columns and r["dtype"].ne("").any() else [])
-    base = _join_frame(baseline, keys)
+    keys = POINT_KEY
+    base = _with_latency(key_frame(baseline))
     if "status" in base:
         base = base[base["status"].astype(str).str.lower() == "ok"]
     base = base.assign(projected=base["projected"].map(_truthy).astype(bool) if "projected" in base else False)
     # one baseline row per point; where a point was both measured and projected, the measurement
     base = base[np.isfinite(base["latency_s"])].sort_values("projected", ascending=False, kind="stable").drop_duplicates(keys, keep="last")
-    now = _join_frame(r[r["status"] == "ok"], keys)
+    now = _with_latency(r[r["status"] == "ok"])
     now = now[np.isfinite(now["latency_s"])]
-    j = now.merge(base[keys + ["latency_s", "projected"]], on=keys, how="inner", suffixes=("", "_base"))
+    j = join_points(now, base[keys + ["latency_s", "projected"]])
     info = {"n_now": len(now), "n_base": len(base), "n_joined": len(j), "keys": keys, "table": None}
     if j.empty:
         return info
@@ -421,7 +412,7 @@ def _baseline_table(r: pd.DataFrame, baseline: pd.DataFrame | None) -> dict | No
     ratio = j["latency_s"] / j["latency_s_base"]
     t = pd.DataFrame({
         "impl": j["implementation"], "preset": j["preset"], "phase": j["phase"], "workload": j.apply(_workload, axis=1),
-        "device": j["device"], **({"dtype": j["dtype"]} if "dtype" in keys else {}), "ws": j["world_size"].map(_int),
+        "device": j["device"], "dtype": j["dtype"], "ws": j["world_size"].map(_int),
         "point (now / baseline)": [f"{'projected' if a else 'measured'} / {'projected' if b else 'measured'}"
                                    for a, b in zip(j["projected"], j["projected_base"])],
         f"latency now ({unit})": (j["latency_s"] * scale).map(_fmt_num),
@@ -434,24 +425,24 @@ def _baseline_table(r: pd.DataFrame, baseline: pd.DataFrame | None) -> dict | No
 
 
 def projection_errors(r: pd.DataFrame, baseline: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (projection, measurement) of the same point (POINT_KEYS): this run's
+    """One row per (projection, measurement) of the same point (harness.points.POINT_KEY): this run's
     projections and, when given, the baseline's, against this run's measurements.
     error = projected latency / measured latency - 1 (positive: the projection was too slow)."""
-    measured = _join_frame(r[(r["status"] == "ok") & ~r["projected"]], POINT_KEYS)
+    measured = _with_latency(r[(r["status"] == "ok") & ~r["projected"]])
     sources = [("this run", r[(r["status"] == "ok") & r["projected"]])]
     if baseline is not None and "projected" in baseline:
         b = baseline[baseline["projected"].map(_truthy)]
         if "status" in b:
             b = b[b["status"].astype(str).str.lower() == "ok"]
         sources.append(("baseline", b))
-    cols = POINT_KEYS + ["latency_s", "exposed_comm", "cost_model"]
+    cols = POINT_KEY + ["latency_s", "exposed_comm", "cost_model"]
     out = []
     for name, proj in sources:
-        proj = _join_frame(proj, POINT_KEYS)
+        proj = _with_latency(key_frame(proj))
         for c in ("exposed_comm", "cost_model"):
             if c not in proj:
                 proj[c] = np.nan
-        j = measured[cols].merge(proj[cols], on=POINT_KEYS, suffixes=("_measured", "_projected"))
+        j = join_points(measured[cols], proj[cols], suffixes=("_measured", "_projected"))
         j = j[np.isfinite(j["latency_s_measured"]) & np.isfinite(j["latency_s_projected"])]
         out.append(j.assign(projection=name, error=j["latency_s_projected"] / j["latency_s_measured"] - 1))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()

@@ -31,6 +31,7 @@ from impl.dtensor_peer import check_dtensor_tp, parallelize, peer_collectives, r
 from impl.model import random_model
 
 from .perf_model import DEFAULTS, CostModel, collective_time_s
+from .points import key_frame, shape_key
 from .timing import percentile, time_calls
 
 # Named model shapes (random weights). tiny: CPU; llama3-8b and llama2-13b: GPU shapes (13b fits one H100 in bf16).
@@ -509,13 +510,15 @@ def _summarise(real: list[dict], null: list[dict], projected_s: float | None, ph
 
 
 def add_speedups(frame):
-    """speedup = latency(world size 1) / latency(n) for the same implementation, preset and phase; efficiency = speedup / n."""
+    """speedup = latency of the same point (harness.points.shape_key: all of POINT_KEY but the
+    world size) measured at world size 1 / latency(n); efficiency = speedup / n."""
     if frame.empty or "latency_s" not in frame:
         return frame
-    keys = ["implementation", "preset", "phase", "batch", "prompt", "steps"]
-    ok = frame[frame["status"] == "ok"]
+    keys = shape_key()
+    k = key_frame(frame, keys)
+    ok = k[k["status"] == "ok"]
     base = ok[(ok["world_size"] == 1) & ~ok["projected"].astype(bool)].set_index(keys)["latency_s"]
-    frame["speedup"] = [base.get(tuple(r[k] for k in keys), float("nan")) / r["latency_s"] if r["status"] == "ok" else float("nan")
-                        for _, r in frame.iterrows()]
+    frame["speedup"] = [base.get(tuple(r[c] for c in keys), float("nan")) / r["latency_s"] if r["status"] == "ok" else float("nan")
+                        for _, r in k.iterrows()]
     frame["efficiency"] = frame["speedup"] / frame["world_size"]
     return frame

@@ -98,3 +98,57 @@ def test_time_calls_times_each_call_and_refuses_bad_iters():
     with pytest.raises(TPConfigError) as e:
         time_calls(lambda: None, 0, "cpu")
     assert e.value.argument == "iters"
+
+
+# --------------------------------------------------------------------------- harness.points
+
+
+def _points(dtype, latencies, p90_spread=0.01):
+    import pandas as pd
+
+    return pd.DataFrame([{"implementation": "reference", "preset": "tiny", "phase": "prefill", "batch": 2, "prompt": 16, "steps": 0, "world_size": ws,
+                          "device": "cpu", "dtype": dtype, "projected": False, "status": "ok", "latency_s": lat, "latency_p90_s": lat * (1 + p90_spread)}
+                         for ws, lat in latencies.items()])
+
+
+def _check_keys():
+    import pandas as pd
+
+    from harness.gate import REGRESSION, GateConfig, _regression
+    from harness.scaling_report import _normalise, projection_errors
+    from harness.sweep import add_speedups
+
+    now = _points("bfloat16", {1: 1.0, 2: 0.6})
+    faster_float32 = _points("float32", {1: 0.5, 2: 0.3})  # 2x faster, in another dtype: not this run's baseline
+    regression = _regression(now, faster_float32, GateConfig())
+    assert regression["name"] == REGRESSION and regression["status"] == "INCOMPLETE" and "dtype" in regression["note"]
+    assert _regression(now, _points("bfloat16", {1: 0.5, 2: 0.3}), GateConfig())["status"] == "FAIL"  # the same point 2x faster: a regression
+    # speedups divide by world size 1 of the same dtype: bfloat16 1.0 / 0.6, float32 0.5 / 0.3
+    both = add_speedups(pd.concat([now, faster_float32], ignore_index=True))
+    assert list(both["speedup"].round(6)) == [1.0, round(1.0 / 0.6, 6), 1.0, round(0.5 / 0.3, 6)]
+    # a projection priced for float32 is no error estimate of a bfloat16 measurement
+    projected = faster_float32.assign(projected=True)
+    assert projection_errors(_normalise(now), projected).empty
+    assert len(projection_errors(_normalise(now), projected.assign(dtype="bfloat16"))) == 2
+
+
+def test_point_key_keeps_dtypes_apart():
+    _check_keys()
+
+
+def test_point_key_check_rejects_a_key_without_dtype(monkeypatch):
+    from harness import points
+
+    # the report's baseline join used to drop dtype from the key; gate and report now share the one key
+    monkeypatch.setattr(points, "POINT_KEY", [k for k in points.POINT_KEY if k != "dtype"])
+    with pytest.raises(AssertionError):
+        _check_keys()
+
+
+def test_regression_against_a_baseline_lacking_key_columns_is_incomplete():
+    from harness.gate import GateConfig, _regression
+
+    # read_baseline accepts a results.csv holding only scaling.BASELINE_COLUMNS; the gate used to raise KeyError on it after the sweep
+    minimal = _points("float32", {1: 0.5}).drop(columns=["batch", "prompt", "steps", "dtype", "latency_p90_s"])
+    criterion = _regression(_points("float32", {1: 1.0}), minimal, GateConfig())
+    assert criterion["status"] == "INCOMPLETE" and "['batch', 'prompt', 'steps', 'dtype']" in criterion["note"]
