@@ -31,7 +31,6 @@ from impl.dtensor_peer import check_dtensor_tp, parallelize, peer_collectives, r
 from impl.model import random_model
 
 from .perf_model import DEFAULTS, CostModel, collective_time_s
-from .points import key_frame, shape_key
 from .timing import percentile, time_calls
 
 # Named model shapes (random weights). tiny: CPU; llama3-8b and llama2-13b: GPU shapes (13b fits one H100 in bf16).
@@ -415,6 +414,8 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: CostModel | None = None, 
     Projected points are priced by `cost_model` (harness.perf_model.DEFAULTS when None)."""
     import pandas as pd
 
+    from .scaling_analysis import add_speedups  # pandas stays out of the ranks, which import this module
+
     gpus = torch.cuda.device_count() if cfg.device == "cuda" else 0
     cost_model = cost_model or DEFAULTS
     rows = []
@@ -507,18 +508,3 @@ def _summarise(real: list[dict], null: list[dict], projected_s: float | None, ph
         out["dispatch_us_per_call"] = out["dispatch_us_per_step"] = overhead_s * 1e6
         out["dispatch_fraction"] = overhead_s / out["latency_s"] if out["latency_s"] > 0 else float("nan")
     return out
-
-
-def add_speedups(frame):
-    """speedup = latency of the same point (harness.points.shape_key: all of POINT_KEY but the
-    world size) measured at world size 1 / latency(n); efficiency = speedup / n."""
-    if frame.empty or "latency_s" not in frame:
-        return frame
-    keys = shape_key()
-    k = key_frame(frame, keys)
-    ok = k[k["status"] == "ok"]
-    base = ok[(ok["world_size"] == 1) & ~ok["projected"].astype(bool)].set_index(keys)["latency_s"]
-    frame["speedup"] = [base.get(tuple(r[c] for c in keys), float("nan")) / r["latency_s"] if r["status"] == "ok" else float("nan")
-                        for _, r in k.iterrows()]
-    frame["efficiency"] = frame["speedup"] / frame["world_size"]
-    return frame

@@ -115,8 +115,7 @@ def _check_keys():
     import pandas as pd
 
     from harness.gate import REGRESSION, GateConfig, _regression
-    from harness.scaling_report import _normalise, projection_errors
-    from harness.sweep import add_speedups
+    from harness.scaling_analysis import add_speedups, normalise, projection_errors
 
     now = _points("bfloat16", {1: 1.0, 2: 0.6})
     faster_float32 = _points("float32", {1: 0.5, 2: 0.3})  # 2x faster, in another dtype: not this run's baseline
@@ -128,8 +127,8 @@ def _check_keys():
     assert list(both["speedup"].round(6)) == [1.0, round(1.0 / 0.6, 6), 1.0, round(0.5 / 0.3, 6)]
     # a projection priced for float32 is no error estimate of a bfloat16 measurement
     projected = faster_float32.assign(projected=True)
-    assert projection_errors(_normalise(now), projected).empty
-    assert len(projection_errors(_normalise(now), projected.assign(dtype="bfloat16"))) == 2
+    assert projection_errors(normalise(now), projected).empty
+    assert len(projection_errors(normalise(now), projected.assign(dtype="bfloat16"))) == 2
 
 
 def test_point_key_keeps_dtypes_apart():
