@@ -12,6 +12,8 @@ Contracts:
     An interrupt (KeyboardInterrupt included) between the renames puts the old tree back.
     It first removes what killed publishers left beside `final_dir` (`remove_stale`), so an
     interrupted run never leaves a later one with stray directories.
+  publish_report(out_dir, files): writes {name: content} into a staging directory (make_staging_dir)
+    and publishes it as `out_dir` (publish_dir_atomic); the one way a report directory is written.
   make_staging_dir(final_dir): a new empty directory beside `final_dir` whose name carries this
     process's id, so `remove_stale` can tell a dead publisher's leftovers from a live one's.
   remove_stale(final_dir): deletes `.{name}.old-{pid}-*` backups and `.{name}.staging-{pid}-*`
@@ -119,6 +121,24 @@ def publish_dir_atomic(staging_dir: str | Path, final_dir: str | Path) -> None:
     _fsync_dir(final.parent)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def publish_report(out_dir: str | Path, files: dict[str, str | bytes]) -> None:
+    """Replace `out_dir` as a whole by a directory holding exactly `files` ({name: text (UTF-8)
+    or bytes}): each written atomically into a staging directory beside `out_dir`, which is then
+    published with publish_dir_atomic. On any exception the staging directory is removed and
+    `out_dir` is as it was."""
+    out_dir = Path(out_dir)
+    # staging next to out_dir: the final rename must stay on one filesystem
+    staging = make_staging_dir(out_dir)  # pid-stamped: a dead publisher's leftovers are removed later
+    try:
+        for name, content in files.items():
+            (write_bytes_atomic if isinstance(content, bytes) else write_text_atomic)(staging / name, content)
+        staging.chmod(0o755)  # mkdtemp makes it 0700; a published report should be readable like any directory
+        publish_dir_atomic(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 REPORT_FILE = "results.json"

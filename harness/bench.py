@@ -5,6 +5,8 @@ import statistics
 
 from impl.orchestrator import MultiGPUOrchestrator
 
+from .timing import percentile
+
 
 def _noop(ctx):
     return None
@@ -19,9 +21,8 @@ def dispatch_overhead(world_size: int = 4, calls: int = 500, device: str = "cpu"
         for _ in range(calls):
             world.run(_noop)
         overhead = sorted(r.overhead_s * 1e6 for r in world.dispatch[first:])
-    pct = lambda q: overhead[min(len(overhead) - 1, int(q * len(overhead)))]  # noqa: E731
-    return {"world_size": world_size, "device": device, "calls": calls, "p50_us": statistics.median(overhead), "p90_us": pct(0.90),
-            "p99_us": pct(0.99), "max_us": overhead[-1]}
+    return {"world_size": world_size, "device": device, "calls": calls, "p50_us": statistics.median(overhead), "p90_us": percentile(overhead, 0.90),
+            "p99_us": percentile(overhead, 0.99), "max_us": overhead[-1]}
 
 
 # --------------------------------------------------------------------------- loader memory

@@ -18,34 +18,29 @@ Requested sizes are rounded up to a multiple of elsize (all_reduce) or elsize*wo
     factor: all_reduce 2(n-1)/n, all_gather and reduce_scatter (n-1)/n (nccl-tests' PERFORMANCE.md)
 
 Timing per rank: buffers are allocated once per (op, size); `warmup` untimed calls; a
-barrier; then `iters` calls, each timed alone (CUDA events around each call and one
-torch.cuda.synchronize after the batch on GPU; time.perf_counter on CPU). Each rank
-reports the median and p90 (nearest rank) of its own calls; the driver keeps the max over
+barrier; then `iters` calls, each timed alone (harness.timing.time_calls). Each rank
+reports the median and p90 (harness.timing.percentile, nearest rank) of its own calls; the driver keeps the max over
 ranks, the slowest rank being what a TP layer waits for. GB/s are 1e9 bytes per second.
 
 A world of one rank still times the (local) calls, but has no bus: busbw_GBps is 0 and
 `note` says so. Gloo worlds, and worlds whose ranks share a GPU, measure host staging,
 not the interconnect: use their figures for plumbing, never for projections.
 
-`fit_cost_model(rows)` fits, per op, the alpha-beta model
-
-    t(n) = alpha + n * factor(op, world_size) / busbw      (t in us, n in bytes)
-
-by least squares, so one fit spans rows of several world sizes; `predict_latency_us`
-evaluates it for the projection.
+harness.perf_model.fit_cost_model fits the rows' alpha-beta cost model (the factor above is
+harness.perf_model.busbw_factor).
 """
 from __future__ import annotations
 
 import math
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
 
 from impl.architecture import DTYPES, TPConfigError, parse_dtype, require
 
-OPS = ("all_reduce", "all_gather", "reduce_scatter")
+from .perf_model import OPS, busbw_factor
+from .timing import percentile, time_calls
 
 # torch >= 2.12 renamed the tensor variants; 2.5-2.11 only have the old names.
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -54,23 +49,10 @@ _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.re
 KIB, MIB = 1 << 10, 1 << 20
 
 
-def busbw_factor(op: str, world_size: int) -> float:
-    """nccl-tests' bus-bandwidth factor: busbw = algbw * factor. 0 for a world of one."""
-    require(op in OPS, "op", op, f"must be one of {OPS}")
-    require(isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "must be an integer >= 1")
-    n = world_size
-    return (2 * (n - 1) / n) if op == "all_reduce" else ((n - 1) / n)
-
-
 def message_bytes(op: str, requested: int, world_size: int, elsize: int) -> int:
     """The nccl-tests size actually benchmarked for `requested` bytes (rounded up to whole elements per rank)."""
     unit = elsize if op == "all_reduce" else elsize * world_size
     return max(1, math.ceil(requested / unit)) * unit
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
 def _check_args(sizes_bytes, dtype, ops, warmup, iters) -> tuple[torch.dtype, tuple[str, ...]]:
@@ -102,25 +84,6 @@ def _collective_call(op: str, n: int, group, dtype, device, nbytes: int, elsize:
     return lambda: _reduce_scatter_tensor(shard, full, group=group)
 
 
-def _time_calls(call, iters: int, cuda: bool) -> list[float]:
-    """Seconds of each of `iters` calls."""
-    if cuda:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        for s, e in zip(starts, ends):
-            s.record()
-            call()
-            e.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def _bench_rank(ctx, plan: list[tuple[str, int, int]], dtype_name: str, warmup: int, iters: int) -> dict:
     """Run on every rank: time each (op, bytes) of `plan`; return this rank's median/p90."""
     dtype = parse_dtype(dtype_name)
@@ -135,8 +98,8 @@ def _bench_rank(ctx, plan: list[tuple[str, int, int]], dtype_name: str, warmup: 
         if cuda:
             torch.cuda.synchronize()
         dist.barrier(group=group)
-        times = sorted(_time_calls(call, iters, cuda))
-        timings.append({"op": op, "bytes": nbytes, "median_s": statistics.median(times), "p90_s": _percentile(times, 0.90)})
+        times = time_calls(call, iters, ctx.device)
+        timings.append({"op": op, "bytes": nbytes, "median_s": statistics.median(times), "p90_s": percentile(times, 0.90)})
         del call
     return {"rank": ctx.rank, "world_size": n, "backend": ctx.backend, "device": str(ctx.device), "timings": timings}
 
@@ -208,47 +171,4 @@ def decode_and_prefill_sizes(hidden: int, batch_decode=(1, 16), prefill_tokens: 
     return sorted(sizes)
 
 
-# --------------------------------------------------------------------------- cost model
-
-
-def fit_cost_model(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Least-squares alpha-beta fit per op: t(n) = alpha + n * factor(op, world_size) / busbw.
-
-    Returns {op: {"latency_us": alpha, "busbw_GBps": busbw}}. The regressor is
-    bytes * factor, so rows of several world sizes share one fit; world-size-1 rows (no bus)
-    are ignored. An op needs rows at >= 2 distinct regressor values. A non-positive slope
-    (latency not growing with size, e.g. noise at tiny sizes) gives busbw_GBps = inf.
-    """
-    require(isinstance(rows, (list, tuple)) and len(rows) > 0, "rows", rows, "must be a non-empty list of bench_collectives rows")
-    points: dict[str, list[tuple[float, float]]] = {}
-    for i, row in enumerate(rows):
-        for key in ("op", "bytes", "world_size", "latency_us"):
-            require(key in row, f"rows[{i}]", row, f"lacks {key!r}")
-        if row["world_size"] > 1:
-            points.setdefault(row["op"], []).append((row["bytes"] * busbw_factor(row["op"], row["world_size"]), float(row["latency_us"])))
-    require(bool(points), "rows", f"{len(rows)} rows", "need rows with world_size > 1 to fit a bandwidth")
-    model = {}
-    for op, pts in points.items():
-        xs = [x for x, _ in pts]
-        require(len(set(xs)) >= 2, "rows", op, "need at least two distinct message sizes per op to fit alpha and busbw")
-        mx = math.fsum(xs) / len(xs)
-        my = math.fsum(y for _, y in pts) / len(pts)
-        sxx = math.fsum((x - mx) ** 2 for x in xs)
-        sxy = math.fsum((x - mx) * (y - my) for x, y in pts)
-        slope = sxy / sxx  # us per (factor-weighted) byte
-        alpha = my - slope * mx
-        busbw = 1e6 / slope / 1e9 if slope > 0 else float("inf")  # bytes/us -> GB/s
-        model[op] = {"latency_us": alpha, "busbw_GBps": busbw}
-    return model
-
-
-def predict_latency_us(model: dict, op: str, nbytes: int, world_size: int) -> float:
-    """The fitted t(n) in microseconds; 0 for a world of one (nothing to communicate)."""
-    require(op in model, "op", op, f"not in the cost model (has {sorted(model)})")
-    if world_size == 1:
-        return 0.0
-    m = model[op]
-    return m["latency_us"] + nbytes * busbw_factor(op, world_size) / (m["busbw_GBps"] * 1e3)
-
-
-__all__ = ["OPS", "TPConfigError", "bench_collectives", "busbw_factor", "decode_and_prefill_sizes", "fit_cost_model", "message_bytes", "predict_latency_us"]
+__all__ = ["OPS", "TPConfigError", "bench_collectives", "decode_and_prefill_sizes", "message_bytes"]

@@ -27,6 +27,9 @@ import pandas as pd
 
 from impl.architecture import TPConfigError, require
 
+from .points import POINT_KEY
+from .scaling_analysis import regressions
+
 TABLE = "[tool.tpgate.gate]"
 # threshold -> (check, constraint); every threshold is a finite number (bools are not numbers here)
 THRESHOLDS = {
@@ -279,26 +282,23 @@ def evaluate_reports(reports: str | Path) -> tuple[dict, dict]:
     return gate, recorded
 
 
-REGRESSION_KEYS = ["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device", "dtype"]
-
-
 def _regression(results, baseline, cfg: GateConfig) -> dict:
+    """Measured points of this run against the same points (harness.points.POINT_KEY, dtype and
+    device included) measured in `baseline` (harness.scaling_analysis.regressions)."""
     name = REGRESSION
     if baseline is None or results is None or results.empty:
         return _criterion(name, None, f"<= +{cfg.regression_threshold:.0%}", "INCOMPLETE", "", "no baseline given")
-    now = results[(results["status"] == "ok") & ~results["projected"].astype(bool)]
-    base = baseline[(baseline["status"] == "ok") & ~baseline["projected"].astype(bool)]
-    joined = now.merge(base, on=REGRESSION_KEYS, suffixes=("", "_base"))
+    joined = regressions(results, baseline, cfg.regression_threshold)
     if joined.empty:
-        return _criterion(name, None, f"<= +{cfg.regression_threshold:.0%}", "INCOMPLETE", "", "the baseline holds no measured point of this device and shape")
-    ratio = joined["latency_s"] / joined["latency_s_base"]
-    # noise: p90/median spread of both runs; a slowdown within 3x that spread is not a regression
-    spread = ((joined["latency_p90_s"] / joined["latency_s"] - 1).clip(lower=0) + (joined["latency_p90_s_base"] / joined["latency_s_base"] - 1).clip(lower=0))
-    allowed = (3 * spread).clip(lower=cfg.regression_threshold)
+        unknown = [k for k in POINT_KEY if k not in baseline.columns]
+        return _criterion(name, None, f"<= +{cfg.regression_threshold:.0%}", "INCOMPLETE", "",
+                          "the baseline holds no measured point of this device, dtype and shape"
+                          + (f" (it lacks the key columns {unknown})" if unknown else ""))
+    ratio, allowed = joined["ratio"], joined["allowed"]
     worst = int((ratio - 1 - allowed).idxmax())
     value = float(ratio.loc[worst])
     ok = bool(((ratio - 1) <= allowed).all())
-    note = f"worst: {joined.loc[worst, 'preset']} {joined.loc[worst, 'phase']} ws={joined.loc[worst, 'world_size']}, allowed +{allowed.loc[worst]:.0%}"
+    note = f"worst: {joined.loc[worst, 'preset']} {joined.loc[worst, 'phase']} ws={int(joined.loc[worst, 'world_size'])}, allowed +{allowed.loc[worst]:.0%}"
     if math.isnan(value):
         return _criterion(name, None, "", "INCOMPLETE", "", "latencies missing")
     return _criterion(name, value, f"latency ratio <= 1 + max({cfg.regression_threshold:.0%}, 3x spread)", "PASS" if ok else "FAIL", "#baseline", note)

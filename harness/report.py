@@ -26,7 +26,6 @@ import base64
 import io
 import json
 import math
-import shutil
 from pathlib import Path
 
 import jinja2
@@ -37,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .atomic import make_staging_dir, publish_dir_atomic, write_bytes_atomic, write_text_atomic  # noqa: E402
+from .atomic import publish_report  # noqa: E402
 from .tolerance import UNIT_ROUNDOFF  # noqa: E402
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -283,17 +282,8 @@ def write_correctness_report(metrics: pd.DataFrame, tests: pd.DataFrame, environ
     payload = {"kind": REPORT_KIND, "verdict": summary["verdict"], "summary": summary, "run": run or {}, "environment": environment,
                "tests": t.to_dict(orient="records"), "metrics": m.to_dict(orient="records")}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # staging next to out_dir: the final rename must stay on one filesystem
-    staging = make_staging_dir(out_dir)  # pid-stamped: a dead publisher's leftovers are removed later
-    try:
-        write_text_atomic(staging / "results.csv", m.to_csv(index=False))
-        write_text_atomic(staging / "results.json", json.dumps(_json_safe(payload), indent=1, default=str, allow_nan=False))
-        write_bytes_atomic(staging / "index.html", html.encode("utf-8"))
-        staging.chmod(0o755)  # mkdtemp makes it 0700; a published report should be readable like any directory
-        publish_dir_atomic(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    publish_report(out_dir, {"results.csv": m.to_csv(index=False),
+                             "results.json": json.dumps(_json_safe(payload), indent=1, default=str, allow_nan=False),
+                             "index.html": html.encode("utf-8")})
     return {"verdict": summary["verdict"], "n_tests": summary["n_tests"], "n_failed": summary["n_failed"],
             "n_examples": summary["n_examples"], "out_dir": str(out_dir), "index": str(out_dir / "index.html")}

@@ -4,7 +4,7 @@ The collective microbenchmark (harness.collectives) runs whenever at least two r
 be measured here (gloo worlds on CPU; NCCL worlds of one GPU per rank). Its alpha-beta fit prices
 projected points only when it was measured on the kind of backend and device the projection is
 for (gloo/CPU for a CPU sweep, NCCL/CUDA for a GPU sweep); otherwise the documented defaults
-(harness.sweep.DEFAULT_COST_MODEL) are used, and the report says which and why.
+(harness.perf_model.DEFAULTS) are used, and the report says which and why.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from impl.architecture import TPConfigError, parse_dtype, require
 
 from .environment import collect_environment
 from .gate import GateConfig, evaluate_gate
-from .collectives import bench_collectives, fit_cost_model
-from .sweep import DEFAULT_COST_MODEL, PRESETS, SweepConfig, load_config, run_sweep, sweep_tasks
+from .collectives import bench_collectives
+from .perf_model import DEFAULTS, CostModel, fit_cost_model
+from .sweep import PRESETS, SweepConfig, load_config, run_sweep, sweep_tasks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -111,41 +112,32 @@ def collective_benchmark(cfg: SweepConfig, world_for, gpus: int, iters: int = 20
     return {"rows": rows, "world_sizes": sizes, "reason": ""}
 
 
-def choose_cost_model(cfg: SweepConfig, bench: dict) -> dict:
-    """The cost model projections use: {op: {latency_us, busbw_GBps[, by_world_size]}, "source", "reason", "fit"}.
+def choose_cost_model(cfg: SweepConfig, bench: dict) -> CostModel:
+    """The cost model projections use, with its source, the reason it was chosen and the fit.
 
-    The fit of `bench` is used when its rows were measured with the backend and device kind the
-    projection is for (gloo on CPU for a CPU sweep, NCCL on CUDA for a GPU sweep); ops it lacks
-    keep their defaults; `by_world_size` {n: {latency_us, busbw_GBps}} holds each measured world
-    size's own fit (harness.sweep.collective_time_s prefers it). Otherwise DEFAULT_COST_MODEL,
-    with the reason."""
+    The fit of `bench` (pooled over its world sizes, plus each measured world size's own
+    parameters, which pricing that world size prefers) is used when its rows were measured with
+    the backend and device kind the projection is for (gloo on CPU for a CPU sweep, NCCL on CUDA
+    for a GPU sweep); ops it lacks keep their defaults. Otherwise harness.perf_model.DEFAULTS,
+    with the reason (the fit, if one was made, is still recorded)."""
     target = ("gloo", "cpu") if cfg.device == "cpu" else ("nccl", "cuda")
-    defaults = {k: v for k, v in DEFAULT_COST_MODEL.items() if k != "source"}
     fit, reason = None, bench.get("reason") or ""
     rows = [r for r in bench.get("rows") or [] if r["world_size"] > 1]
     if rows:
         try:
-            fit = fit_cost_model(rows)
+            fit = fit_cost_model(rows, per_world_size=True)
         except TPConfigError as e:
             reason = f"the collective benchmark could not be fitted ({e})"
     if fit:
-        # latency grows with the number of ranks (ring steps; on CPU, ranks contending for cores):
-        # each measured world size also gets its own fit, used when projecting that world size
-        for ws in sorted({r["world_size"] for r in rows}):
-            try:
-                per_ws = fit_cost_model([r for r in rows if r["world_size"] == ws])
-            except TPConfigError:
-                continue
-            for op, params in per_ws.items():
-                fit[op].setdefault("by_world_size", {})[ws] = params
         measured_on = (rows[0]["backend"], str(rows[0]["device"]).split(":")[0])
         if measured_on == target:
             ws = sorted({r["world_size"] for r in rows})
             source = f"fitted to this run's {measured_on[0]} collective benchmark ({measured_on[1]}, world sizes {', '.join(map(str, ws))})"
-            return {**defaults, **fit, "source": source, "reason": f"measured on {measured_on[0]}/{measured_on[1]}, the kind of backend and device projected", "fit": fit}
+            return CostModel({**DEFAULTS.ops, **fit.ops}, fit.by_world_size, source,
+                             f"measured on {measured_on[0]}/{measured_on[1]}, the kind of backend and device projected", fit)
         reason = (f"the collective benchmark ran on {measured_on[0]}/{measured_on[1]}, projections are for {target[0]}/{target[1]}: "
                   "its figures would misprice them")
-    return {**defaults, "source": DEFAULT_COST_MODEL["source"], "reason": reason or "no collective benchmark", "fit": fit}
+    return DEFAULTS.with_source(DEFAULTS.source, reason or "no collective benchmark", fit)
 
 
 def run_scaling(cfg: SweepConfig, gate_cfg: GateConfig, out_dir: str | Path = "reports/scaling", baseline: pd.DataFrame | None = None) -> dict:
@@ -183,6 +175,6 @@ def run_scaling(cfg: SweepConfig, gate_cfg: GateConfig, out_dir: str | Path = "r
     gate = evaluate_gate(results, gate_cfg, reports / "correctness" / "results.json", reports / "coverage" / "coverage.json", baseline)
     backend = "nccl" if cfg.device == "cuda" else "gloo"
     summary = write_scaling_report(results, gate, collect_environment(backend, cfg.device), out_dir, baseline,
-                                   collectives={**bench, "cost_model": cost_model})
+                                   collectives={**bench, "cost_model": cost_model.to_dict()})
     write_index(reports)
-    return {**summary, "gate": gate, "results": results, "cost_model": cost_model}
+    return {**summary, "gate": gate, "results": results, "cost_model": cost_model.to_dict()}

@@ -1,4 +1,6 @@
 """The scaling report: sweep results + gate -> results.csv, results.json, index.html; and the reports index.
+Rendering only: the tables' figures (speedups, baseline ratios, projection errors, the latency
+breakdown) come from harness.scaling_analysis; files are published with harness.atomic.publish_report.
 
 `write_scaling_report(results, gate, environment, out_dir, baseline=None)`:
   results: the frame of harness.sweep.run_sweep (one row per point). Any column may be missing
@@ -7,9 +9,10 @@
   gate: harness.gate.evaluate_gate's dict ({"verdict", "criteria": [...]}); a missing verdict
     reads as INCOMPLETE.
   baseline: an earlier results frame (e.g. a committed results.csv). Successful rows of both are
-    joined on BASELINE_KEYS (plus `dtype` where both frames have it: latencies of different
-    dtypes are not comparable) and shown as latency now / baseline.
-  Output: out_dir is replaced as a whole (staged in a sibling directory, then publish_dir_atomic),
+    joined on harness.points.POINT_KEY (dtype and device included: latencies of different dtypes
+    are not comparable; a baseline lacking a key column matches nothing) and shown as latency
+    now / baseline.
+  Output: out_dir is replaced as a whole (harness.atomic.publish_report),
     so a reader sees the old report or the new one, never a mix. results.json is strict JSON
     {"kind": "scaling", "gate", "environment", "rows", ...} (NaN -> null). index.html is self-contained: inline CSS,
     plots as base64 PNG data URIs, tables from DataFrame.to_html inserted with |safe, the rest
@@ -17,7 +20,7 @@
     reference (no scheme): anything else is shown as text, so the page never links off the disk.
   Projected points (a single rank's shard timed alone, collectives priced by a cost model) are
     drawn with hollow markers and dashed lines and never mixed with measured ones. Where a
-    measured and a projected point share POINT_KEYS (this run's projections, or the baseline's),
+    measured and a projected point share POINT_KEY (this run's projections, or the baseline's),
     the projection error (projected / measured - 1) is tabulated and stored in results.json.
   collectives: harness.scaling's {"rows": harness.collectives.bench_collectives rows, "world_sizes",
     "reason", "cost_model": the model projections used, with "source", "reason" and "fit"}; drawn as
@@ -36,7 +39,6 @@ import io
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import jinja2
@@ -50,20 +52,14 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
-from .atomic import make_staging_dir, publish_dir_atomic, write_bytes_atomic, write_text_atomic  # noqa: E402
+from .perf_model import DEFAULTS, CostModel  # noqa: E402
+from .points import POINT_KEY  # noqa: E402
+from .scaling_analysis import (baseline_comparison, collectives_frame, latency_breakdown, normalise, ok_points, projection_errors,  # noqa: E402
+                               summary as summarise)
+from .atomic import publish_report, write_text_atomic  # noqa: E402
 from .report import _json_safe  # noqa: E402  (one strict-JSON converter for both reports)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
-COLUMNS = ["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device", "dtype", "projected", "status",
-           "error", "latency_s", "latency_p90_s", "null_latency_s", "exposed_comm", "tokens_per_s", "peak_memory_bytes",
-           "collectives_per_step", "comm_bytes_per_step", "rank_latency_s", "dispatch_us_per_call", "dispatch_fraction",
-           "dispatch_us_per_step", "speedup", "efficiency", "backend", "cost_model"]
-NUMERIC = ["batch", "prompt", "steps", "world_size", "latency_s", "latency_p90_s", "null_latency_s", "exposed_comm", "tokens_per_s",
-           "peak_memory_bytes", "collectives_per_step", "comm_bytes_per_step", "dispatch_us_per_call", "dispatch_fraction",
-           "dispatch_us_per_step", "speedup", "efficiency"]
-TEXT = ["implementation", "preset", "phase", "device", "dtype", "backend", "cost_model"]
-BASELINE_KEYS = ["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device"]
-POINT_KEYS = ["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device", "dtype"]
 VERDICT_CLASS = {"GO": "GO", "NO-GO": "NOGO", "INCOMPLETE": "INCOMPLETE"}
 CPU_WARNING = "CPU run (gloo, shared cores): not representative of GPUs"
 MAX_ERROR = 2000
@@ -73,32 +69,6 @@ PARTS = [("compute", "#1c7ed6"), ("exposed comm", "#f08c00"), ("dispatch", "#704
 
 
 # --------------------------------------------------------------------------- data
-
-
-def _truthy(v) -> bool:
-    return v is True or v is np.True_ or str(v).strip().lower() in ("true", "1", "1.0")
-
-
-def _normalise(results: pd.DataFrame | None) -> pd.DataFrame:
-    r = (results if results is not None else pd.DataFrame()).copy().reset_index(drop=True)
-    for col in COLUMNS:
-        if col not in r:
-            r[col] = np.nan
-    r = r[COLUMNS + [c for c in r.columns if c not in COLUMNS]]
-    for col in NUMERIC:
-        r[col] = pd.to_numeric(r[col], errors="coerce").astype(float)
-    for col in TEXT:
-        r[col] = r[col].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)).astype(object)
-    r["projected"] = r["projected"].map(_truthy).astype(bool)
-    # a row without a status is ok only if it carries a latency
-    status = r["status"].map(lambda v: str(v).strip().lower() if isinstance(v, str) else "")
-    r["status"] = [s if s in ("ok", "failed") else ("ok" if np.isfinite(lat) else "failed") for s, lat in zip(status, r["latency_s"])]
-    r["error"] = r["error"].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)).astype(object)
-    return r
-
-
-def _ok(r: pd.DataFrame) -> pd.DataFrame:
-    return r[(r["status"] == "ok") & np.isfinite(r["world_size"])]
 
 
 def _fmt_num(v, spec=".3g", na="—") -> str:
@@ -119,19 +89,6 @@ def _workload(row) -> str:
     if row["phase"] == "decode" and np.isfinite(row["steps"]):
         parts.append(f"{_int(row['steps'])} steps")
     return " · ".join(parts)
-
-
-def _summary(r: pd.DataFrame, gate: dict) -> dict:
-    ok = r[r["status"] == "ok"]
-    devices = [d for d in dict.fromkeys(r["device"]) if d]
-    return {
-        "verdict": gate["verdict"],
-        "n_points": len(r), "n_ok": len(ok), "n_measured": int((~ok["projected"]).sum()), "n_projected": int(ok["projected"].sum()),
-        "n_failed": int((r["status"] == "failed").sum()),
-        "world_sizes": sorted(int(w) for w in r["world_size"].dropna().unique()),
-        "devices": devices,
-        "implementations": [i for i in dict.fromkeys(r["implementation"]) if i],
-    }
 
 
 # --------------------------------------------------------------------------- plots
@@ -207,7 +164,7 @@ def _kind_handles(any_projected: bool) -> list:
 
 def _line_plot(r: pd.DataFrame, column: str, ylabel: str, scale: float = 1.0, ideal: bool = False, unity: bool = False,
                zero: bool = True) -> str | None:
-    ok = _ok(r)
+    ok = ok_points(r)
     ok = ok[np.isfinite(ok[column])]
     if ok.empty:
         return None
@@ -278,21 +235,12 @@ def _time_unit(seconds: float) -> tuple[str, float]:
     return "s", 1.0
 
 
-def _breakdown(ok: pd.DataFrame) -> pd.DataFrame:
-    lat, null = ok["latency_s"], ok["null_latency_s"]
-    # without a null-communicator time the latency cannot be split: all of it is drawn as compute
-    compute = null.where(np.isfinite(null), lat).clip(lower=0)
-    comm = (lat - null).clip(lower=0).where(np.isfinite(null), 0.0)
-    dispatch = (ok["dispatch_us_per_step"] * 1e-6).where(np.isfinite(ok["dispatch_us_per_step"]), 0.0).clip(lower=0)
-    return pd.DataFrame({"compute": compute, "exposed comm": comm, "dispatch": dispatch}, index=ok.index).fillna(0.0)
-
-
 def _breakdown_plot(r: pd.DataFrame) -> str | None:
-    ok = _ok(r)
+    ok = ok_points(r)
     ok = ok[np.isfinite(ok["latency_s"])]
     if ok.empty:
         return None
-    parts = _breakdown(ok)
+    parts = latency_breakdown(ok)
     unit, scale = _time_unit(float(parts.sum(axis=1).max()) or 1e-3)
     panels = _panels(ok)
     fig, axes = _grid(len(panels), width=4.5, height=3.5)
@@ -376,7 +324,7 @@ def _failed_table(r: pd.DataFrame) -> str | None:
     bad = r[r["status"] == "failed"]
     if bad.empty:
         return None
-    t = bad[["implementation", "preset", "phase", "batch", "prompt", "steps", "world_size", "device", "dtype", "projected", "error"]].copy()
+    t = bad[[*POINT_KEY, "projected", "error"]].copy()
     for col in ("batch", "prompt", "steps", "world_size"):
         t[col] = t[col].map(_int)
     t["projected"] = t["projected"].map({True: "yes", False: "no"})
@@ -385,42 +333,18 @@ def _failed_table(r: pd.DataFrame) -> str | None:
     return t.to_html(index=False, classes="data failed", border=0, na_rep="—", formatters={"error": str})
 
 
-def _join_frame(f: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    f = f.copy()
-    for k in keys:
-        if k not in f:
-            f[k] = np.nan
-        if k in ("batch", "prompt", "steps", "world_size"):
-            f[k] = pd.to_numeric(f[k], errors="coerce").astype(float)
-        else:
-            f[k] = f[k].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)).astype(object)
-    if "latency_s" not in f:
-        f["latency_s"] = np.nan
-    f["latency_s"] = pd.to_numeric(f["latency_s"], errors="coerce").astype(float)
-    return f
-
-
 def _baseline_table(r: pd.DataFrame, baseline: pd.DataFrame | None) -> dict | None:
     if baseline is None:
         return None
-    keys = BASELINE_KEYS + (["dtype"] if "dtype" in baseline.columns and r["dtype"].ne("").any() else [])
-    base = _join_frame(baseline, keys)
-    if "status" in base:
-        base = base[base["status"].astype(str).str.lower() == "ok"]
-    base = base.assign(projected=base["projected"].map(_truthy).astype(bool) if "projected" in base else False)
-    # one baseline row per point; where a point was both measured and projected, the measurement
-    base = base[np.isfinite(base["latency_s"])].sort_values("projected", ascending=False, kind="stable").drop_duplicates(keys, keep="last")
-    now = _join_frame(r[r["status"] == "ok"], keys)
-    now = now[np.isfinite(now["latency_s"])]
-    j = now.merge(base[keys + ["latency_s", "projected"]], on=keys, how="inner", suffixes=("", "_base"))
-    info = {"n_now": len(now), "n_base": len(base), "n_joined": len(j), "keys": keys, "table": None}
+    j, info = baseline_comparison(r, baseline)
+    info["table"] = None
     if j.empty:
         return info
     unit, scale = _time_unit(float(max(j["latency_s"].max(), j["latency_s_base"].max())))
-    ratio = j["latency_s"] / j["latency_s_base"]
+    ratio = j["ratio"]
     t = pd.DataFrame({
         "impl": j["implementation"], "preset": j["preset"], "phase": j["phase"], "workload": j.apply(_workload, axis=1),
-        "device": j["device"], **({"dtype": j["dtype"]} if "dtype" in keys else {}), "ws": j["world_size"].map(_int),
+        "device": j["device"], "dtype": j["dtype"], "ws": j["world_size"].map(_int),
         "point (now / baseline)": [f"{'projected' if a else 'measured'} / {'projected' if b else 'measured'}"
                                    for a, b in zip(j["projected"], j["projected_base"])],
         f"latency now ({unit})": (j["latency_s"] * scale).map(_fmt_num),
@@ -430,30 +354,6 @@ def _baseline_table(r: pd.DataFrame, baseline: pd.DataFrame | None) -> dict | No
     })
     info["table"] = t.to_html(index=False, classes="data baseline", border=0, na_rep="—")
     return info
-
-
-def projection_errors(r: pd.DataFrame, baseline: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (projection, measurement) of the same point (POINT_KEYS): this run's
-    projections and, when given, the baseline's, against this run's measurements.
-    error = projected latency / measured latency - 1 (positive: the projection was too slow)."""
-    measured = _join_frame(r[(r["status"] == "ok") & ~r["projected"]], POINT_KEYS)
-    sources = [("this run", r[(r["status"] == "ok") & r["projected"]])]
-    if baseline is not None and "projected" in baseline:
-        b = baseline[baseline["projected"].map(_truthy)]
-        if "status" in b:
-            b = b[b["status"].astype(str).str.lower() == "ok"]
-        sources.append(("baseline", b))
-    cols = POINT_KEYS + ["latency_s", "exposed_comm", "cost_model"]
-    out = []
-    for name, proj in sources:
-        proj = _join_frame(proj, POINT_KEYS)
-        for c in ("exposed_comm", "cost_model"):
-            if c not in proj:
-                proj[c] = np.nan
-        j = measured[cols].merge(proj[cols], on=POINT_KEYS, suffixes=("_measured", "_projected"))
-        j = j[np.isfinite(j["latency_s_measured"]) & np.isfinite(j["latency_s_projected"])]
-        out.append(j.assign(projection=name, error=j["latency_s_projected"] / j["latency_s_measured"] - 1))
-    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
 def _projection_table(errors: pd.DataFrame) -> str | None:
@@ -472,10 +372,6 @@ def _projection_table(errors: pd.DataFrame) -> str | None:
     return t.to_html(index=False, classes="data projection", border=0, na_rep="—")
 
 
-def _collectives_frame(collectives: dict | None) -> pd.DataFrame:
-    return pd.DataFrame((collectives or {}).get("rows") or [])
-
-
 def _collectives_table(c: pd.DataFrame) -> str | None:
     if c.empty:
         return None
@@ -491,8 +387,7 @@ def _collectives_plot(c: pd.DataFrame, fit: dict | None) -> str | None:
     """Latency vs message size per op (one line per world size, the fitted model dotted) and busbw."""
     if c.empty:
         return None
-    from .collectives import predict_latency_us
-
+    model = CostModel.from_dict(fit) if fit else None
     ops = list(dict.fromkeys(c["op"]))
     fig, axes = plt.subplots(2, len(ops), figsize=(4.3 * len(ops), 6.4), squeeze=False)
     sizes = sorted(int(w) for w in c["world_size"].unique())
@@ -503,11 +398,9 @@ def _collectives_plot(c: pd.DataFrame, fit: dict | None) -> str | None:
             g = g.sort_values("bytes")
             axes[0, j].plot(g["bytes"], g["latency_us"], marker="o", ms=4, color=colours[int(ws)], label=f"ws={int(ws)}")
             axes[1, j].plot(g["bytes"], g["busbw_GBps"], marker="o", ms=4, color=colours[int(ws)])
-            if fit and op in fit and ws > 1:
-                by_ws = fit[op].get("by_world_size") or {}
-                params = by_ws.get(int(ws), by_ws.get(str(int(ws)), fit[op]))  # this world size's own fit where there is one
+            if model and op in model.ops and ws > 1:  # priced with this world size's own fit where there is one
                 xs = np.geomspace(float(g["bytes"].min()), float(g["bytes"].max()), 40)
-                axes[0, j].plot(xs, [predict_latency_us({op: params}, op, int(x), int(ws)) for x in xs], ls=":", color=colours[int(ws)], lw=1.3)
+                axes[0, j].plot(xs, [model.collective_us(op, int(x), int(ws)) for x in xs], ls=":", color=colours[int(ws)], lw=1.3)
         for ax in axes[:, j]:
             ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3, lw=0.5)
@@ -548,9 +441,7 @@ def _cost_model_info(collectives: dict | None, r: pd.DataFrame) -> dict | None:
 
 
 def _default_source() -> str:
-    from .sweep import DEFAULT_COST_MODEL
-
-    return DEFAULT_COST_MODEL["source"]
+    return DEFAULTS.source
 
 
 def _layer_benchmarks(path: Path) -> tuple[bytes | None, str | None]:
@@ -640,12 +531,12 @@ def write_scaling_report(results: pd.DataFrame, gate: dict, environment: dict, o
     out_dir = Path(out_dir).resolve()
     bench_raw, bench_table = _layer_benchmarks(out_dir / LAYER_BENCHMARKS)
     environment = dict(environment or {})
-    r = _normalise(results)
+    r = normalise(results)
     g = _gate(gate)
-    summary = _summary(r, g)
+    summary = summarise(r, g["verdict"])
     cost_models = [c for c in dict.fromkeys(r.loc[r["projected"], "cost_model"]) if c]
     errors = projection_errors(r, baseline)
-    coll = _collectives_frame(collectives)
+    coll = collectives_frame(collectives)
     plots = {
         "speedup": _line_plot(r, "speedup", "speedup vs world size 1", ideal=True),
         "efficiency": _line_plot(r, "efficiency", "efficiency = speedup / world size", unity=True),
@@ -667,22 +558,13 @@ def write_scaling_report(results: pd.DataFrame, gate: dict, environment: dict, o
                "projection_errors": errors.to_dict(orient="records"),
                "collectives": {k: v for k, v in (collectives or {}).items()}}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # staging next to out_dir: the final rename must stay on one filesystem
-    staging = make_staging_dir(out_dir)  # pid-stamped: a dead publisher's leftovers are removed later
-    try:
-        write_text_atomic(staging / "results.csv", _csv(r))
-        write_text_atomic(staging / "results.json", json.dumps(_json_safe(payload), indent=1, default=str, allow_nan=False))
-        write_bytes_atomic(staging / "index.html", html.encode("utf-8"))
-        if not coll.empty:
-            write_text_atomic(staging / "collectives.csv", coll.to_csv(index=False))
-        if bench_raw is not None:  # the layer benchmarks' JSON outlives the sweep's report directory
-            write_bytes_atomic(staging / LAYER_BENCHMARKS, bench_raw)
-        staging.chmod(0o755)  # mkdtemp makes it 0700
-        publish_dir_atomic(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    files = {"results.csv": _csv(r), "results.json": json.dumps(_json_safe(payload), indent=1, default=str, allow_nan=False),
+             "index.html": html.encode("utf-8")}
+    if not coll.empty:
+        files["collectives.csv"] = coll.to_csv(index=False)
+    if bench_raw is not None:  # the layer benchmarks' JSON outlives the sweep's report directory
+        files[LAYER_BENCHMARKS] = bench_raw
+    publish_report(out_dir, files)
     return {"verdict": g["verdict"], "n_points": summary["n_points"], "n_measured": summary["n_measured"],
             "n_projected": summary["n_projected"], "n_failed": summary["n_failed"], "out_dir": str(out_dir),
             "index": str(out_dir / "index.html")}

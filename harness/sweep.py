@@ -8,19 +8,18 @@ reference, a plain model of one rank's shard shapes for the peer), so exposed co
 (T_tp - T_null) / T_tp. Where the machine has fewer devices than a world size needs (GPU runs),
 the point is *projected*: one rank's shard runs alone on one device without collectives and the
 collectives it would issue (counted per step; listed from the plan for the peer) are priced by a
-cost model. `compare_projection` also projects the world sizes it measured, so the report can
+cost model (harness.perf_model). `compare_projection` also projects the world sizes it measured, so the report can
 state the projection's error. Projected points are labelled as such everywhere and never count
 towards a GO.
 
-Timing: CUDA events on GPU, a monotonic clock on CPU; warm-up, then `repeats` timed runs,
-median and p90 per rank; the slowest rank's median is the point's latency. Dispatch overhead
+Timing: harness.timing (CUDA events on GPU, a monotonic clock on CPU); warm-up, then `repeats`
+timed runs, median and p90 (nearest rank) per rank; the slowest rank's median is the point's latency. Dispatch overhead
 is one orchestrator call's overhead over one step's latency (see `_summarise`).
 """
 from __future__ import annotations
 
 import os
 import statistics
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -31,6 +30,9 @@ from impl.decoding import StaticDecoder
 from impl.dtensor_peer import check_dtensor_tp, parallelize, peer_collectives, random_plain_model, shard_config, tp_mesh
 from impl.model import random_model
 
+from .perf_model import DEFAULTS, CostModel, collective_time_s
+from .timing import percentile, time_calls
+
 # Named model shapes (random weights). tiny: CPU; llama3-8b and llama2-13b: GPU shapes (13b fits one H100 in bf16).
 PRESETS = {
     "tiny": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4, max_seq_len=1024),
@@ -40,16 +42,6 @@ PRESETS = {
 }
 IMPLEMENTATIONS = ("reference", "dtensor")
 PHASES = ("prefill", "decode")
-
-# Cost-model defaults when no collective benchmark of this machine exists (projection only).
-# NVLink 4 (H100 SXM) ring all-reduce: ~450 GB/s bus bandwidth at large messages in NVIDIA's
-# published nccl-tests results for 8-GPU DGX H100; small-message latency ~10-20 us per
-# all-reduce (NCCL tuning docs / nccl-tests at 8 B). 4-GPU subsets of an NVSwitch host keep
-# the per-GPU NVLink bandwidth. These are assumptions, stated in every projected row.
-DEFAULT_COST_MODEL = {"all_reduce": {"latency_us": 15.0, "busbw_GBps": 360.0}, "all_gather": {"latency_us": 12.0, "busbw_GBps": 360.0},
-                      "reduce_scatter": {"latency_us": 12.0, "busbw_GBps": 360.0}, "source": "defaults (published NVLink/NCCL figures), not measured"}
-BUSBW_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0}
-
 
 @dataclass(frozen=True)
 class Phase:
@@ -210,23 +202,6 @@ def load_config(table: dict, overrides: dict | None = None) -> SweepConfig:
 
 
 # --------------------------------------------------------------------------- rank side
-
-
-def _clock(device):
-    if device.type == "cuda":
-        def timed(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-    else:
-        def timed(fn):
-            t = time.perf_counter()
-            fn()
-            return time.perf_counter() - t
-    return timed
 
 
 def _peak_memory(device) -> int:
@@ -432,7 +407,6 @@ def _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, w
         else:
             setup, run, step_records = make_decode(built.model, ids, phase.steps, decode_path, count_step=_step_counter(built))
             run_records = None if step_records is None else step_records * phase.steps
-        timed = _clock(ctx.device)
         for _ in range(warmup):
             setup()
             run()
@@ -442,31 +416,13 @@ def _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, w
             if mode == "tp":
                 ctx.comm.barrier()  # ranks start each repeat together
             built.reset()
-            times.append(timed(run))
+            times.append(time_calls(run, 1, ctx.device)[0])
         collectives = built.records(phase) if run_records is None else run_records  # one repeat's worth
     finally:
         torch.set_num_threads(threads)
     per_step = phase.steps if phase.kind == "decode" else 1
-    return {"rank": ctx.rank, "median_s": statistics.median(times), "p90_s": sorted(times)[min(len(times) - 1, int(0.9 * len(times)))],
+    return {"rank": ctx.rank, "median_s": statistics.median(times), "p90_s": percentile(times, 0.90),
             "times": times, "peak_memory": _peak_memory(ctx.device), "collectives": collectives, "steps": per_step}
-
-
-# --------------------------------------------------------------------------- projection
-
-
-def collective_time_s(records: list[dict], world: int, cost_model: dict) -> float:
-    """Seconds the collectives in `records` would take: latency + size * factor / busbw, with the
-    op's parameters for this world size when the model has them (`by_world_size`), else its own."""
-    total = 0.0
-    for r in records:
-        params = cost_model.get(r["kind"])
-        if params is None or world == 1:
-            continue
-        params = (params.get("by_world_size") or {}).get(world, params)
-        # nccl-tests sizes: all-reduce the tensor, all-gather the output, reduce-scatter the input
-        size = r["nbytes"] * (world if r["kind"] == "all_gather" else 1)
-        total += max(0.0, params["latency_us"]) * 1e-6 + size * BUSBW_FACTOR[r["kind"]](world) / (params["busbw_GBps"] * 1e9)
-    return total
 
 
 # --------------------------------------------------------------------------- driver
@@ -488,12 +444,15 @@ def sweep_tasks(cfg: SweepConfig, gpus: int) -> list[tuple]:
     return tasks
 
 
-def run_sweep(cfg: SweepConfig, world_for, cost_model: dict | None = None, progress=None) -> "pd.DataFrame":
-    """Measure (or project) every point; a failed point is a row with status 'failed' and its error."""
+def run_sweep(cfg: SweepConfig, world_for, cost_model: CostModel | None = None, progress=None) -> "pd.DataFrame":
+    """Measure (or project) every point; a failed point is a row with status 'failed' and its error.
+    Projected points are priced by `cost_model` (harness.perf_model.DEFAULTS when None)."""
     import pandas as pd
 
+    from .scaling_analysis import add_speedups  # pandas stays out of the ranks, which import this module
+
     gpus = torch.cuda.device_count() if cfg.device == "cuda" else 0
-    cost_model = cost_model or DEFAULT_COST_MODEL
+    cost_model = cost_model or DEFAULTS
     rows = []
     tasks = sweep_tasks(cfg, gpus)
     for n, (impl, preset, phase, ws, projected) in enumerate(tasks, 1):
@@ -516,7 +475,7 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: dict | None = None, progr
                 tp_s = alone["median_s"] + collective_time_s(issued, ws, cost_model)
                 row.update(_summarise([alone], [alone], tp_s, phase, ws, dispatch=None))
                 row["collectives_per_step"], row["comm_bytes_per_step"] = _comm_per_step(issued, phase)
-                row["cost_model"] = cost_model.get("source", "measured")
+                row["cost_model"] = cost_model.source or "measured"
             else:
                 world = world_for(ws)
                 real = world.run(measure_on_rank, *args, "tp", **kw)
@@ -584,16 +543,3 @@ def _summarise(real: list[dict], null: list[dict], projected_s: float | None, ph
         out["dispatch_us_per_call"] = out["dispatch_us_per_step"] = overhead_s * 1e6
         out["dispatch_fraction"] = overhead_s / out["latency_s"] if out["latency_s"] > 0 else float("nan")
     return out
-
-
-def add_speedups(frame):
-    """speedup = latency(world size 1) / latency(n) for the same implementation, preset and phase; efficiency = speedup / n."""
-    if frame.empty or "latency_s" not in frame:
-        return frame
-    keys = ["implementation", "preset", "phase", "batch", "prompt", "steps"]
-    ok = frame[frame["status"] == "ok"]
-    base = ok[(ok["world_size"] == 1) & ~ok["projected"].astype(bool)].set_index(keys)["latency_s"]
-    frame["speedup"] = [base.get(tuple(r[k] for k in keys), float("nan")) / r["latency_s"] if r["status"] == "ok" else float("nan")
-                        for _, r in frame.iterrows()]
-    frame["efficiency"] = frame["speedup"] / frame["world_size"]
-    return frame

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from harness.collectives import (OPS, bench_collectives, busbw_factor, decode_and_prefill_sizes, fit_cost_model, message_bytes,
-                                 predict_latency_us)
+from harness.collectives import OPS, bench_collectives, decode_and_prefill_sizes, message_bytes
+from harness.perf_model import busbw_factor, fit_cost_model
 from impl.architecture import TPConfigError
 
 ROW_KEYS = {"op", "bytes", "requested_bytes", "world_size", "dtype", "iters", "latency_us", "latency_p90_us", "algbw_GBps", "busbw_GBps",
@@ -140,20 +140,20 @@ def _synthetic_rows(world_sizes=(2, 4, 8)):
 
 def test_fit_recovers_a_known_model_exactly():
     model = fit_cost_model(_synthetic_rows())
-    assert set(model) == set(TRUE_MODEL)
+    assert set(model.ops) == set(TRUE_MODEL) and model.by_world_size == {}
     for op, (alpha, busbw) in TRUE_MODEL.items():
-        assert set(model[op]) == {"latency_us", "busbw_GBps"}
-        assert math.isclose(model[op]["latency_us"], alpha, rel_tol=1e-6)
-        assert math.isclose(model[op]["busbw_GBps"], busbw, rel_tol=1e-6)
+        assert set(model.to_dict()[op]) == {"latency_us", "busbw_GBps"}
+        assert math.isclose(model.ops[op].latency_us, alpha, rel_tol=1e-6)
+        assert math.isclose(model.ops[op].busbw_GBps, busbw, rel_tol=1e-6)
         for n, nbytes in ((2, 3 << 20), (8, 1 << 30)):
             truth = alpha + nbytes * busbw_factor(op, n) / (busbw * 1e3)
-            assert math.isclose(predict_latency_us(model, op, nbytes, n), truth, rel_tol=1e-6)
-    assert predict_latency_us(model, "all_reduce", 1 << 20, 1) == 0.0
+            assert math.isclose(model.collective_us(op, nbytes, n), truth, rel_tol=1e-6)
+    assert model.collective_us("all_reduce", 1 << 20, 1) == 0.0
 
 
 def test_fit_of_one_world_size_matches_its_factor():
     model = fit_cost_model(_synthetic_rows(world_sizes=(4,)))
-    assert math.isclose(model["all_gather"]["busbw_GBps"], 80.0, rel_tol=1e-6)
+    assert math.isclose(model.ops["all_gather"].busbw_GBps, 80.0, rel_tol=1e-6)
 
 
 def test_fit_refuses_what_it_cannot_fit():
@@ -174,5 +174,5 @@ def test_fit_refuses_what_it_cannot_fit():
 def test_fit_on_measured_rows_runs(worlds):
     rows = bench_collectives(worlds[2], [1 << 10, 1 << 14], ops=("all_reduce",), iters=3, warmup=1)
     model = fit_cost_model(rows)
-    assert set(model) == {"all_reduce"}
-    assert model["all_reduce"]["busbw_GBps"] > 0  # inf when gloo noise makes the slope non-positive
+    assert set(model.ops) == {"all_reduce"}
+    assert model.ops["all_reduce"].busbw_GBps > 0  # inf when gloo noise makes the slope non-positive

@@ -9,7 +9,8 @@ import torch
 
 from harness import gate as gate_module
 from harness.gate import GateConfig, evaluate_gate
-from harness.sweep import PRESETS, Phase, collective_time_s, load_config
+from harness.perf_model import CostModel, collective_time_s
+from harness.sweep import PRESETS, Phase, load_config
 from impl.architecture import TPConfigError
 
 WORKLOAD = {"preset": "llama3-8b", "phase": "prefill", "implementation": "reference"}
@@ -121,14 +122,14 @@ def test_tasks_measure_then_project():
 
 
 def test_cost_model_prefers_the_world_sizes_own_fit():
-    model = {"all_reduce": {"latency_us": 10.0, "busbw_GBps": 100.0, "by_world_size": {2: {"latency_us": 1.0, "busbw_GBps": 1000.0}}}}
+    model = CostModel.from_dict({"all_reduce": {"latency_us": 10.0, "busbw_GBps": 100.0, "by_world_size": {2: {"latency_us": 1.0, "busbw_GBps": 1000.0}}}})
     records = [{"kind": "all_reduce", "nbytes": 1_000_000}]
     assert collective_time_s(records, 2, model) == pytest.approx(1e-6 + 1e6 * 1.0 / 1000e9)
     assert collective_time_s(records, 4, model) == pytest.approx(10e-6 + 1e6 * 1.5 / 100e9)  # no fit of 4: the pooled one
 
 
 def _bench_rows(backend, device, sizes=(1 << 10, 1 << 16, 1 << 20)):
-    from harness.collectives import busbw_factor
+    from harness.perf_model import busbw_factor
 
     rows = []
     for ws, alpha in ((2, 100.0), (4, 400.0)):
@@ -140,18 +141,20 @@ def _bench_rows(backend, device, sizes=(1 << 10, 1 << 16, 1 << 20)):
 
 def test_fit_prices_projections_only_for_the_backend_it_measured():
     from harness.scaling import choose_cost_model
-    from harness.sweep import DEFAULT_COST_MODEL, SweepConfig
+    from harness.perf_model import DEFAULTS
+    from harness.sweep import SweepConfig
 
-    cpu = choose_cost_model(SweepConfig(), {"rows": _bench_rows("gloo", "cpu")})
+    defaults = DEFAULTS.to_dict()
+    cpu = choose_cost_model(SweepConfig(), {"rows": _bench_rows("gloo", "cpu")}).to_dict()
     assert "fitted" in cpu["source"] and cpu["all_reduce"]["by_world_size"][4]["latency_us"] == pytest.approx(400.0)
     assert cpu["all_reduce"]["by_world_size"][2]["busbw_GBps"] == pytest.approx(2.0)
-    shared_gpu = choose_cost_model(SweepConfig(device="cuda"), {"rows": _bench_rows("gloo", "cuda:0")})
-    assert shared_gpu["source"] == DEFAULT_COST_MODEL["source"] and "gloo/cuda" in shared_gpu["reason"] and shared_gpu["fit"]
-    assert shared_gpu["all_reduce"] == DEFAULT_COST_MODEL["all_reduce"]
-    nccl = choose_cost_model(SweepConfig(device="cuda"), {"rows": _bench_rows("nccl", "cuda:0")})
+    shared_gpu = choose_cost_model(SweepConfig(device="cuda"), {"rows": _bench_rows("gloo", "cuda:0")}).to_dict()
+    assert shared_gpu["source"] == defaults["source"] and "gloo/cuda" in shared_gpu["reason"] and shared_gpu["fit"]
+    assert shared_gpu["all_reduce"] == defaults["all_reduce"]
+    nccl = choose_cost_model(SweepConfig(device="cuda"), {"rows": _bench_rows("nccl", "cuda:0")}).to_dict()
     assert "nccl" in nccl["source"]
-    none = choose_cost_model(SweepConfig(device="cuda"), {"rows": [], "reason": "no collective benchmark: 1 GPU(s) give no world"})
-    assert none["source"] == DEFAULT_COST_MODEL["source"] and "1 GPU" in none["reason"]
+    none = choose_cost_model(SweepConfig(device="cuda"), {"rows": [], "reason": "no collective benchmark: 1 GPU(s) give no world"}).to_dict()
+    assert none["source"] == defaults["source"] and "1 GPU" in none["reason"]
 
 
 def test_collective_sizes_cover_the_swept_messages():
@@ -169,7 +172,7 @@ def test_collective_sizes_cover_the_swept_messages():
 
 
 def test_cost_model_prices_collectives_like_nccl_tests():
-    model = {"all_reduce": {"latency_us": 10.0, "busbw_GBps": 100.0}}
+    model = CostModel.from_dict({"all_reduce": {"latency_us": 10.0, "busbw_GBps": 100.0}})
     records = [{"kind": "all_reduce", "nbytes": 1_000_000}]
     # ring all-reduce on 4 ranks moves 2*(n-1)/n of the buffer per rank at bus bandwidth
     assert collective_time_s(records, 4, model) == pytest.approx(10e-6 + 1e6 * 1.5 / 100e9)

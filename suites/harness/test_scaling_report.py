@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import harness.atomic as atomic
+import harness.scaling_analysis as scaling_analysis
 import harness.scaling_report as scaling_report
 from harness.scaling_report import CPU_WARNING, write_index, write_scaling_report
 
@@ -84,8 +86,8 @@ def test_index_links_sub_reports_with_verdicts(tmp_path):
     assert "http://" not in html and "https://" not in html
 
 
-@pytest.mark.parametrize("target", ["_breakdown_plot", "write_bytes_atomic"])
-def test_failure_in_the_middle_keeps_previous_report(tmp_path, monkeypatch, target):
+@pytest.mark.parametrize("module,target", [(scaling_report, "_breakdown_plot"), (atomic, "write_bytes_atomic")])  # rendering; publishing
+def test_failure_in_the_middle_keeps_previous_report(tmp_path, monkeypatch, module, target):
     out = tmp_path / "scaling"
     write_scaling_report(_results(), GATE, ENV, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -93,7 +95,7 @@ def test_failure_in_the_middle_keeps_previous_report(tmp_path, monkeypatch, targ
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(scaling_report, target, boom)
+    monkeypatch.setattr(module, target, boom)
     with pytest.raises(KeyboardInterrupt):
         write_scaling_report(_results().iloc[:2], {"verdict": "GO", "criteria": []}, ENV, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -109,7 +111,7 @@ def _with_projection(frame):
 def test_projection_error_of_this_run_and_of_the_baseline(tmp_path):
     results = _with_projection(_results())
     baseline = _results().assign(projected=lambda f: f["world_size"] == 4, latency_s=lambda f: f["latency_s"] * 0.75)
-    errors = scaling_report.projection_errors(scaling_report._normalise(results), baseline)
+    errors = scaling_analysis.projection_errors(scaling_analysis.normalise(results), baseline)
     assert list(errors["projection"]) == ["this run", "baseline"]
     assert errors.loc[0, "world_size"] == 2 and errors.loc[0, "error"] == pytest.approx(0.009 / 0.006 - 1)
     assert errors.loc[1, "world_size"] == 4 and errors.loc[1, "error"] == pytest.approx(-0.25)
@@ -121,7 +123,7 @@ def test_projection_error_of_this_run_and_of_the_baseline(tmp_path):
 
 
 def test_no_projection_error_without_a_pair(tmp_path):
-    assert scaling_report.projection_errors(scaling_report._normalise(_results())).empty
+    assert scaling_analysis.projection_errors(scaling_analysis.normalise(_results())).empty
     write_scaling_report(_results(), GATE, ENV, tmp_path / "s")
     assert "No point was both measured and projected" in (tmp_path / "s" / "index.html").read_text()
 

@@ -1,0 +1,153 @@
+"""harness.perf_model: pricing against hand-computed figures, the fit's round trip, and mutants
+of the pricing rule (the class of bug a drifted copy carried) that the figures reject."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from harness import perf_model
+from harness.perf_model import DEFAULTS, CostModel, OpCost, collective_time_s, fit_cost_model
+
+# DEFAULTS at world size 4, by hand: all_reduce of a 1 MB tensor: 15 us + 1e6 B * 2*3/4 / 360e3 B/us = 15 + 25/6 us;
+# all_gather whose ranks each contribute 250 kB (nccl-tests size 1 MB): 12 us + 1e6 * 3/4 / 360e3 = 12 + 25/12 us.
+RECORDS = [{"kind": "all_reduce", "nbytes": 1_000_000}, {"kind": "all_gather", "nbytes": 250_000}, {"kind": "broadcast", "nbytes": 8}]
+HAND_S = 33.25e-6  # 15 + 12 + 25/6 + 25/12 = 33.25 us (broadcast: not priced)
+
+
+def _check_pricing():
+    assert collective_time_s(RECORDS, 4, DEFAULTS) == pytest.approx(HAND_S, rel=1e-12)
+    assert collective_time_s(RECORDS, 1, DEFAULTS) == 0.0
+    # a fitted alpha below zero (noise) is no credit: 1e6 B * 1 / 100e3 B/us = 10 us at world size 2
+    assert CostModel({"all_reduce": OpCost(-5.0, 100.0)}).collective_us("all_reduce", 1_000_000, 2) == pytest.approx(10.0, rel=1e-12)
+
+
+def test_pricing_matches_hand_computed_figures():
+    _check_pricing()
+
+
+MUTANTS = {
+    "all_reduce factor (n-1)/n, like all_gather": ("busbw_factor", lambda op, n: (n - 1) / n),
+    "all_gather priced at the per-rank input": ("nccl_tests_bytes", lambda op, nbytes, n: nbytes),
+    "latency read as ms": ("busbw_factor", None),
+}
+
+
+@pytest.mark.parametrize("name", MUTANTS)
+def test_pricing_check_rejects_mutants(name, monkeypatch):
+    attr, bad = MUTANTS[name]
+    if bad is None:  # units: alpha taken as ms, the drift between the two pricing copies this module replaced
+        real = CostModel.collective_us
+        monkeypatch.setattr(CostModel, "collective_us", lambda self, op, nbytes, ws: real(self, op, nbytes, ws) + (
+            999 * max(0.0, self.params(op, ws).latency_us) if ws > 1 else 0.0))
+    else:
+        monkeypatch.setattr(perf_model, attr, bad)
+    with pytest.raises(AssertionError):
+        _check_pricing()
+
+
+def test_fit_round_trips_through_json():
+    truth = {2: OpCost(20.0, 50.0), 4: OpCost(45.0, 40.0)}
+    rows = [{"op": "all_reduce", "bytes": b, "world_size": ws, "latency_us": p.latency_us + b * perf_model.busbw_factor("all_reduce", ws) / (p.busbw_GBps * 1e3)}
+            for ws, p in truth.items() for b in (1 << 10, 1 << 16, 1 << 20)]
+    fit = fit_cost_model(rows, per_world_size=True)
+    for ws, p in truth.items():  # each world size's own fit recovers its parameters, and pricing uses it
+        own = fit.by_world_size["all_reduce"][ws]
+        assert math.isclose(own.latency_us, p.latency_us, rel_tol=1e-9) and math.isclose(own.busbw_GBps, p.busbw_GBps, rel_tol=1e-9)
+        assert fit.collective_us("all_reduce", 1 << 20, ws) == pytest.approx(rows[[r["world_size"] for r in rows].index(ws) + 2]["latency_us"])
+    priced = CostModel({**DEFAULTS.ops, **fit.ops}, fit.by_world_size, "fitted", "measured", fit)
+    stored = json.loads(json.dumps(priced.to_dict()))  # JSON turns the world sizes into strings
+    assert set(stored) == {"all_reduce", "all_gather", "reduce_scatter", "source", "reason", "fit"} and "fit" not in stored["fit"]
+    assert CostModel.from_dict(stored) == priced
+    assert CostModel.from_dict(DEFAULTS.to_dict()) == DEFAULTS
+
+
+# --------------------------------------------------------------------------- harness.timing
+
+
+def _check_percentile(percentile):
+    ten = [7, 1, 9, 3, 5, 2, 10, 4, 8, 6]  # unsorted on purpose
+    assert percentile(ten, 0.9) == 9  # nearest rank: ceil(0.9 * 10) = 9th smallest, not the maximum
+    assert percentile(ten, 0.5) == 5 and percentile(ten, 1.0) == 10 and percentile(ten, 0.01) == 1
+    assert percentile(list(range(1, 21)), 0.9) == 18 and percentile([4.0], 0.99) == 4.0
+
+
+def test_percentile_is_nearest_rank():
+    from harness.timing import percentile
+
+    _check_percentile(percentile)
+
+
+@pytest.mark.parametrize("mutant", [
+    lambda v, q: sorted(v)[min(len(v) - 1, int(q * len(v)))],  # the floor-index copy sweep.py and bench.py had: p90 of 10 = the max
+    lambda v, q: v[max(0, math.ceil(q * len(v)) - 1)],  # forgets to sort
+])
+def test_percentile_check_rejects_mutants(mutant):
+    with pytest.raises(AssertionError):
+        _check_percentile(mutant)
+
+
+def test_time_calls_times_each_call_and_refuses_bad_iters():
+    from impl.architecture import TPConfigError
+    from harness.timing import time_calls
+
+    calls = []
+    times = time_calls(lambda: calls.append(1), 3, "cpu")
+    assert len(times) == 3 and len(calls) == 3 and all(t >= 0 for t in times)
+    with pytest.raises(TPConfigError) as e:
+        time_calls(lambda: None, 0, "cpu")
+    assert e.value.argument == "iters"
+
+
+# --------------------------------------------------------------------------- harness.points
+
+
+def _points(dtype, latencies, p90_spread=0.01):
+    import pandas as pd
+
+    return pd.DataFrame([{"implementation": "reference", "preset": "tiny", "phase": "prefill", "batch": 2, "prompt": 16, "steps": 0, "world_size": ws,
+                          "device": "cpu", "dtype": dtype, "projected": False, "status": "ok", "latency_s": lat, "latency_p90_s": lat * (1 + p90_spread)}
+                         for ws, lat in latencies.items()])
+
+
+def _check_keys():
+    import pandas as pd
+
+    from harness.gate import REGRESSION, GateConfig, _regression
+    from harness.scaling_analysis import add_speedups, normalise, projection_errors
+
+    now = _points("bfloat16", {1: 1.0, 2: 0.6})
+    faster_float32 = _points("float32", {1: 0.5, 2: 0.3})  # 2x faster, in another dtype: not this run's baseline
+    regression = _regression(now, faster_float32, GateConfig())
+    assert regression["name"] == REGRESSION and regression["status"] == "INCOMPLETE" and "dtype" in regression["note"]
+    assert _regression(now, _points("bfloat16", {1: 0.5, 2: 0.3}), GateConfig())["status"] == "FAIL"  # the same point 2x faster: a regression
+    # speedups divide by world size 1 of the same dtype: bfloat16 1.0 / 0.6, float32 0.5 / 0.3
+    both = add_speedups(pd.concat([now, faster_float32], ignore_index=True))
+    assert list(both["speedup"].round(6)) == [1.0, round(1.0 / 0.6, 6), 1.0, round(0.5 / 0.3, 6)]
+    # a projection priced for float32 is no error estimate of a bfloat16 measurement
+    projected = faster_float32.assign(projected=True)
+    assert projection_errors(normalise(now), projected).empty
+    assert len(projection_errors(normalise(now), projected.assign(dtype="bfloat16"))) == 2
+
+
+def test_point_key_keeps_dtypes_apart():
+    _check_keys()
+
+
+def test_point_key_check_rejects_a_key_without_dtype(monkeypatch):
+    from harness import points
+
+    # the report's baseline join used to drop dtype from the key; gate and report now share the one key
+    monkeypatch.setattr(points, "POINT_KEY", [k for k in points.POINT_KEY if k != "dtype"])
+    with pytest.raises(AssertionError):
+        _check_keys()
+
+
+def test_regression_against_a_baseline_lacking_key_columns_is_incomplete():
+    from harness.gate import GateConfig, _regression
+
+    # read_baseline accepts a results.csv holding only scaling.BASELINE_COLUMNS; the gate used to raise KeyError on it after the sweep
+    minimal = _points("float32", {1: 0.5}).drop(columns=["batch", "prompt", "steps", "dtype", "latency_p90_s"])
+    criterion = _regression(_points("float32", {1: 1.0}), minimal, GateConfig())
+    assert criterion["status"] == "INCOMPLETE" and "['batch', 'prompt', 'steps', 'dtype']" in criterion["note"]
