@@ -302,7 +302,9 @@ def make_decode(model, ids, steps: int, path: str = "eager", count_step=None):
     path "cuda-graph" / "compiled+cuda-graph": the reference's StaticDecoder replays one captured
     step per token. Replays are invisible to a Communicator, so `count_step()` — the collectives
     of one eager step, counted before capture — is returned for the caller to scale by `steps`
-    (third item; None on the eager path, whose runs the communicator counts itself)."""
+    (third item; None on the eager path, whose runs the communicator counts itself). The fourth item,
+    `step(i)`, decodes one token at position prompt + i % steps and returns it on the host (a
+    serving loop's unit of work: the driver's per-step dispatch is timed around it)."""
     prompt = ids.shape[1]
     if path != "eager":
         max_seq = -(-(prompt + steps) // 16) * 16
@@ -318,7 +320,10 @@ def make_decode(model, ids, steps: int, path: str = "eager", count_step=None):
             for step in range(steps):
                 token = decoder.replay(token, prompt + step)
 
-        return (lambda: None), replay_run, step_records
+        def replay_step(i: int) -> list:
+            return decoder.replay(ids[:, -1:], prompt + i % steps).tolist()
+
+        return (lambda: None), replay_run, step_records, replay_step
     if hasattr(model, "allocate_kv_cache"):  # tpgate: preallocated cache, rewritten in place by every run
         model.allocate_kv_cache(ids.shape[0], prompt + steps)
     with torch.no_grad():
@@ -332,7 +337,13 @@ def make_decode(model, ids, steps: int, path: str = "eager", count_step=None):
         for step in range(steps):
             token = decode_step(model, token, prompt + step)
 
-    return setup, run, None
+    @torch.no_grad()
+    def one_step(i: int) -> list:
+        if hasattr(model, "truncate_cache"):
+            model.truncate_cache(prompt + i % steps)
+        return decode_step(model, ids[:, -1:], prompt + i % steps).tolist()
+
+    return setup, run, None, one_step
 
 
 def _step_counter(built: BuiltModel):
@@ -389,7 +400,21 @@ def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: 
         raise PointOutOfMemory(describe_out_of_memory(ctx.rank, e, free, total)) from None
 
 
+KEPT_STEP = "sweep.decode_step"  # RankContext.state key of the last measured decode point's one-step function
+DISPATCH_STEPS = 32  # single-step calls per measured decode point
+
+
+def run_kept_step(ctx, i: int) -> list:
+    """One decode step of the point measure_on_rank measured last on this rank: the token ids (batch, 1)."""
+    return ctx.state[KEPT_STEP](i)
+
+
+def release_kept_step(ctx) -> None:
+    ctx.state.pop(KEPT_STEP, None)
+
+
 def _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, world, decode_path, prefill_path, sequence_parallel) -> dict:
+    ctx.state.pop(KEPT_STEP, None)  # a previous point's model must not outlive it
     threads = torch.get_num_threads()
     if mode == "projected" and ctx.device.type == "cpu":
         # a CPU rank of a `world`-rank sweep gets cores // world threads (orchestrator); the projection plays such a rank
@@ -405,8 +430,10 @@ def _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, w
             # a compiled run is invisible to the communicator: make_prefill's first, eager call was counted
             run_records = built.records(phase) if prefill_path == "compiled" else None
         else:
-            setup, run, step_records = make_decode(built.model, ids, phase.steps, decode_path, count_step=_step_counter(built))
+            setup, run, step_records, one_step = make_decode(built.model, ids, phase.steps, decode_path, count_step=_step_counter(built))
             run_records = None if step_records is None else step_records * phase.steps
+            if mode == "tp":  # kept for run_kept_step: the driver then issues single steps (dispatch per step)
+                ctx.state[KEPT_STEP] = one_step
         for _ in range(warmup):
             setup()
             run()
@@ -480,8 +507,9 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: CostModel | None = None, 
                 world = world_for(ws)
                 real = world.run(measure_on_rank, *args, "tp", **kw)
                 real_call = world.dispatch[-1]
+                steps = _single_step_dispatch(world) if decode else None
                 null = world.run(measure_on_rank, *args, "null", **kw)
-                row.update(_summarise(real, null, None, phase, ws, dispatch=[real_call, world.dispatch[-1]]))
+                row.update(_summarise(real, null, None, phase, ws, dispatch=[real_call, world.dispatch[-1]], step_dispatch=steps))
                 row["backend"] = getattr(world, "backend", "")
         except Exception as e:  # noqa: BLE001 - a failed point is data, the sweep goes on
             row.update(status="failed", error=point_error(e))
@@ -506,7 +534,19 @@ def _comm_per_step(records: list[dict], phase: Phase) -> tuple[float, float]:
     return len(records) / per, sum(r["nbytes"] for r in records) / per
 
 
-def _summarise(real: list[dict], null: list[dict], projected_s: float | None, phase: Phase, ws: int, dispatch: list | None) -> dict:
+def _single_step_dispatch(world) -> list:
+    """The driver issues DISPATCH_STEPS decode steps one call each, as a serving loop does; their
+    DispatchRecords. The kept model is released after, before the point's next call builds another."""
+    try:
+        for i in range(DISPATCH_STEPS):
+            world.run(run_kept_step, i)
+        return world.dispatch[-DISPATCH_STEPS:]
+    finally:
+        world.run(release_kept_step)
+
+
+def _summarise(real: list[dict], null: list[dict], projected_s: float | None, phase: Phase, ws: int, dispatch: list | None,
+               step_dispatch: list | None = None) -> dict:
     """One row's figures from the ranks' measure_on_rank results. Latencies are per step: per
     decode step (a timed run decodes `phase.steps` tokens), per call for prefill.
 
@@ -517,12 +557,13 @@ def _summarise(real: list[dict], null: list[dict], projected_s: float | None, ph
                             the smaller of the two calls' (a world's first call also pays one-off
                             costs, e.g. the ranks importing the called function's module);
       dispatch_us_per_step  the overhead a unit of work pays when the driver dispatches each unit
-                            as its own call (a decode step, or a prefill call): one call's overhead.
-                            A call that decodes many tokens (`generate` inside one `run`) spreads it
-                            over them; a driver that steps token by token pays it every token;
+                            as its own call: for decode, the median over `step_dispatch`, the
+                            DispatchRecords of single-step calls the driver issued one by one (each
+                            returning the token ids), with their p99 as dispatch_us_per_step_p99; for
+                            prefill (one call is the unit), the point's call overhead;
       dispatch_fraction     dispatch_us_per_step / the step's measured latency (latency_s): the
                             gate's "dispatch overhead" criterion.
-    Both calls also return the point's timings and collective records, so the overhead
+    A prefill point's calls also return its timings and collective records, so its overhead
     overstates that of a call returning only tokens: the fraction errs towards NO-GO. It
     is never divided by the measured call's own duration, which spans building the model,
     warm-up and every repeat and would make any overhead look negligible."""
@@ -541,5 +582,9 @@ def _summarise(real: list[dict], null: list[dict], projected_s: float | None, ph
     if dispatch:
         overhead_s = min(record.overhead_s for record in dispatch)
         out["dispatch_us_per_call"] = out["dispatch_us_per_step"] = overhead_s * 1e6
+        if step_dispatch:
+            per_step = [record.overhead_s for record in step_dispatch]
+            overhead_s = percentile(per_step, 0.5)
+            out["dispatch_us_per_step"], out["dispatch_us_per_step_p99"] = overhead_s * 1e6, percentile(per_step, 0.99) * 1e6
         out["dispatch_fraction"] = overhead_s / out["latency_s"] if out["latency_s"] > 0 else float("nan")
     return out

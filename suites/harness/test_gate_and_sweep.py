@@ -215,6 +215,11 @@ def test_cpu_sweep_measures_every_point(worlds):
             row = tp2.loc[(impl, phase, projected)]
             assert (row["collectives_per_step"], row["comm_bytes_per_step"]) == (count, nbytes), (impl, phase, projected)
     assert frame[(frame["phase"] == "prefill") & (frame["world_size"] == 2)].groupby("implementation")["sequence_parallel"].all().to_dict() == {"dtensor": False, "reference": True}
+    # measured decode points: the driver issued single steps, one call each (median and p99 of their overhead)
+    measured = frame[~frame["projected"]]
+    decode, prefill = measured[measured["phase"] == "decode"], measured[measured["phase"] == "prefill"]
+    assert (decode["dispatch_us_per_step_p99"] >= decode["dispatch_us_per_step"]).all() and (decode["dispatch_us_per_step"] > 0).all()
+    assert prefill["dispatch_us_per_step_p99"].isna().all() and (prefill["dispatch_us_per_step"] == prefill["dispatch_us_per_call"]).all()
     assert (frame[frame["world_size"] == 1]["collectives_per_step"] == 0).all()
     assert frame["exposed_comm"].between(0, 1).all() and (frame["latency_s"] > 0).all()
     assert (frame[frame["world_size"] == 1]["speedup"] == 1.0).all()
@@ -238,6 +243,8 @@ def test_failed_point_is_recorded_and_sweep_goes_on(worlds, monkeypatch):
                 dispatch = world.dispatch
                 backend = world.backend
                 def run(self, fn, *args, **kwargs):
+                    if fn is not sweep.measure_on_rank:  # the single decode steps the driver issues after a point
+                        return world.run(fn, *args, **kwargs)
                     calls.append(args[2].kind)
                     if args[2].kind == "prefill":
                         raise RuntimeError("injected failure")
@@ -265,7 +272,7 @@ def test_graph_decode_counts_one_eager_step():
     built = BuiltModel(model, PRESETS["tiny"].vocab_size, comm.reset, lambda phase: [r.__dict__ for r in comm.records])
     ids = torch.randint(0, 100, (2, 5))
     one_step = _step_counter(built)(ids, 16)
-    setup, run, none = make_decode(model, ids, 3)
+    setup, run, none, _ = make_decode(model, ids, 3)
     comm.reset()
     run()
     assert none is None and len(one_step) == 2 * PRESETS["tiny"].num_layers + 2
@@ -284,7 +291,7 @@ def test_prefill_collectives_are_counted_on_either_path(path, monkeypatch):
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", dynamic=kw.get("dynamic")))
-    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), comm=NullCommunicator(1))
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), comm=NullCommunicator(1), state={})
     out = measure_on_rank(ctx, "reference", "tiny", Phase("prefill", 1, 8), "float32", 0, 2, "projected", world=2, prefill_path=path, sequence_parallel=True)
     layers = PRESETS["tiny"].num_layers
     kinds = [r["kind"] for r in out["collectives"]]
@@ -321,7 +328,7 @@ def test_rank_out_of_memory_fails_its_point_naming_rank_and_bytes(worlds):
             dispatch, backend = world.dispatch, world.backend
 
             def run(self, fn, *args, **kwargs):
-                if args[2].kind == "prefill":
+                if fn is sweep.measure_on_rank and args[2].kind == "prefill":
                     raise RankError({0: traceback}, "measure_on_rank#1")
                 return world.run(fn, *args, **kwargs)
 

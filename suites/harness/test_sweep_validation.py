@@ -109,32 +109,39 @@ class _StubWorld:
 
     backend = "stub"
 
-    def __init__(self, median_s: float, call_s: float, overheads_s: list[float]):
-        self.median_s, self.call_s, self.overheads_s = median_s, call_s, list(overheads_s)
+    def __init__(self, median_s: float, call_s: float, overheads_s: list[float], step_overhead_s: float):
+        self.median_s, self.call_s, self.overheads_s, self.step_overhead_s = median_s, call_s, list(overheads_s), step_overhead_s
         self.dispatch: list[DispatchRecord] = []
+        self.measure_calls = 0
 
-    def run(self, fn, implementation, preset, phase, dtype, warmup, repeats, mode, **kwargs):
-        overhead_s = self.overheads_s[len(self.dispatch)]
+    def run(self, fn, *args, **kwargs):
+        if fn is not sweep.measure_on_rank:  # a single decode step (run_kept_step) or the release after them
+            self.dispatch.append(DispatchRecord(f"{fn.__name__}#{len(self.dispatch)}", 0.002 + self.step_overhead_s, 0.002))
+            return [[[0]]] if fn is sweep.run_kept_step else [None]
+        implementation, preset, phase, dtype, warmup, repeats, mode = args
+        overhead_s = self.overheads_s[self.measure_calls]
+        self.measure_calls += 1
         self.dispatch.append(DispatchRecord(f"{fn.__name__}#{len(self.dispatch)}", self.call_s, self.call_s - overhead_s))
         return [{"rank": 0, "median_s": self.median_s, "p90_s": self.median_s, "times": [self.median_s] * repeats, "peak_memory": 0,
                  "collectives": [], "steps": phase.steps if phase.kind == "decode" else 1}]
 
 
-@pytest.mark.parametrize("phase,per_step_s", [
-    (Phase("decode", 1, 16, 16), 0.016 / 16),  # a timed run decodes 16 tokens: 1 ms per step
-    (Phase("prefill", 2, 64), 0.016),  # a timed run is one prefill call
+@pytest.mark.parametrize("phase,per_step_s,step_overhead_s", [
+    (Phase("decode", 1, 16, 16), 0.016 / 16, 0.002),  # a timed run decodes 16 tokens: 1 ms per step; single steps pay 2 ms
+    (Phase("prefill", 2, 64), 0.016, 0.01),  # a timed run is one prefill call, the unit of work
 ])
-def test_dispatch_fraction_is_one_calls_overhead_over_one_steps_latency(phase, per_step_s):
+def test_dispatch_fraction_is_one_calls_overhead_over_one_steps_latency(phase, per_step_s, step_overhead_s):
     # 10 ms of dispatch overhead on a call that ran 10 s (model build, warm-up, 5 repeats):
     # over the whole call it is 0.1 %, which no gate would ever fail; per step it is not.
     # The first (T_tp) call pays 50 ms, as a world's first call does (one-off costs): not per step.
-    world = _StubWorld(median_s=0.016, call_s=10.0, overheads_s=[0.05, 0.01])
+    # Decode: the driver then issues single steps, one call each, each paying 2 ms: that is the per-step overhead.
+    world = _StubWorld(median_s=0.016, call_s=10.0, overheads_s=[0.05, 0.01], step_overhead_s=0.002)
     cfg = SweepConfig(world_sizes=(1,), phases=(phase,), warmup=1, repeats=5).validate()
     row = sweep.run_sweep(cfg, lambda n: world).iloc[0]
     assert row["status"] == "ok", row["error"]
     assert row["latency_s"] == pytest.approx(per_step_s)
-    assert row["dispatch_us_per_call"] == pytest.approx(1e4) and row["dispatch_us_per_step"] == pytest.approx(1e4)
-    assert row["dispatch_fraction"] == pytest.approx(0.01 / per_step_s)
+    assert row["dispatch_us_per_call"] == pytest.approx(1e4) and row["dispatch_us_per_step"] == pytest.approx(step_overhead_s * 1e6)
+    assert row["dispatch_fraction"] == pytest.approx(step_overhead_s / per_step_s)
     assert row["dispatch_fraction"] > 0.10  # the gate's default threshold: this overhead must fail it
 
 
