@@ -23,12 +23,17 @@ rank whose driver pauses between calls (tests, a sweep) blocks at once and burns
 """
 from __future__ import annotations
 
+import collections
+import copyreg
+import io
 import math
 import mmap
 import os
+import pickle
 import struct
 import time
 from multiprocessing import shared_memory
+from multiprocessing.reduction import ForkingPickler
 
 # stop flag, call id, length of the next segment's name, that name
 _CONTROL = struct.Struct("=?7xqH46s")
@@ -56,6 +61,49 @@ def spin_budget_s(world_size: int, dedicated_s: float) -> float:
     turns with the processes doing work, so the spin is kept short.
     """
     return dedicated_s if len(os.sched_getaffinity(0)) >= world_size + 1 else OVERSUBSCRIBED_SPIN_S
+
+
+class _Pickler(pickle.Pickler):
+    """ForkingPickler's reductions (tensors into shared memory, fds, connections) without its copy
+    of the whole dispatch table for every pickle (~2 us of a ~3 us pickle). The chain reads the
+    live tables, so reducers registered later still apply, with ForkingPickler's precedence."""
+
+    dispatch_table = collections.ChainMap(ForkingPickler._extra_reducers, copyreg.dispatch_table)
+
+
+class _SharingPickler(_Pickler):
+    """Notes whether it used a reducer that hands a resource (a tensor's storage, an fd) to
+    another process: those bytes can be unpickled by one receiver only."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.shares_resources = False
+
+    def reducer_override(self, obj):
+        if type(obj) in ForkingPickler._extra_reducers:  # the dispatch table's own exact-type lookup
+            self.shares_resources = True
+        return NotImplemented  # then pickled as ForkingPickler would
+
+
+def dumps(obj) -> bytes:
+    """ForkingPickler.dumps(obj), faster."""
+    buffer = io.BytesIO()
+    _Pickler(buffer).dump(obj)
+    return buffer.getvalue()
+
+
+def dumps_for_ranks(obj, world_size: int) -> list[bytes]:
+    """obj pickled once for every rank, or once per rank if the bytes hand out a resource
+    (each rank then needs its own handout)."""
+    requests = []
+    while len(requests) < world_size:
+        buffer = io.BytesIO()
+        pickler = _SharingPickler(buffer)
+        pickler.dump(obj)
+        requests.append(buffer.getvalue())
+        if not pickler.shares_resources:
+            break
+    return requests
 
 
 def _payload_start(world_size: int) -> int:

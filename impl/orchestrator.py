@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import datetime
 import faulthandler
-import io
 import math
 import os
 import pickle
@@ -35,7 +34,6 @@ import time
 import traceback
 import weakref
 from dataclasses import dataclass, field
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import torch
@@ -43,7 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .architecture import TPConfigError, require
-from .channel import REPLY_SPIN_S, REQUEST_SPIN_S, STOP, RequestChannel, spin_budget_s
+from .channel import REPLY_SPIN_S, REQUEST_SPIN_S, STOP, RequestChannel, dumps, dumps_for_ranks, spin_budget_s
 from .communication import ProcessGroupCommunicator, gather_objects
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -325,10 +323,10 @@ def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid, sta
         # would lose a failure, and pickling a tensor twice shares its storage twice (one fd
         # each, held until the driver fetches it), so a check-then-put leaked one fd per tensor.
         try:
-            payload = ForkingPickler.dumps((call_id, ok, value, elapsed))
+            payload = dumps((call_id, ok, value, elapsed))
         except Exception:
             value = f"result of {getattr(fn, '__qualname__', fn)} cannot be sent to the driver:\n{traceback.format_exc()}"
-            payload = ForkingPickler.dumps((call_id, False, value, elapsed))
+            payload = dumps((call_id, False, value, elapsed))
         try:
             _send_frame(results, payload)
         except BrokenPipeError:  # the driver closed its end: this world is over
@@ -383,20 +381,6 @@ _live_worlds: "weakref.WeakSet[MultiGPUOrchestrator]" = weakref.WeakSet()
 def _shutdown_all():
     for world in list(_live_worlds):
         world.shutdown()
-
-
-class _RequestPickler(ForkingPickler):
-    """ForkingPickler that notes whether it used one of its process-sharing reducers
-    (torch tensors and storages, connections, sockets: registered with ForkingPickler.register)."""
-
-    def __init__(self, file):
-        super().__init__(file)
-        self.shares_resources = False
-
-    def reducer_override(self, obj):
-        if type(obj) in ForkingPickler._extra_reducers:  # the same exact-type lookup as the dispatch table
-            self.shares_resources = True
-        return NotImplemented  # pickle it as ForkingPickler would
 
 
 class MultiGPUOrchestrator:
@@ -611,25 +595,17 @@ class MultiGPUOrchestrator:
         (or any other resource ForkingPickler hands to another process) is shared with one
         receiver per pickle, so such a request is pickled once per rank.
         """
-        requests = []
         try:
-            while len(requests) < self.world_size:
-                buffer = io.BytesIO()
-                pickler = _RequestPickler(buffer)
-                pickler.dump((fn, args, kwargs))
-                requests.append(buffer.getvalue())
-                if not pickler.shares_resources:
-                    break
+            return dumps_for_ranks((fn, args, kwargs), self.world_size)
         except Exception as e:
             name = getattr(fn, "__qualname__", repr(fn))
             try:
-                ForkingPickler.dumps(fn)
+                dumps(fn)
             except Exception:
                 what = f"fn {name}: it must be a module-level function, importable by the rank processes"
             else:
                 what = f"the arguments of {name}: they must be picklable (plain data, CPU tensors)"
             raise TypeError(f"cannot send {what} ({type(e).__name__}: {e})") from e
-        return requests
 
     def barrier(self, timeout_s: float | None = None) -> None:
         self.run(_barrier, timeout_s=timeout_s)

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-import impl.orchestrator as orchestrator
+import impl.channel as channel
 from impl.channel import INITIAL_CAPACITY
 from impl.orchestrator import CallTimeoutError, RankError
 
@@ -83,7 +83,7 @@ def test_calls_from_two_threads_take_turns(worlds, tmp_path):
 
 def test_tensor_check_rejects_pickling_a_tensor_request_once(worlds, monkeypatch):
     """The first rank to unpickle takes the tensors' storage; the other finds nothing left to take."""
-    monkeypatch.setattr(orchestrator._RequestPickler, "reducer_override", lambda self, obj: NotImplemented)
+    monkeypatch.setattr(channel._SharingPickler, "reducer_override", lambda self, obj: NotImplemented)
     with pytest.raises(RankError) as info:
         check_tensor_arguments(worlds[WORLD])
     assert len(info.value.ranks) == WORLD - 1 and "rebuild_storage_fd" in str(info.value), "one rank takes the storage, the others fail"
