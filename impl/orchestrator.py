@@ -416,6 +416,7 @@ class MultiGPUOrchestrator:
         self.timeout_s, self.start_timeout_s, self.grace_s, self.master_port = timeout_s, start_timeout_s, grace_s, master_port
         self.dispatch: list[DispatchRecord] = []
         self._procs: list = []
+        self._requests: list = []  # per rank: its end of the request channel (handed to it at spawn)
         self._channel: RequestChannel | None = None  # driver -> ranks: each call's request, written once
         self._results: list = []  # per rank: the read end of its result pipe
         self._received: list[bytearray] = []  # per rank: bytes read, not yet a whole message
@@ -452,7 +453,7 @@ class MultiGPUOrchestrator:
         self.shutdown()
         ctx = mp.get_context("spawn")
         self._channel = RequestChannel(self.world_size, [ctx.Semaphore(0) for _ in range(self.world_size)])
-        spin_s = spin_budget_s(self.world_size, REQUEST_SPIN_S)
+        self._requests = [self._channel.endpoint(r, spin_budget_s(self.world_size, REQUEST_SPIN_S)) for r in range(self.world_size)]
         self._reply_spin_s = spin_budget_s(self.world_size, REPLY_SPIN_S)
         # one result pipe per rank, read without blocking (see _collect); the driver keeps only
         # the read ends, so a rank's death also shows as end-of-file on its pipe
@@ -471,7 +472,7 @@ class MultiGPUOrchestrator:
         port = free_port() if self.master_port is None else self.master_port
         pdeathsig = threading.current_thread() is threading.main_thread()  # see _die_with_parent
         init_kwargs = dict(device=self.device, backend=self.backend, tp_size=self.tp_size, master_port=port, timeout_s=self.timeout_s)
-        self._procs = [ctx.Process(target=_rank_main, args=(r, self.world_size, init_kwargs, self._channel.endpoint(r, spin_s), pipes[r][1], os.getpid(), self._stack_file(r), pdeathsig),
+        self._procs = [ctx.Process(target=_rank_main, args=(r, self.world_size, init_kwargs, self._requests[r], pipes[r][1], os.getpid(), self._stack_file(r), pdeathsig),
                                    daemon=True, name=f"tpgate-rank{r}")
                        for r in range(self.world_size)]
         _live_worlds.add(self)

@@ -91,20 +91,3 @@ def torn_reply(ctx, bad_rank):
         os.write(fd, header + b"x" * 100)
         os.kill(os.getpid(), signal.SIGKILL)
     return ctx.rank
-
-
-def digest(ctx, data: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
-
-
-def tensor_sums(ctx, tensors) -> list[float]:
-    return [float(t.sum()) for t in tensors]
-
-
-def sleep_echo(ctx, value, seconds: float, started: str):
-    """Tell the test (by creating `started`, on rank 0) that the call is under way, then sleep."""
-    if ctx.rank == 0:
-        open(started, "w").close()
-    time.sleep(seconds)
-    return value

@@ -15,7 +15,7 @@ import impl.channel as channel
 from impl.channel import INITIAL_CAPACITY
 from impl.orchestrator import CallTimeoutError, RankError
 
-from . import rank_fns
+from . import channel_rank_fns, rank_fns
 from .support import leaked_segments
 
 WORLD = 2
@@ -24,7 +24,7 @@ START_LIMIT_S = 60.0  # until a thread's call is under way: a hang guard, not a 
 
 def check_large_request(world) -> None:
     big = bytes(range(256)) * (3 * INITIAL_CAPACITY // 256)  # three times the first segment
-    assert world.run(rank_fns.digest, big) == [hashlib.sha256(big).hexdigest()] * WORLD
+    assert world.run(channel_rank_fns.digest, big) == [hashlib.sha256(big).hexdigest()] * WORLD
     assert world.run(rank_fns.echo, "small again") == ["small again"] * WORLD
     assert world._channel.capacity >= len(big) and not leaked_segments(world._channel.retired)
 
@@ -32,7 +32,7 @@ def check_large_request(world) -> None:
 def check_tensor_arguments(world) -> None:
     """A tensor argument's storage is handed to one process per pickle: each rank needs its own."""
     tensors = [torch.arange(4.0) * (i + 1) for i in range(3)]
-    assert world.run(rank_fns.tensor_sums, tensors) == [[6.0, 12.0, 18.0]] * WORLD
+    assert world.run(channel_rank_fns.tensor_sums, tensors) == [[6.0, 12.0, 18.0]] * WORLD
 
 
 def check_calls_take_turns(world, tmp_path) -> None:
@@ -44,7 +44,7 @@ def check_calls_take_turns(world, tmp_path) -> None:
 
         def first():
             try:
-                outcome["first"] = world.run(rank_fns.sleep_echo, "first", first_s, str(started), timeout_s=30.0)
+                outcome["first"] = world.run(channel_rank_fns.sleep_echo, "first", first_s, str(started), timeout_s=30.0)
             except Exception as e:  # noqa: BLE001 - inspected below
                 outcome["first"] = e
 
