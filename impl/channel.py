@@ -20,6 +20,9 @@ Waiting: a rank spins on its semaphore (yielding the core between tries) for `sp
 each call, then blocks. It spins only if the previous request came within `spin_s` of the
 rank asking, so back-to-back calls (a decode loop) are picked up without a wakeup, while a
 rank whose driver pauses between calls (tests, a sweep) blocks at once and burns no core.
+
+Pickling for both directions is here too: `dumps` (ForkingPickler's reductions, faster) and
+`dumps_for_ranks` (one payload for all ranks unless it hands out a process resource).
 """
 from __future__ import annotations
 
@@ -49,7 +52,10 @@ STOP = "stop"  # what RankEndpoint.receive returns when the driver stops the wor
 # for a whole step (a few ms on a GPU) and blocks only on longer calls.
 REQUEST_SPIN_S = 2e-3
 REPLY_SPIN_S = 10e-3
-OVERSUBSCRIBED_SPIN_S = 2e-4  # fewer cores than processes: the spinners take turns with the workers
+# Fewer cores than processes: the spinners take turns with the workers. With 4 ranks on 2 cores,
+# 200 us did best of 0/50/200/500/1000 us: 0 pays every wakeup, 50 us ends just before a
+# rank's turn and pays both, longer spins lose to the scheduler when the box is loaded.
+OVERSUBSCRIBED_SPIN_S = 2e-4
 
 
 def spin_budget_s(world_size: int, dedicated_s: float) -> float:
