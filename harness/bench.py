@@ -1,28 +1,47 @@
 """Micro-benchmarks of the harness itself (figures for notes and reports, never asserted)."""
 from __future__ import annotations
 
-import statistics
+import time
 
 from impl.orchestrator import MultiGPUOrchestrator
 
 from .timing import percentile
 
 
-def _noop(ctx):
-    return None
+def _entered(ctx) -> float:
+    return time.perf_counter()  # CLOCK_MONOTONIC on Linux: one clock for every process of the host
+
+
+def _percentiles(values: list[float]) -> dict:
+    return {"p50": percentile(values, 0.50), "p90": percentile(values, 0.90), "p99": percentile(values, 0.99), "max": max(values)}
 
 
 def dispatch_overhead(world_size: int = 4, calls: int = 500, device: str = "cpu", warmup: int = 20) -> dict:
-    """Driver-observed minus slowest-rank time of a no-op `run`, in microseconds."""
+    """Dispatch cost of a call that does nothing, in microseconds, over `calls` calls.
+
+    overhead     DispatchRecord.overhead_s: driver-observed time minus the slowest rank's own time
+                 (p50_us, p90_us, p99_us, max_us)
+    request_us   run() called -> the last rank inside fn: pickling, the channel, waking the
+                 ranks, unpickling (percentiles as a dict)
+    reply_us     the last rank inside fn -> run() returned: pickling the results, the pipes,
+                 waking the driver, unpickling, bookkeeping
+    The split is measured from outside run() (fn returns when it was entered), so it adds the
+    caller's own two clock reads to each half; the overhead figure is the orchestrator's own.
+    """
     with MultiGPUOrchestrator(world_size, device=device) as world:
         for _ in range(warmup):
-            world.run(_noop)
+            world.run(_entered)
         first = len(world.dispatch)
+        request, reply = [], []
         for _ in range(calls):
-            world.run(_noop)
-        overhead = sorted(r.overhead_s * 1e6 for r in world.dispatch[first:])
-    return {"world_size": world_size, "device": device, "calls": calls, "p50_us": statistics.median(overhead), "p90_us": percentile(overhead, 0.90),
-            "p99_us": percentile(overhead, 0.99), "max_us": overhead[-1]}
+            called = time.perf_counter()
+            entered = max(world.run(_entered))
+            returned = time.perf_counter()
+            request.append((entered - called) * 1e6)
+            reply.append((returned - entered) * 1e6)
+        overhead = _percentiles([r.overhead_s * 1e6 for r in world.dispatch[first:]])
+    return {"world_size": world_size, "device": device, "calls": calls, **{f"{k}_us": v for k, v in overhead.items()},
+            "request_us": _percentiles(request), "reply_us": _percentiles(reply)}
 
 
 # --------------------------------------------------------------------------- loader memory

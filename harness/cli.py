@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             r = dispatch_overhead(args.world_size, args.calls, args.device)
             print(f"dispatch overhead, no-op call, {r['world_size']} {r['device']} ranks, {r['calls']} calls: "
                   f"p50 {r['p50_us']:.0f} us, p90 {r['p90_us']:.0f} us, p99 {r['p99_us']:.0f} us, max {r['max_us']:.0f} us")
+            for part, label in (("request_us", "call -> last rank in fn"), ("reply_us", "last rank in fn -> return")):
+                print(f"  {label}: " + ", ".join(f"{q} {v:.0f} us" for q, v in r[part].items()))
             return 0
         if args.command == "env":
             import json

@@ -7,9 +7,9 @@ MultiGPUOrchestrator the driver's view: N rank processes started once and kept; 
 TorchrunWorld        the same `run` API when every process is a rank (SPMD under torchrun).
 
 Nothing here speaks a socket protocol of its own: ranks meet through torch.distributed's
-TCP store; the driver sends calls to its children through multiprocessing queues and reads
-each rank's replies from that rank's own pipe, without blocking (a rank that dies mid-reply
-is reported from its exit code, never waited on).
+TCP store; the driver writes each call once into a shared-memory segment its ranks map
+(impl/channel.py) and reads each rank's replies from that rank's own pipe, without blocking
+(a rank that dies mid-reply is reported from its exit code, never waited on).
 """
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ import contextlib
 import ctypes
 import datetime
 import faulthandler
+import math
 import os
 import pickle
-import queue
 import re
+import select
 import shutil
 import signal
 import socket
@@ -33,15 +34,14 @@ import time
 import traceback
 import weakref
 from dataclasses import dataclass, field
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from multiprocessing import connection as mp_connection
 
 from .architecture import TPConfigError, require
+from .channel import REPLY_SPIN_S, REQUEST_SPIN_S, STOP, RequestChannel, dumps, dumps_for_ranks, spin_budget_s
 from .communication import ProcessGroupCommunicator, gather_objects
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -347,6 +347,7 @@ def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid, sta
     if init_kwargs.get("device") == "cpu":  # ranks share the cores; oversubscription costs more than it gives
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
+        requests.open()
         manager = ProcessGroupManager(world_size, rank, **init_kwargs).init()
         ctx = RankContext(rank, world_size, manager.device, manager.backend, manager.communicator(), manager)
     except BaseException:
@@ -354,13 +355,12 @@ def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid, sta
         return
     _send_frame(results, pickle.dumps(("init", True, None, 0.0)))
     while True:
-        try:
-            item = requests.get(timeout=1.0)
-        except queue.Empty:
+        item = requests.receive(timeout_s=1.0)
+        if item is None:
             if os.getppid() != parent_pid:
                 os._exit(0)
             continue
-        if item is None:
+        if item is STOP:
             break
         call_id, request = item
         start = time.perf_counter()
@@ -375,19 +375,34 @@ def _rank_main(rank, world_size, init_kwargs, requests, results, parent_pid, sta
         # would lose a failure, and pickling a tensor twice shares its storage twice (one fd
         # each, held until the driver fetches it), so a check-then-put leaked one fd per tensor.
         try:
-            payload = ForkingPickler.dumps((call_id, ok, value, elapsed))
+            payload = dumps((call_id, ok, value, elapsed))
         except Exception:
             value = f"result of {getattr(fn, '__qualname__', fn)} cannot be sent to the driver:\n{traceback.format_exc()}"
-            payload = ForkingPickler.dumps((call_id, False, value, elapsed))
+            payload = dumps((call_id, False, value, elapsed))
         try:
             _send_frame(results, payload)
         except BrokenPipeError:  # the driver closed its end: this world is over
             break
     with contextlib.suppress(Exception):
         manager.destroy()
+    _leave()
+
+
+def _leave() -> None:
+    """End a rank whose world is over: flushed output, its atexit handlers (coverage's data file
+    among them), then os._exit. Interpreter teardown with torch loaded costs 0.5-1.5 s of CPU
+    per rank (module and C++ static destruction), and every shutdown waited for it."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    atexit._run_exitfuncs()
+    os._exit(0)
 
 
 _FRAME = struct.Struct("!Q")  # a result on a rank's pipe: payload length, then the pickled payload
+# a pipe holds 64 KiB (Linux's default): a larger read returns no more, yet os.read allocates
+# (and frees) its whole size each time, ~20 us for 1 MiB
+_PIPE_CHUNK = 1 << 16
 
 
 def _send_frame(conn, payload: bytes) -> None:
@@ -454,12 +469,15 @@ class MultiGPUOrchestrator:
         self.timeout_s, self.start_timeout_s, self.grace_s, self.master_port = timeout_s, start_timeout_s, grace_s, master_port
         self.dispatch: list[DispatchRecord] = []
         self._procs: list = []
-        self._requests: list = []
+        self._requests: list = []  # per rank: its end of the request channel (handed to it at spawn)
+        self._channel: RequestChannel | None = None  # driver -> ranks: each call's request, written once
         self._results: list = []  # per rank: the read end of its result pipe
         self._received: list[bytearray] = []  # per rank: bytes read, not yet a whole message
         self._eof: list[bool] = []
         self._stack_dir: str | None = None
         self._call_id = 0
+        self._call_lock = threading.Lock()  # one call at a time: the channel holds one request and replies carry no thread
+        self._reply_spin_s = 0.0  # how long _collect polls before it blocks (set per world, see _start_once)
 
     # -- lifecycle
 
@@ -487,7 +505,9 @@ class MultiGPUOrchestrator:
     def _start_once(self) -> "MultiGPUOrchestrator":
         self.shutdown()
         ctx = mp.get_context("spawn")
-        self._requests = [ctx.Queue() for _ in range(self.world_size)]
+        self._channel = RequestChannel(self.world_size, [ctx.Semaphore(0) for _ in range(self.world_size)])
+        self._requests = [self._channel.endpoint(r, spin_budget_s(self.world_size, REQUEST_SPIN_S)) for r in range(self.world_size)]
+        self._reply_spin_s = spin_budget_s(self.world_size, REPLY_SPIN_S)
         # one result pipe per rank, read without blocking (see _collect); the driver keeps only
         # the read ends, so a rank's death also shows as end-of-file on its pipe
         pipes = [ctx.Pipe(duplex=False) for _ in range(self.world_size)]
@@ -496,6 +516,11 @@ class MultiGPUOrchestrator:
             os.set_blocking(reader.fileno(), False)
         self._received = [bytearray() for _ in range(self.world_size)]
         self._eof = [False] * self.world_size
+        self._poller = select.poll()  # the spin phase of _collect: one syscall looks at every pipe
+        for reader in self._results:
+            self._poller.register(reader.fileno(), select.POLLIN)
+        self._rank_of_fd = {reader.fileno(): r for r, reader in enumerate(self._results)}
+        self._last_call_s = math.inf
         self._stack_dir = tempfile.mkdtemp(prefix="tpgate-stacks-")
         port = free_port() if self.master_port is None else self.master_port
         pdeathsig = threading.current_thread() is threading.main_thread()  # see _die_with_parent
@@ -525,15 +550,14 @@ class MultiGPUOrchestrator:
         return self
 
     def shutdown(self, join_s: float = 5.0) -> None:
-        """Stop every rank: ask politely, then terminate, then kill. Idempotent."""
+        """Stop every rank: ask politely, then terminate, then kill; unlink the request segment. Idempotent."""
         procs, self._procs = self._procs, []
         if not procs:
+            self._close_channel()  # a start interrupted before any rank existed
             return
         procs = [p for p in procs if p.pid is not None]  # interrupted start: some never ran
-        for r, p in enumerate(procs):
-            if p.is_alive():
-                with contextlib.suppress(Exception):
-                    self._requests[r].put(None)
+        if any(p.is_alive() for p in procs):
+            self._channel.stop()
         deadline = time.monotonic() + join_s
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -545,15 +569,18 @@ class MultiGPUOrchestrator:
             if p.is_alive():
                 p.kill()
                 p.join(1.0)
-        for q in self._requests:
-            q.cancel_join_thread()
-            q.close()
+        self._close_channel()
         for reader in self._results:
             reader.close()
         if self._stack_dir:
             shutil.rmtree(self._stack_dir, ignore_errors=True)
             self._stack_dir = None
         _live_worlds.discard(self)
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     def __enter__(self):
         return self.start()
@@ -568,28 +595,44 @@ class MultiGPUOrchestrator:
     # -- calls
 
     def run(self, fn, *args, timeout_s: float | None = None, **kwargs) -> list:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        require(timeout_s > 0, "timeout_s", timeout_s, "must be > 0")
         pickled = time.perf_counter()
         requests = self._pickle_request(fn, args, kwargs)  # before touching the world: a bad fn changes nothing
         pickle_s = time.perf_counter() - pickled  # part of this call's dispatch cost; a (re)start below is not
+        # calls from several threads take turns: each waits at most its own timeout for the one before
+        if not self._call_lock.acquire(timeout=timeout_s):
+            raise CallTimeoutError(f"{getattr(fn, '__qualname__', fn)} waited {timeout_s:.1f}s for another thread's call on this world to end", [])
+        try:
+            return self._call(fn, requests, pickle_s, timeout_s)
+        finally:
+            self._call_lock.release()
+
+    def _call(self, fn, requests: list[bytes], pickle_s: float, timeout_s: float) -> list:
         if not self._procs:  # never started, or torn down after a failure
             self.start()
-        dead = {r: p.exitcode for r, p in enumerate(self._procs) if p.exitcode is not None}
+        # between calls every pipe is quiet unless a rank closed it by exiting: one poll instead of a
+        # waitpid per rank (a rank whose pipe another process keeps open is caught in _collect)
+        dead = {r: p.exitcode for r, p in enumerate(self._procs) if p.exitcode is not None} if self._poller.poll(0) or any(self._eof) else {}
         if dead:  # died between calls: say so rather than silently restart and lose rank state
             self.shutdown(join_s=0.0)
             raise RankDiedError(f"rank(s) {sorted(dead)} exited since the last call ({_exit_codes(dead)})", list(dead))
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        require(timeout_s > 0, "timeout_s", timeout_s, "must be > 0")
         self._call_id += 1
         call = f"{getattr(fn, '__qualname__', fn)}#{self._call_id}"
         start = time.perf_counter() - pickle_s
         try:
-            for q, request in zip(self._requests, requests):
-                q.put((self._call_id, request))
+            self._channel.send(self._call_id, requests)
+        except OSError:  # no shared memory for this request: nothing was sent, the world is as it was
+            raise
+        except BaseException:  # Ctrl-C part-way through: some ranks may have it
+            self.shutdown(join_s=0.0)
+            raise
+        try:
             replies, silent, stacks = self._collect(self._call_id, timeout_s, call)
         except BaseException:  # timeout, dead rank, Ctrl-C: ranks may be stuck in a collective
             self.shutdown(join_s=0.0)
             raise
-        driver_s = time.perf_counter() - start
+        driver_s = self._last_call_s = time.perf_counter() - start
         failed = {r: v for r, (ok, v, _) in replies.items() if not ok}
         if failed:
             self.shutdown(join_s=0.0 if len(failed) < self.world_size else 5.0)
@@ -598,26 +641,25 @@ class MultiGPUOrchestrator:
         return [replies[r][1] for r in range(self.world_size)]
 
     def _pickle_request(self, fn, args: tuple, kwargs: dict) -> list[bytes]:
-        """(fn, args, kwargs) pickled once per rank, here in the caller's thread.
+        """(fn, args, kwargs) pickled here, in the caller's thread: one payload for every rank,
+        or one per rank if it shares a process resource.
 
-        Queue.put pickles in its feeder thread, where a failure is only printed and the call
-        then ran into its timeout. Once per rank: a tensor argument's shared storage is handed
-        out once per pickle, so each rank needs its own.
+        A failure here is an immediate TypeError (in a background thread it would only be
+        printed, and the call would run into its timeout). A tensor argument's storage (or any
+        other resource ForkingPickler hands to another process) is shared with one receiver per
+        pickle, so such a request is pickled once per rank.
         """
-        requests = []
-        for _ in range(self.world_size):
+        try:
+            return dumps_for_ranks((fn, args, kwargs), self.world_size)
+        except Exception as e:
+            name = getattr(fn, "__qualname__", repr(fn))
             try:
-                requests.append(bytes(ForkingPickler.dumps((fn, args, kwargs))))
-            except Exception as e:
-                name = getattr(fn, "__qualname__", repr(fn))
-                try:
-                    ForkingPickler.dumps(fn)
-                except Exception:
-                    what = f"fn {name}: it must be a module-level function, importable by the rank processes"
-                else:
-                    what = f"the arguments of {name}: they must be picklable (plain data, CPU tensors)"
-                raise TypeError(f"cannot send {what} ({type(e).__name__}: {e})") from e
-        return requests
+                dumps(fn)
+            except Exception:
+                what = f"fn {name}: it must be a module-level function, importable by the rank processes"
+            else:
+                what = f"the arguments of {name}: they must be picklable (plain data, CPU tensors)"
+            raise TypeError(f"cannot send {what} ({type(e).__name__}: {e})") from e
 
     def barrier(self, timeout_s: float | None = None) -> None:
         self.run(_barrier, timeout_s=timeout_s)
@@ -667,6 +709,14 @@ class MultiGPUOrchestrator:
                     replies[rank] = (ok, value, elapsed)
             return rank in replies
 
+        if call_id != "init" and self._last_call_s <= self._reply_spin_s:
+            # the last call was short: poll for the replies (yielding the core) before blocking
+            spin_until = time.perf_counter() + self._reply_spin_s
+            while len(replies) < self.world_size and time.perf_counter() < spin_until:
+                for fd, _ in self._poller.poll(0):
+                    take(self._rank_of_fd[fd])
+                if len(replies) < self.world_size:
+                    os.sched_yield()
         while len(replies) < self.world_size:
             now = time.monotonic()
             if any(not ok for ok, _, _ in replies.values()):
@@ -674,10 +724,13 @@ class MultiGPUOrchestrator:
                 if now >= deadline:
                     break
             waiting = [r for r in range(self.world_size) if r not in replies]
-            readable = [self._results[r] for r in waiting if not self._eof[r]]
             wait_s = min(0.05, max(0.0, deadline - now)) or 0.001
-            ready = mp_connection.wait(readable, wait_s) if readable else time.sleep(wait_s) or []
-            if [r for r in waiting if self._results[r] in ready and take(r)]:
+            if all(self._eof[r] for r in waiting):
+                time.sleep(wait_s)
+                ready = []
+            else:  # every pipe still open; one that answered already shows up only if it closes (then read once, see _receive)
+                ready = [self._rank_of_fd[fd] for fd, _ in self._poller.poll(wait_s * 1e3)]
+            if [r for r in ready if take(r) and r in waiting]:
                 continue
             # a rank that exited: first take what it wrote before dying, then report it
             dead = {r: p.exitcode for r, p in enumerate(self._procs) if r not in replies and p.exitcode is not None}
@@ -703,11 +756,15 @@ class MultiGPUOrchestrator:
         buffer, fd = self._received[rank], self._results[rank].fileno()
         while not self._eof[rank]:
             try:
-                chunk = os.read(fd, 1 << 20)
+                chunk = os.read(fd, _PIPE_CHUNK)
             except BlockingIOError:
                 break
             self._eof[rank] = not chunk
+            if not chunk:  # closed for good: poll would report it on every call from now on
+                self._poller.unregister(fd)
             buffer += chunk
+            if 0 < len(chunk) < _PIPE_CHUNK:  # drained for now; the caller polls for more
+                break
         messages = []
         while len(buffer) >= _FRAME.size and len(buffer) >= _FRAME.size + _FRAME.unpack_from(buffer)[0]:
             end = _FRAME.size + _FRAME.unpack_from(buffer)[0]

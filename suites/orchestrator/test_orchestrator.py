@@ -17,6 +17,7 @@ import pytest
 from impl.orchestrator import CallTimeoutError, MultiGPUOrchestrator, RankDiedError, RankError, WorldStartError, free_port
 
 from . import rank_fns
+from .support import channel_segments, leaked_segments
 
 # Bounds: a failure must surface within the call's own timeout plus the grace the driver
 # gives the other ranks (2 s) plus shutdown (terminate, 1 s join) and slack for a loaded
@@ -40,9 +41,10 @@ def _alive(pid: int) -> bool:
 def world(request):
     w = MultiGPUOrchestrator(request.param, timeout_s=30.0).start()
     yield w
-    pids = w.pids
+    pids, segments = w.pids, channel_segments(w._channel) if w._channel else []
     w.shutdown()
     assert not any(_alive(p) for p in pids), "a rank survived shutdown"
+    assert not leaked_segments(segments), "shutdown left the request channel's shared memory behind"
 
 
 def test_ranks_initialise_their_process_group(world):
@@ -73,13 +75,14 @@ def test_barrier_and_dispatch_overhead_recorded(world):
 
 
 def _expect(world, error, fn, *args, bound_s, timeout_s=None):
-    pids = world.pids
+    pids, segments = world.pids, channel_segments(world._channel)
     start = time.monotonic()
     with pytest.raises(error) as info:
         world.run(fn, *args, timeout_s=timeout_s)
     elapsed = time.monotonic() - start
     assert elapsed < bound_s, f"took {elapsed:.1f}s, bound {bound_s}s"
     assert not any(_alive(p) for p in pids), "ranks of the failed world survived"
+    assert not leaked_segments(segments), "the failed world's request channel was left in shared memory"
     # the world is usable again: a fresh set of ranks with a fresh process group
     n = world.world_size
     assert world.run(rank_fns.all_reduce_rank) == [n * (n + 1) / 2] * n
@@ -221,6 +224,7 @@ if sys.argv[1] == "thread":
 else:
     w.start()
 print(*w.pids, flush=True)
+print(w._channel.name, flush=True)
 w.run(rank_fns.sleep_all, 300.0, timeout_s=600.0)  # killed while its ranks are busy (not polling for requests)
 """
 
@@ -228,13 +232,16 @@ w.run(rank_fns.sleep_all, 300.0, timeout_s=600.0)  # killed while its ranks are 
 @pytest.mark.parametrize("started_from", ["main", "thread"])
 def test_ranks_of_a_killed_driver_exit(started_from):
     """No orphans: a driver SIGKILLed (no atexit, no shutdown) mid-call takes its ranks with it,
-    whichever thread started them."""
+    whichever thread started them, and multiprocessing's resource tracker (which outlives the
+    driver until the ranks are gone too) unlinks the request channel's shared memory."""
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, started_from], cwd=root, env=env, stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in driver.stdout.readline().split()]
         assert len(pids) == 2, "the driver did not start its world"
+        segment = driver.stdout.readline().strip()
+        assert leaked_segments([segment]) == [segment], "the driver's request channel is not in /dev/shm"
         assert all(_alive(p) for p in pids)
         time.sleep(1.0)  # into the call
         driver.kill()
@@ -246,6 +253,9 @@ def test_ranks_of_a_killed_driver_exit(started_from):
         for pid in survivors:
             os.kill(pid, signal.SIGKILL)
         assert not survivors, f"rank(s) {survivors} outlived their driver by {SLACK_S}s"
+        while leaked_segments([segment]) and time.monotonic() < deadline + SLACK_S:
+            time.sleep(0.05)
+        assert not leaked_segments([segment]), f"the killed driver's request channel {segment} outlived its ranks by {SLACK_S}s"
     finally:
         driver.kill()
         driver.wait(SLACK_S)
