@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=5)
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: batch16, prefill, profile")
+    parser.add_argument("--shard-of", type=int, default=1, metavar="TP",
+                        help="time rank 0's shard of a TP-way model alone (NullCommunicator: real kernels, no collectives)")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -213,7 +215,10 @@ def main(argv=None) -> int:
         write_text_atomic(args.out / "fastpath.json", json.dumps(result, indent=1, default=str))
 
     save()
-    model = random_model(PRESETS[args.preset], NullCommunicator(), torch.bfloat16, "cuda").eval()
+    if args.shard_of < 1:
+        parser.error(f"--shard-of {args.shard_of}: must be >= 1")
+    result["shard_of"] = args.shard_of
+    model = random_model(PRESETS[args.preset], NullCommunicator(args.shard_of, 0), torch.bfloat16, "cuda").eval()
     profile = None if "profile" in skip else {}
     result["decode"] = bench_decode(model, 1, args.prompt, args.steps, variants, profile=profile)
     result["profile"] = profile
