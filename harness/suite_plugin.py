@@ -2,8 +2,10 @@
 
 `SuiteRun(SuiteSettings(examples, device))` is registered with the pytest session that runs the
 suites: the correctness runner passes its own to `pytest.main(..., plugins=[run])` and reads
-`run.metric_rows` afterwards; a plain `pytest` gets one built from the --tpgate-* options by
-suites/conftest.py. Its session fixtures hand the suites what they need:
+`run.metric_rows` afterwards; a plain `pytest` gets one built from the --tpgate-* options, which
+this module registers (its hooks below; pyproject's addopts loads it with `-p harness.suite_plugin`,
+so the options exist before pytest parses the command line, whatever the paths given). Its
+session fixtures hand the suites what they need:
 
   suite_settings  the SuiteSettings
   examples        hypothesis examples per layer property (SuiteSettings.examples)
@@ -15,6 +17,7 @@ results.json holds: tuples become lists, integer dict keys strings, tensors and 
 """
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 
@@ -71,3 +74,41 @@ class SuiteRun:
 def registered_run(config) -> SuiteRun | None:
     """The SuiteRun registered with this pytest session, if any."""
     return next((p for p in config.pluginmanager.get_plugins() if isinstance(p, SuiteRun)), None)
+
+
+# --------------------------------------------------------------------------- the --tpgate-* options (a plain pytest)
+
+
+# option -> its dest; None as the parsed default tells "not given" from "given as the default"
+OPTIONS = {"--tpgate-examples": "tpgate_examples", "--tpgate-device": "tpgate_device"}
+
+
+def _examples_option(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 1")
+    return value
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("tpgate", "tpgate suites (set by `tpgate correctness` when it runs them)")
+    group.addoption("--tpgate-examples", type=_examples_option, default=None, metavar="N",
+                    help=f"hypothesis examples per layer property (default {DEFAULT_EXAMPLES})")
+    group.addoption("--tpgate-device", choices=DEVICES, default=None,
+                    help=f"where the ranks and single-device references compute (default {DEFAULT_DEVICE})")
+    group.addoption("--tpgate-bench", action="store_true", help="run suites/scaling's layer benchmarks (also under --benchmark-disable)")
+    group.addoption("--tpgate-fault-table", default=None, metavar="FILE", help="write suites/faults' time-to-error table (Markdown) to FILE")
+
+
+def pytest_configure(config):
+    given = {option: config.getoption(dest, None) for option, dest in OPTIONS.items()}
+    given = {option: value for option, value in given.items() if value is not None}
+    if registered_run(config) is not None:
+        if given:  # the runner records its own settings in results.json: a second source would make that untrue
+            raise pytest.UsageError(f"{', '.join(given)}: the correctness runner sets this (tpgate correctness --examples / --device)")
+        return
+    settings = SuiteSettings(examples=given.get("--tpgate-examples", DEFAULT_EXAMPLES), device=given.get("--tpgate-device", DEFAULT_DEVICE))
+    config.pluginmanager.register(SuiteRun(settings), "tpgate-suite-run")

@@ -32,7 +32,7 @@ SETTINGS_SUITE = """
 def test_settings(examples, device):
     assert (examples, device) == ({examples!r}, {device!r}), (examples, device)
 """
-CONFTEST = "from suites.conftest import pytest_addoption, pytest_configure  # noqa: F401\n"
+CONFTEST = "from harness.suite_plugin import pytest_addoption, pytest_configure  # noqa: F401\n"
 
 
 def _package(tmp_path: Path, test_text: str, conftest: str | None = None) -> Path:
