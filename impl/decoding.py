@@ -89,8 +89,9 @@ class StaticDecoder:
     @torch.no_grad()
     def replay(self, token: torch.Tensor, position: int) -> torch.Tensor:
         """Logits (batch, vocab) — or the greedy token (batch, 1) with output "tokens" — of the
-        step that feeds `token` (batch, 1) at `position` (tokens already cached); the returned tensor is the graph's output buffer, overwritten by the
-        next replay. Both inputs reach the graph by device-side copies: no host sync."""
+        step that feeds `token` (batch, 1) at `position` (tokens already cached); the returned
+        tensor is the graph's output buffer, overwritten by the next replay. Both inputs reach the
+        graph by device-side copies: no host sync."""
         self.warm_up()
         self.token.copy_(token)
         self.position.fill_(position)
