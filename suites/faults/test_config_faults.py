@@ -24,10 +24,12 @@ from .support import assert_no_survivors, descendants, expect_error
 # first `tpgate verify` import of harness.verify takes ~0.1 s). 2 s is for a loaded machine.
 VALIDATION_BOUND_S = 2.0
 # A free port picked, then taken by someone else before rank 0 binds it: rank 0 fails as soon
-# as it has started, the driver waits its 2 s grace for the others, tears down (~0.1 s) and
-# starts again on a new port: 2 s + two world starts (~0.9 s at 2 ranks, ~2.3 s at 4
-# measured, 8 s allowed each for a loaded machine).
-PORT_RACE_BOUND_S = 2.0 + 2 * 8.0
+# as it has started, the driver waits its 2 s grace for the others, tears down and starts again
+# on a new port (~0.9 s at 2 ranks, ~2.3 s at 4 on a quiet machine; 18 s once under CI's
+# coverage run on 2 cores). Time is recorded, not asserted: what the test asserts is that the
+# start was retried on a new port, and that it was not rescued by waiting out the rendezvous
+# timeout (`start_timeout_s`, the only other way a start can end).
+PORT_RACE_START_TIMEOUT_S = 120.0
 
 BASE = {"model_type": "llama", "vocab_size": 101, "num_hidden_layers": 1, "max_position_embeddings": 64, "rms_norm_eps": 1e-5}
 
@@ -101,19 +103,25 @@ def test_rendezvous_port_in_use_is_named(world_size, time_table):
 
 def test_picked_port_taken_before_rank0_binds_moves_on(world_size, monkeypatch, time_table):
     with _port_in_use() as port:
-        picks = iter([port])  # free_port "picks" the busy port once, as if someone took it in between
+        picked = []
         real = orchestrator.free_port
-        monkeypatch.setattr(orchestrator, "free_port", lambda: next(picks, None) or real())
+
+        def pick() -> int:  # "picks" the busy port once, as if someone took it in between
+            picked.append(port if not picked else real())
+            return picked[-1]
+
+        monkeypatch.setattr(orchestrator, "free_port", pick)
         before = descendants()
-        world = MultiGPUOrchestrator(world_size, timeout_s=30.0)
+        world = MultiGPUOrchestrator(world_size, timeout_s=30.0, start_timeout_s=PORT_RACE_START_TIMEOUT_S)
         start = time.monotonic()
         try:
             world.start()
             elapsed = time.monotonic() - start
-            assert elapsed <= PORT_RACE_BOUND_S, f"recovered after {elapsed:.2f}s, bound {PORT_RACE_BOUND_S}s"
+            assert len(picked) == 2 and picked[0] == port != picked[1], f"one retry on a new port expected, ports picked: {picked}"
+            assert elapsed < PORT_RACE_START_TIMEOUT_S, f"recovered only after {elapsed:.2f}s: the rendezvous timeout, not the bind failure, ended the first start"
             assert world.run(rank_fns.all_reduce_rank) == [world_size * (world_size + 1) / 2] * world_size
             pids = world.pids
         finally:
             world.shutdown()
     assert_no_survivors(pids, before)
-    time_table.record("picked port taken before rank 0 binds → retried on a new port (time to a working world)", world_size, PORT_RACE_BOUND_S, elapsed)
+    time_table.record("picked port taken before rank 0 binds → retried on a new port (time to a working world)", world_size, PORT_RACE_START_TIMEOUT_S, elapsed)
