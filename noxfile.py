@@ -48,8 +48,9 @@ def install(session: nox.Session) -> None:
 
 @nox.session(**VENV)
 def tests(session: nox.Session) -> None:
-    """The whole test suite with few hypothesis examples per property: fast."""
+    """The import-layer contract, then the whole test suite with few hypothesis examples per property: fast."""
     install(session)
+    session.run("lint-imports")  # the import-layer contract: [tool.importlinter] in pyproject.toml
     # posargs may give their own --tpgate-examples: argparse keeps the last one
     session.run("python", "-m", "pytest", "-q", "--tpgate-examples", "2", *session.posargs)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from impl.orchestrator import MultiGPUOrchestrator
+from harness.runtime.orchestrator import MultiGPUOrchestrator
 
 from .timing import percentile
 

@@ -148,7 +148,7 @@ def _tp_list(text: str) -> tuple[int, ...]:
 def _verify(args) -> int:
     from harness.verify import VerifyRequest, default_tps, save_logits, verify, write_json
     from impl.model_loader import CheckpointError
-    from impl.orchestrator import MultiGPUOrchestrator
+    from harness.runtime.orchestrator import MultiGPUOrchestrator
 
     try:
         tps = args.tp or default_tps(args.checkpoint)
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
             import torch
 
-            from impl.orchestrator import choose_backend
+            from harness.runtime.orchestrator import choose_backend
 
             gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
             device = "cuda" if gpus else "cpu"

@@ -125,7 +125,7 @@ def run_correctness(out_dir: str | Path = "reports/correctness", examples: int |
     three cases no report is written."""
     import pytest
 
-    from impl.orchestrator import choose_backend
+    from harness.runtime.orchestrator import choose_backend
 
     from .suite_plugin import SuiteRun, SuiteSettings
 

@@ -21,6 +21,7 @@ from .environment import collect_environment
 from .gate import GateConfig, evaluate_gate
 from .collectives import bench_collectives
 from .perf_model import DEFAULTS, CostModel, fit_cost_model
+from .scaling_analysis import add_speedups
 from .sweep import PRESETS, SweepConfig, load_config, run_sweep, sweep_tasks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,7 +144,7 @@ def choose_cost_model(cfg: SweepConfig, bench: dict) -> CostModel:
 def run_scaling(cfg: SweepConfig, gate_cfg: GateConfig, out_dir: str | Path = "reports/scaling", baseline: pd.DataFrame | None = None) -> dict:
     from tqdm import tqdm
 
-    from impl.orchestrator import MultiGPUOrchestrator
+    from harness.runtime.orchestrator import MultiGPUOrchestrator
 
     from .scaling_report import write_index, write_scaling_report
 
@@ -165,7 +166,7 @@ def run_scaling(cfg: SweepConfig, gate_cfg: GateConfig, out_dir: str | Path = "r
         bar.set_postfix_str("collective benchmark")
         bench = collective_benchmark(cfg, world_for, gpus)
         cost_model = choose_cost_model(cfg, bench)
-        results = run_sweep(cfg, world_for, cost_model, progress=progress)
+        results = add_speedups(run_sweep(cfg, world_for, cost_model, progress=progress))
     finally:
         bar.close()
         for w in worlds.values():

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pytest
 
 from impl.architecture import require
-from impl.orchestrator import DEVICES
+from harness.runtime.orchestrator import DEVICES
 
 DEFAULT_EXAMPLES = 5  # a plain `pytest`'s examples per property; `tpgate correctness` uses pyproject's
 DEFAULT_DEVICE = "cpu"

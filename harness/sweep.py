@@ -377,7 +377,7 @@ def describe_out_of_memory(rank: int, error: BaseException, free_bytes: int, tot
 def point_error(e: BaseException) -> str:
     """A failed point's error text. For a rank's exception, each failing rank's own last line (the
     exception it raised), not the head of its traceback: 2,000 characters of traceback would cut it off."""
-    from impl.orchestrator import RankError
+    from harness.runtime.orchestrator import RankError
 
     if isinstance(e, RankError):
         lines = [f"rank {r}: {tb.strip().splitlines()[-1]}" for r, tb in sorted(e.tracebacks.items()) if tb.strip()]
@@ -472,11 +472,10 @@ def sweep_tasks(cfg: SweepConfig, gpus: int) -> list[tuple]:
 
 
 def run_sweep(cfg: SweepConfig, world_for, cost_model: CostModel | None = None, progress=None) -> "pd.DataFrame":
-    """Measure (or project) every point; a failed point is a row with status 'failed' and its error.
-    Projected points are priced by `cost_model` (harness.perf_model.DEFAULTS when None)."""
-    import pandas as pd
-
-    from .scaling_analysis import add_speedups  # pandas stays out of the ranks, which import this module
+    """Measure (or project) every point: the results table, one row per point, before analysis
+    (speedups: harness.scaling_analysis.add_speedups). A failed point is a row with status
+    'failed' and its error. Projected points are priced by `cost_model` (DEFAULTS when None)."""
+    import pandas as pd  # pandas stays out of the ranks, which import this module
 
     gpus = torch.cuda.device_count() if cfg.device == "cuda" else 0
     cost_model = cost_model or DEFAULTS
@@ -514,8 +513,7 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: CostModel | None = None, 
         except Exception as e:  # noqa: BLE001 - a failed point is data, the sweep goes on
             row.update(status="failed", error=point_error(e))
         rows.append(row)
-    frame = pd.DataFrame(rows)
-    return add_speedups(frame)
+    return pd.DataFrame(rows)
 
 
 def _would_issue(alone: dict, impl: str, preset: str, phase: Phase, ws: int, cfg: SweepConfig) -> list[dict]:

@@ -1,7 +1,7 @@
 """Contracts shared by every room of `impl/`: configs, errors and the Communicator interface.
 
 Nothing here touches torch.distributed. Collectives live in `impl.communication` alone;
-`impl.orchestrator` creates and destroys process groups but moves no tensors itself.
+the harness's process runtime (`harness.runtime`) creates and destroys process groups but moves no tensors.
 """
 from __future__ import annotations
 

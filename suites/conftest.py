@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from impl.orchestrator import TP_LAYOUTS, MultiGPUOrchestrator
+from harness.runtime.orchestrator import TP_LAYOUTS, MultiGPUOrchestrator
 
 from .tp_groups import TPGroupsWorld
 

@@ -10,7 +10,7 @@ import torch
 
 from impl.architecture import ModelConfig, TPConfigError, parse_dtype
 from impl.communication import NullCommunicator
-from impl.orchestrator import MultiGPUOrchestrator, ProcessGroupManager, choose_backend
+from harness.runtime.orchestrator import MultiGPUOrchestrator, ProcessGroupManager, choose_backend
 from impl.tensor_parallel import ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 tp4 = NullCommunicator(4, 1)

@@ -1,7 +1,7 @@
 """Worlds of several TP groups for the suites, hosted by a running world without new processes.
 
 `TPGroupsWorld(world, tp_size, tp_layout)` has the orchestrator's `run` API over `world`'s
-ranks split into TP groups of `tp_size`, laid out as `tp_layout` (impl.orchestrator.tp_groups):
+ranks split into TP groups of `tp_size`, laid out as `tp_layout` (harness.runtime.orchestrator.tp_groups):
 on each rank, the first call creates the groups with the real ProcessGroupManager
 (`create_tp_groups`, over the world's already initialised default group) and every call then
 runs fn with a RankContext of that manager, exactly what a world started with
@@ -11,7 +11,7 @@ checks that such a started world builds the same groups (suites/orchestrator/tes
 """
 from __future__ import annotations
 
-from impl.orchestrator import ProcessGroupManager, RankContext, check_tp_layout
+from harness.runtime.orchestrator import ProcessGroupManager, RankContext, check_tp_layout
 
 
 class TPGroupsWorld:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from harness.cases import build_layer, forward_backward, run_on_rank
 from impl.architecture import parse_dtype
 from impl.communication import NullCommunicator, ProcessGroupCommunicator, reduce_from_parallel
-from impl.orchestrator import ProcessGroupManager
+from harness.runtime.orchestrator import ProcessGroupManager
 
 
 class _ClaimsRank:

@@ -7,7 +7,7 @@ import pytest
 
 from harness.cases import LayerCase
 from harness.equivalence import collectives_unlike_plain_tp, evaluate_groups, foreign_collectives, group_cases
-from impl.orchestrator import TP_LAYOUTS
+from harness.runtime.orchestrator import TP_LAYOUTS
 
 from ..conftest import SUBGROUP_TP, SUBGROUP_WORLD
 from . import mutants

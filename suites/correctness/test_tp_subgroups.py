@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 
 from harness.cases import KINDS
 from harness.equivalence import collectives_unlike_plain_tp, evaluate_groups, failures, foreign_collectives, group_cases
-from impl.orchestrator import TP_LAYOUTS
+from harness.runtime.orchestrator import TP_LAYOUTS
 
 from ..conftest import SUBGROUP_TP, SUBGROUP_WORLD
 from .strategies import layer_cases

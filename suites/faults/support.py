@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from harness.atomic import write_text_atomic
-from impl.orchestrator import MultiGPUOrchestrator
+from harness.runtime.orchestrator import MultiGPUOrchestrator
 
 from . import rank_fns
 

@@ -21,7 +21,7 @@ from impl.architecture import ModelConfig
 from impl.communication import NullCommunicator
 from impl.model import checkpoint_shapes
 from impl.model_loader import CheckpointError, DistributedCheckpointLoader
-from impl.orchestrator import RankError
+from harness.runtime.orchestrator import RankError
 
 from . import rank_fns
 from .support import expect_error, world_fault

@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-import impl.orchestrator as orchestrator
+import harness.runtime.orchestrator as orchestrator
 from harness.cli import main as tpgate
 from impl.architecture import TPConfigError
-from impl.orchestrator import MultiGPUOrchestrator
+from harness.runtime.orchestrator import MultiGPUOrchestrator
 
 from . import rank_fns
 from .support import assert_no_survivors, descendants, expect_error

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from impl.orchestrator import CallTimeoutError, RankDiedError, RankError
+from harness.runtime.orchestrator import CallTimeoutError, RankDiedError, RankError
 
 from . import rank_fns
 from .support import world_fault

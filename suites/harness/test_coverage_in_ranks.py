@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = textwrap.dedent("""
-    from impl.orchestrator import MultiGPUOrchestrator
+    from harness.runtime.orchestrator import MultiGPUOrchestrator
     from suites.orchestrator import rank_fns
 
     if __name__ == "__main__":  # spawned ranks re-import this file

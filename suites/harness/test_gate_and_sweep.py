@@ -222,7 +222,9 @@ def test_cpu_sweep_measures_every_point(worlds):
     assert prefill["dispatch_us_per_step_p99"].isna().all() and (prefill["dispatch_us_per_step"] == prefill["dispatch_us_per_call"]).all()
     assert (frame[frame["world_size"] == 1]["collectives_per_step"] == 0).all()
     assert frame["exposed_comm"].between(0, 1).all() and (frame["latency_s"] > 0).all()
-    assert (frame[frame["world_size"] == 1]["speedup"] == 1.0).all()
+    from harness.scaling_analysis import add_speedups
+
+    assert (add_speedups(frame)[frame["world_size"] == 1]["speedup"] == 1.0).all()
     projected = frame[frame["projected"]]
     assert set(projected["world_size"]) == {2} and len(projected) == 4
     assert projected["cost_model"].str.contains("not measured").all() and projected["dispatch_fraction"].isna().all()
@@ -315,7 +317,7 @@ def test_rank_out_of_memory_fails_its_point_naming_rank_and_bytes(worlds):
     PointOutOfMemory line; the row keeps that line (not the head of the traceback), the next
     point runs on a fresh world."""
     import harness.sweep as sweep
-    from impl.orchestrator import RankError
+    from harness.runtime.orchestrator import RankError
 
     cfg = sweep.SweepConfig(world_sizes=(1,), phases=(Phase("prefill", 1, 4), Phase("decode", 1, 4, 2)), warmup=0, repeats=1).validate()
     line = sweep.describe_out_of_memory(0, torch.OutOfMemoryError(OOM_MESSAGE), 1342177280, 150107537408)
@@ -346,7 +348,7 @@ def test_cuda_out_of_memory_mid_sweep_is_that_points_failure(worlds):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (a real out-of-memory)")
     import harness.sweep as sweep
-    from impl.orchestrator import MultiGPUOrchestrator
+    from harness.runtime.orchestrator import MultiGPUOrchestrator
 
     cfg = sweep.SweepConfig(world_sizes=(1,), phases=(Phase("prefill", 1, 16), Phase("prefill", 2**20, 1024), Phase("decode", 1, 8, 2)),
                             device="cuda", dtype="bfloat16", warmup=0, repeats=1).validate()

@@ -14,7 +14,7 @@ from harness.sweep import Phase, SweepConfig, load_config
 from impl.architecture import TPConfigError
 from impl.communication import NullCommunicator
 from impl.model_loader import CheckpointError
-from impl.orchestrator import DispatchRecord
+from harness.runtime.orchestrator import DispatchRecord
 
 
 def _no_world(*args, **kwargs):
@@ -89,12 +89,12 @@ def test_cuda_sweep_beyond_the_gpus_is_refused_unless_projected(monkeypatch):
 
 
 def test_cli_refuses_a_cuda_sweep_beyond_the_gpus_before_any_world(monkeypatch, capsys):
-    import impl.orchestrator
+    import harness.runtime.orchestrator
     from harness.cli import main
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(impl.orchestrator, "MultiGPUOrchestrator", _no_world)
+    monkeypatch.setattr(harness.runtime.orchestrator, "MultiGPUOrchestrator", _no_world)
     assert main(["scaling", "--device", "cuda", "--world-sizes", "1,2"]) == 2
     assert "--project" in capsys.readouterr().err
 
@@ -231,7 +231,7 @@ def test_verify_output_path_is_checked_before_any_rank(tiny_checkpoint, tmp_path
 @pytest.mark.parametrize("flag", ["--json", "--save-logits"])
 def test_tpgate_verify_refuses_an_unwritable_output_before_any_rank(tiny_checkpoint, tmp_path, flag, capsys, monkeypatch):
     """The CLI hands --json/--save-logits to check_request: exit 2 before a world is started."""
-    import impl.orchestrator as orchestrator
+    import harness.runtime.orchestrator as orchestrator
     from harness.cli import main
 
     monkeypatch.setattr(orchestrator.MultiGPUOrchestrator, "__init__", lambda *a, **k: pytest.fail("a world was started"))

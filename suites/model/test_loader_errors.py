@@ -16,7 +16,7 @@ from harness.verify import VerifyRequest, check_request
 from impl.architecture import TPConfigError
 from impl.communication import NullCommunicator
 from impl.model_loader import CheckpointError, DistributedCheckpointLoader
-from impl.orchestrator import RankError
+from harness.runtime.orchestrator import RankError
 
 from . import rank_fns
 

@@ -13,7 +13,7 @@ from harness.tolerance import compare
 from harness.verify import SEMANTIC_RTOL, VerifyRequest, first_divergence, hf_run, prompt, rank_disagreements, run_model
 from impl.communication import NullCommunicator
 from impl.model_loader import DistributedCheckpointLoader, read_config
-from impl.orchestrator import TP_LAYOUTS
+from harness.runtime.orchestrator import TP_LAYOUTS
 
 from ..conftest import SUBGROUP_TP, SUBGROUP_WORLD
 from ..correctness import mutants

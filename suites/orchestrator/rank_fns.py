@@ -86,7 +86,7 @@ def torn_reply(ctx, bad_rank):
         if hasattr(results, "_writer"):  # a multiprocessing.Queue: Connection's framing
             fd, header = results._writer.fileno(), struct.pack("!i", 1 << 20)
         else:  # the rank's own result pipe
-            from impl.orchestrator import _FRAME
+            from harness.runtime.orchestrator import _FRAME
             fd, header = results.fileno(), _FRAME.pack(1 << 20)
         os.write(fd, header + b"x" * 100)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -116,7 +116,7 @@ def tp_groups_made_by(ctx, manager_cls, tp_size, tp_layout):
 
 def expected_tp_group(rank: int, world_size: int, tp_size: int, layout: str) -> tuple[int, list[int]]:
     """(group index, members in TP-rank order) of `rank`, from the layouts' definitions
-    (independently of impl.orchestrator.tp_groups): contiguous blocks of tp_size ranks, or
+    (independently of harness.runtime.orchestrator.tp_groups): contiguous blocks of tp_size ranks, or
     strided ranks g, g+G, g+2G, ... with G = world_size // tp_size."""
     groups = world_size // tp_size
     if layout == "contiguous":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from impl.channel import RequestChannel
+from harness.runtime.channel import RequestChannel
 
 
 def channel_segments(channel: RequestChannel) -> list[str]:

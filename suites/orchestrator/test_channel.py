@@ -10,7 +10,7 @@ from multiprocessing import shared_memory
 
 import pytest
 
-from impl.channel import _CONTROL, _ENTRY, STOP, RankEndpoint, RequestChannel
+from harness.runtime.channel import _CONTROL, _ENTRY, STOP, RankEndpoint, RequestChannel
 
 from .support import channel_segments, leaked_segments
 

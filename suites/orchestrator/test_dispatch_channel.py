@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-import impl.channel as channel
-from impl.channel import INITIAL_CAPACITY
-from impl.orchestrator import CallTimeoutError, RankError
+import harness.runtime.channel as channel
+from harness.runtime.channel import INITIAL_CAPACITY
+from harness.runtime.orchestrator import CallTimeoutError, RankError
 
 from . import channel_rank_fns, rank_fns
 from .support import leaked_segments

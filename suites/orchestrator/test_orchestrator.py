@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from impl.orchestrator import CallTimeoutError, MultiGPUOrchestrator, RankDiedError, RankError, WorldStartError, free_port
+from harness.runtime.orchestrator import CallTimeoutError, MultiGPUOrchestrator, RankDiedError, RankError, WorldStartError, free_port
 
 from . import rank_fns
 from .support import channel_segments, leaked_segments
@@ -216,7 +216,7 @@ def test_world_started_from_a_thread_outlives_that_thread():
 
 DRIVER = """
 import sys, threading, time
-from impl.orchestrator import MultiGPUOrchestrator
+from harness.runtime.orchestrator import MultiGPUOrchestrator
 from suites.orchestrator import rank_fns
 w = MultiGPUOrchestrator(2, timeout_s=30.0)
 if sys.argv[1] == "thread":

@@ -7,14 +7,14 @@ import subprocess
 import sys
 import textwrap
 
-from impl.orchestrator import free_port
+from harness.runtime.orchestrator import free_port
 
 from . import rank_fns
 
 # one launch (a torchrun start costs seconds): 4 processes as 2 strided TP groups of 2, {0,2},{1,3}
 SCRIPT = textwrap.dedent("""
     import json, sys
-    from impl.orchestrator import TorchrunWorld, in_torchrun
+    from harness.runtime.orchestrator import TorchrunWorld, in_torchrun
     from suites.orchestrator import rank_fns
 
     assert in_torchrun()

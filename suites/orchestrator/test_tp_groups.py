@@ -8,7 +8,7 @@ import multiprocessing
 import pytest
 
 from impl.architecture import TPConfigError
-from impl.orchestrator import TP_LAYOUTS, MultiGPUOrchestrator, ProcessGroupManager, TorchrunWorld, tp_groups
+from harness.runtime.orchestrator import TP_LAYOUTS, MultiGPUOrchestrator, ProcessGroupManager, TorchrunWorld, tp_groups
 
 from ..correctness import mutants
 from . import rank_fns

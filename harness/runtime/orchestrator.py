@@ -8,7 +8,7 @@ TorchrunWorld        the same `run` API when every process is a rank (SPMD under
 
 Nothing here speaks a socket protocol of its own: ranks meet through torch.distributed's
 TCP store; the driver writes each call once into a shared-memory segment its ranks map
-(impl/channel.py) and reads each rank's replies from that rank's own pipe, without blocking
+(harness/runtime/channel.py) and reads each rank's replies from that rank's own pipe, without blocking
 (a rank that dies mid-reply is reported from its exit code, never waited on).
 """
 from __future__ import annotations
@@ -40,9 +40,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .architecture import TPConfigError, require
+from impl.architecture import TPConfigError, require
 from .channel import REPLY_SPIN_S, REQUEST_SPIN_S, STOP, RequestChannel, dumps, dumps_for_ranks, spin_budget_s
-from .communication import ProcessGroupCommunicator, gather_objects
+from impl.communication import ProcessGroupCommunicator, gather_objects
 
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("cpu", "cuda")
@@ -307,6 +307,12 @@ class RankContext:
     @property
     def tp_ranks(self) -> tuple[int, ...]:
         return self.manager.tp_ranks
+
+    @property
+    def tp_group(self):
+        """The torch.distributed ProcessGroup of this rank's TP group (for stacks written
+        against plain torch.distributed; the global world may be larger)."""
+        return self.manager.tp_group
 
 
 # --------------------------------------------------------------------------- rank process
