@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--prompt-len", type=_positive_int, default=16)
     v.add_argument("--new-tokens", type=_positive_int, default=8)
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--impl", type=_name_list, default=("reference",), metavar="NAME[,NAME]",
+                   help="implementations to judge: built-in (reference, dtensor), a tpgate.implementations entry point, or module:object (default: reference)")
     v.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the results as JSON")
     v.add_argument("--save-logits", default=None, metavar="FILE", help="safetensors file: input_ids and the prompt logits per TP degree (tp1, tp2, ...)")
     return parser
@@ -156,11 +158,13 @@ def _verify(args) -> int:
         print(f"tpgate verify: error: {e}", file=sys.stderr)
         return 2
     req = VerifyRequest(args.checkpoint, tps, args.device, args.dtype, args.batch, args.prompt_len, args.new_tokens, args.seed,
-                        json_path=args.json_path, save_logits=args.save_logits)
+                        json_path=args.json_path, save_logits=args.save_logits, implementations=tuple(args.impl))
     worlds = {}
 
     def world(n):
-        if n not in worlds:
+        if n not in worlds or not worlds[n].alive:  # a stack that crashed its ranks leaves a world to replace
+            if n in worlds:
+                worlds[n].shutdown()
             worlds[n] = MultiGPUOrchestrator(n, device=args.device, timeout_s=600)
         return worlds[n]
 
@@ -187,11 +191,16 @@ def _print_verify(result: dict) -> None:
         div = sem.get("first_diverging_token")
         tokens = "greedy tokens equal" if div is None else f"greedy tokens differ from step {div}{' (near-tie)' if sem.get('divergence_at_near_tie') else ''}"
         print(f"transformers float64 vs tpgate float64: max-abs {sem['max_abs']:.3g} (limit {sem['scale'] * 1e-5:.3g}), {tokens}: {'ok' if sem['passed'] else 'MISMATCH'}")
-    head = f"{'tp':>3} {'dtype':>9} {'max-abs':>10} {'rel':>10} {'bound':>10} {'top-1':>7} {'diverges at':>12}  verdict"
+    head = f"{'implementation':>14} {'tp':>3} {'dtype':>9} {'max-abs':>10} {'rel':>10} {'bound':>10} {'top-1':>7} {'diverges at':>12}  verdict"
     print(head)
     for r in result["rows"]:
+        if r.get("error"):
+            print(f"{r['implementation']:>14} {r['tp']:>3} {r['dtype']:>9} {'-':>10} {'-':>10} {'-':>10} {'-':>7} {'-':>12}  FAIL: {r['error']}")
+            continue
         div = "-" if r["first_diverging_token"] is None else f"{r['first_diverging_token']}{' (tie)' if r['divergence_at_near_tie'] else ''}"
-        print(f"{r['tp']:>3} {r['dtype']:>9} {r['max_abs_vs_exact']:>10.3g} {r['rel_vs_exact']:>10.3g} {r['bound']:>10.3g} {r['top1_agreement']:>7.1%} {div:>12}  "
+        if not r.get("tokens_checked", True):
+            div = "not checked"  # the stack declares no greedy
+        print(f"{r['implementation']:>14} {r['tp']:>3} {r['dtype']:>9} {r['max_abs_vs_exact']:>10.3g} {r['rel_vs_exact']:>10.3g} {r['bound']:>10.3g} {r['top1_agreement']:>7.1%} {div:>12}  "
               f"{'PASS' if r['passed'] else 'FAIL'}")
         for d in r.get("disagreeing_ranks") or []:
             print(f"    rank {d['rank']} differs from rank 0 in {' and '.join(d['differs_in'])} (ranks must hold identical logits, ADR-9)")
@@ -200,7 +209,8 @@ def _print_verify(result: dict) -> None:
 
 # errors that mean bad input (a configuration, an --out, a report or a pytest selection the command
 # cannot use), each naming what is wrong; anything else is a bug and keeps its traceback
-INPUT_ERRORS = (("impl.architecture", "TPConfigError"), ("harness.gate", "ReportError"), ("harness.runner", "SuiteRunError"))
+INPUT_ERRORS = (("impl.architecture", "TPConfigError"), ("harness.gate", "ReportError"), ("harness.runner", "SuiteRunError"),
+                ("harness.implementations", "ImplementationError"))
 
 
 def _input_errors() -> tuple[type[Exception], ...]:

@@ -35,6 +35,7 @@ from impl.architecture import TPConfigError, parse_dtype, require
 from impl.communication import NullCommunicator
 from impl.model_loader import DistributedCheckpointLoader, read_config
 
+from .implementations import Unsupported, build_on_rank, checked_logits, checked_tokens, load_implementations
 from .tolerance import compare
 
 SEMANTIC_RTOL = 1e-5
@@ -52,6 +53,7 @@ class VerifyRequest:
     seed: int = 0
     json_path: str | None = None  # --json: where the results are written (checked by check_request)
     save_logits: str | None = None  # --save-logits: where the prompt logits are written (checked by check_request)
+    implementations: tuple[str, ...] = ("reference",)  # --impl: protocol specs (harness.implementations), judged one after another
 
 
 def prompt(req: VerifyRequest, vocab: int) -> torch.Tensor:
@@ -99,14 +101,21 @@ def logits_digest(logits: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def run_on_rank(ctx, req: VerifyRequest, ids: torch.Tensor) -> dict:
-    """Rank 0 of the TP group: run_model's dict plus "logits_digest"; other ranks: only "tokens" and
-    "logits_digest" (their logits would be copies of rank 0's: ADR-9 promises every rank holds
-    the same bytes, which rank_disagreements checks)."""
-    model = DistributedCheckpointLoader(req.directory, ctx.comm).load(parse_dtype(req.dtype), ctx.device)
-    out = run_model(model, ids.to(ctx.device), req.new_tokens)
-    out["logits_digest"] = logits_digest(out["logits"])
-    return out if ctx.comm.rank == 0 else {"tokens": out["tokens"], "logits_digest": out["logits_digest"]}
+def run_on_rank(ctx, req: VerifyRequest, ids: torch.Tensor, spec: str = "reference") -> dict:
+    """Implementation `spec` on this rank: rank 0 of the TP group returns {"logits" (batch, prompt,
+    vocab) float32 CPU, "tokens" (batch, new_tokens) or None when the stack has no greedy,
+    "logits_digest"}; other ranks only "tokens" and "logits_digest" (their logits would be copies
+    of rank 0's: ADR-9 promises every rank holds the same bytes, which rank_disagreements checks).
+    A contract breach raises ImplementationError naming `spec`."""
+    impl, model = build_on_rank(spec, req.directory, ctx, parse_dtype(req.dtype))
+    ids = ids.to(ctx.device)
+    vocab = read_config(req.directory).vocab_size
+    logits = checked_logits(spec, impl.logits(model, ids), ids, vocab).float().cpu()
+    tokens = None
+    if "greedy" in impl.capabilities:
+        tokens = checked_tokens(spec, impl.greedy(model, ids, req.new_tokens), ids, req.new_tokens, vocab).cpu()
+    out = {"logits": logits, "tokens": tokens, "logits_digest": logits_digest(logits)}
+    return out if ctx.comm.rank == 0 else {"tokens": tokens, "logits_digest": out["logits_digest"]}
 
 
 def rank_disagreements(per_rank: list[dict]) -> list[dict]:
@@ -117,7 +126,9 @@ def rank_disagreements(per_rank: list[dict]) -> list[dict]:
     first = per_rank[0]
     out = []
     for rank, got in enumerate(per_rank[1:], 1):
-        differs = ([] if torch.equal(got["tokens"], first["tokens"]) else ["tokens"]) + \
+        same_tokens = (got["tokens"] is None and first["tokens"] is None) or (
+            got["tokens"] is not None and first["tokens"] is not None and torch.equal(got["tokens"], first["tokens"]))
+        differs = ([] if same_tokens else ["tokens"]) + \
                   ([] if got["logits_digest"] == first["logits_digest"] else ["logits"])
         if differs:
             out.append({"rank": rank, "differs_in": differs})
@@ -181,6 +192,7 @@ def check_request(req: VerifyRequest) -> None:
             config.check_tp(tp)
         except TPConfigError as e:
             raise TPConfigError("--tp", tp, f"this checkpoint cannot be sharded {tp} ways ({e})") from None
+    load_implementations(req.implementations, "--impl")
     check_output_path("--json", req.json_path)
     check_output_path("--save-logits", req.save_logits)
     require(req.json_path is None or req.save_logits is None or Path(req.json_path).resolve() != Path(req.save_logits).resolve(),
@@ -225,30 +237,64 @@ def verify(req: VerifyRequest, worlds_factory, progress=None) -> dict:
         calibrated = single["logits"]
         calibration = f"tpgate TP=1 {req.dtype} vs tpgate float64 (transformers not installed: calibrated on tpgate itself, no semantic check)"
     rows, logits_by_tp = [], {}
-    for tp in req.tps:
-        if progress:
-            progress(f"TP={tp}: loading and running on {tp} rank(s)")
-        per_rank = worlds_factory(tp).run(run_on_rank, req, ids)
-        got = per_rank[0]
-        logits_by_tp[tp] = got["logits"]
-        row = compare("logits", got["logits"], calibrated, exact["logits"], dtype, tp)
-        ref_tokens = exact["tokens"]
-        first, near_tie = first_divergence(got["tokens"], ref_tokens, exact["margins"], 2 * row["bound"])
-        disagreeing = rank_disagreements(per_rank)
-        ranks_agree = not disagreeing
-        tp1 = logits_by_tp.get(1)
-        rows.append({
-            "tp": tp, "dtype": req.dtype, "max_abs_vs_exact": row["err_tp"], "bound": row["bound"], "rel_vs_exact": row["err_tp"] / max(exact["logits"].abs().max().item(), 1e-30),
-            "max_abs_vs_single": (got["logits"] - single["logits"]).abs().max().item(), "max_abs_vs_tp1": (got["logits"] - tp1).abs().max().item() if tp1 is not None else None,
-            "top1_agreement": float((got["logits"].argmax(-1) == exact["logits"].argmax(-1)).float().mean()),
-            "first_diverging_token": first, "divergence_at_near_tie": near_tie if first is not None else None, "ranks_agree": ranks_agree,
-            "disagreeing_ranks": disagreeing,
-            "passed": bool(row["passed"] and ranks_agree and (first is None or near_tie)),
-        })
+    impls = load_implementations(req.implementations, "--impl")
+    for spec, impl in impls.items():
+        for tp in req.tps:
+            if progress:
+                progress(f"{spec} TP={tp}: loading and running on {tp} rank(s)")
+            base = {"implementation": spec, "tp": tp, "dtype": req.dtype}
+            try:
+                impl.check(config, tp)
+                per_rank = worlds_factory(tp).run(run_on_rank, req, ids, spec)
+            except Unsupported as e:
+                rows.append(failed_row(base, f"unsupported: {e.reason}"))
+                continue
+            except RuntimeError as e:  # the world's RankError: the stack raised on its ranks (ImplementationError or its own)
+                if not hasattr(e, "tracebacks"):
+                    raise
+                rows.append(failed_row(base, f"raised on rank(s) {sorted(e.tracebacks)}: {last_line(e.tracebacks[min(e.tracebacks)])}"))
+                continue
+            logits_by_tp.setdefault(spec, {})[tp] = per_rank[0]["logits"]
+            rows.append(judge(base, per_rank, calibrated, single, exact, dtype, logits_by_tp[spec].get(1)))
     passed = all(r["passed"] for r in rows) and (semantic is None or semantic["passed"])
-    return {"request": req.__dict__ | {"tps": list(req.tps)}, "reference": "transformers" if hf is not None else "tpgate TP=1",
-            "calibration": calibration, "semantic_check": semantic, "rows": rows, "passed": passed, "input_ids": ids, "logits": logits_by_tp,
+    return {"request": req.__dict__ | {"tps": list(req.tps), "implementations": list(req.implementations)},
+            "reference": "transformers" if hf is not None else "tpgate TP=1",
+            "calibration": calibration, "semantic_check": semantic, "rows": rows, "passed": passed, "input_ids": ids,
+            "logits": logits_by_tp.get(req.implementations[0], {}), "logits_by_implementation": logits_by_tp,
             "transformers_logits": None if hf is None else {"working": hf["logits"], "float64": hf64["logits"]}}
+
+
+def last_line(traceback_text: str) -> str:
+    lines = [line for line in traceback_text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no traceback)"
+
+
+def failed_row(base: dict, error: str) -> dict:
+    """The row of a (implementation, tp) that did not produce logits: failed, with why."""
+    return {**base, "max_abs_vs_exact": None, "bound": None, "rel_vs_exact": None, "max_abs_vs_single": None, "max_abs_vs_tp1": None,
+            "top1_agreement": None, "first_diverging_token": None, "divergence_at_near_tie": None, "ranks_agree": None,
+            "disagreeing_ranks": [], "error": error, "passed": False}
+
+
+def judge(base: dict, per_rank: list[dict], calibrated, single: dict, exact: dict, dtype: torch.dtype, tp1_logits) -> dict:
+    """One (implementation, tp) row: prompt logits against `exact` within the policy's bound
+    (calibrated on `calibrated`), greedy tokens against the exact ones up to a near-tie (when the
+    stack decodes), and every rank bitwise equal to rank 0."""
+    got = per_rank[0]
+    row = compare("logits", got["logits"], calibrated, exact["logits"], dtype, base["tp"])
+    if got["tokens"] is None:
+        first, near_tie = None, False
+    else:
+        first, near_tie = first_divergence(got["tokens"], exact["tokens"], exact["margins"], 2 * row["bound"])
+    disagreeing = rank_disagreements(per_rank)
+    return {**base, "max_abs_vs_exact": row["err_tp"], "bound": row["bound"],
+            "rel_vs_exact": row["err_tp"] / max(exact["logits"].abs().max().item(), 1e-30),
+            "max_abs_vs_single": (got["logits"] - single["logits"]).abs().max().item(),
+            "max_abs_vs_tp1": (got["logits"] - tp1_logits).abs().max().item() if tp1_logits is not None else None,
+            "top1_agreement": float((got["logits"].argmax(-1) == exact["logits"].argmax(-1)).float().mean()),
+            "first_diverging_token": first, "divergence_at_near_tie": near_tie if first is not None else None, "ranks_agree": not disagreeing,
+            "disagreeing_ranks": disagreeing, "tokens_checked": got["tokens"] is not None, "error": "",
+            "passed": bool(row["passed"] and not disagreeing and (first is None or near_tie))}
 
 
 def save_logits(result: dict, path: str | Path) -> None:
