@@ -207,8 +207,8 @@ def test_verify_fails_a_tp_degree_whose_ranks_hold_different_logits(tiny_checkpo
     monkeypatch.setattr(verify_mod, "hf_run", lambda *args: None)  # tpgate TP=1 is the single-device run: fast, no transformers
 
     class OneRankPlayingTwo:
-        def run(self, fn, req, ids):
-            rank0 = fn(SimpleNamespace(rank=0, device=torch.device("cpu"), comm=NullCommunicator(1)), req, ids)
+        def run(self, fn, *args):
+            rank0 = fn(SimpleNamespace(rank=0, device=torch.device("cpu"), comm=NullCommunicator(1)), *args)
             return [rank0, {"tokens": rank0["tokens"].clone(), "logits_digest": "0" * 64}]
 
     result = verify_mod.verify(verify_mod.VerifyRequest(tiny_checkpoint, (1,), new_tokens=2), lambda n: OneRankPlayingTwo())
@@ -290,8 +290,8 @@ def test_verify_may_generate_up_to_max_position_embeddings(tiny_checkpoint, monk
     monkeypatch.setattr(verify_mod, "hf_run", lambda *args: None)
 
     class OneRank:
-        def run(self, fn, req, ids):
-            return [fn(SimpleNamespace(rank=0, device=torch.device("cpu"), comm=NullCommunicator(1)), req, ids)]
+        def run(self, fn, *args):
+            return [fn(SimpleNamespace(rank=0, device=torch.device("cpu"), comm=NullCommunicator(1)), *args)]
 
     result = verify_mod.verify(verify_mod.VerifyRequest(tiny_checkpoint, (1,), prompt_len=limit - 3, new_tokens=4), lambda n: OneRank())
     assert result["passed"] and result["rows"][0]["first_diverging_token"] is None
