@@ -175,8 +175,9 @@ def check_output_path(argument: str, path: str | None) -> None:
     require(not target.exists() or os.access(target, os.W_OK), argument, str(path), "exists and is not writable")
 
 
-def check_request(req: VerifyRequest) -> None:
-    """Every bad input named before any process starts."""
+def check_request(req: VerifyRequest) -> dict:
+    """Every bad input named before any process starts; returns the implementations to judge
+    ({spec: implementation}, in --impl order)."""
     config = read_config(req.directory)
     parse_dtype(req.dtype, "--dtype")
     for name in ("batch", "prompt_len", "new_tokens"):
@@ -192,11 +193,12 @@ def check_request(req: VerifyRequest) -> None:
             config.check_tp(tp)
         except TPConfigError as e:
             raise TPConfigError("--tp", tp, f"this checkpoint cannot be sharded {tp} ways ({e})") from None
-    load_implementations(req.implementations, "--impl")
+    impls = load_implementations(req.implementations, "--impl")
     check_output_path("--json", req.json_path)
     check_output_path("--save-logits", req.save_logits)
     require(req.json_path is None or req.save_logits is None or Path(req.json_path).resolve() != Path(req.save_logits).resolve(),
             "--save-logits", req.save_logits, "must differ from --json (one would overwrite the other)")
+    return impls
 
 
 def default_tps(directory: str) -> tuple[int, ...]:
@@ -213,7 +215,7 @@ def default_tps(directory: str) -> tuple[int, ...]:
 
 def verify(req: VerifyRequest, worlds_factory, progress=None) -> dict:
     """Run every TP degree; returns {"rows": [...], "passed": bool, ...}. `worlds_factory(n)` gives a world of n ranks."""
-    check_request(req)
+    impls = check_request(req)
     config = read_config(req.directory)
     dtype = parse_dtype(req.dtype)
     ids = prompt(req, config.vocab_size)
@@ -237,7 +239,6 @@ def verify(req: VerifyRequest, worlds_factory, progress=None) -> dict:
         calibrated = single["logits"]
         calibration = f"tpgate TP=1 {req.dtype} vs tpgate float64 (transformers not installed: calibrated on tpgate itself, no semantic check)"
     rows, logits_by_tp = [], {}
-    impls = load_implementations(req.implementations, "--impl")
     for spec, impl in impls.items():
         for tp in req.tps:
             if progress:

@@ -137,12 +137,12 @@ def load_implementation(spec: str, argument: str = "--impl") -> TPImplementation
 
 def load_implementations(specs, argument: str) -> dict[str, TPImplementation]:
     """{spec: implementation} for each of `specs`, in order, every name checked before any runs."""
-    require_list = list(specs)
-    if not require_list:
-        raise TPConfigError(argument, require_list, f"must name at least one implementation: {sorted(known())}")
-    if len(set(require_list)) != len(require_list):
-        raise TPConfigError(argument, require_list, "must not repeat an implementation")
-    return {spec: load_implementation(spec, argument) for spec in require_list}
+    names = list(specs)
+    if not names:
+        raise TPConfigError(argument, names, f"must name at least one implementation: {sorted(known())}")
+    if len(set(names)) != len(names):
+        raise TPConfigError(argument, names, "must not repeat an implementation")
+    return {spec: load_implementation(spec, argument) for spec in names}
 
 
 def checked_logits(implementation: str, logits: Any, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -23,15 +23,7 @@ class Reference:
             return model(ids)
 
     def greedy(self, model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        with torch.no_grad():
-            model.allocate_kv_cache(ids.shape[0], ids.shape[1] + new_tokens - 1)
-            step = model(ids, 0, use_cache=True, last_only=True)[:, -1]
-            tokens = []
-            for i in range(new_tokens):
-                tokens.append(step.argmax(-1))
-                if i + 1 < new_tokens:
-                    step = model(tokens[-1][:, None], ids.shape[1] + i, use_cache=True)[:, -1]
-        return torch.stack(tokens, 1)
+        return model.generate(ids, new_tokens)  # temperature 0: selected on the vocabulary shards, with the KV cache
 
     def random(self, config: ModelConfig, ctx, dtype: torch.dtype, seed: int = 0):
         return random_model(config, ctx.comm, dtype, ctx.device, seed)
