@@ -1,13 +1,17 @@
 """The decode GEMV floor on one GPU: each Llama-3-8B decode matmul shape (batch 1) timed alone.
 
-    OUT=DIR python3 harness/sweeps/gemv_floor.py          (one CUDA device with Triton)
+    OUT=DIR python3 harness/sweeps/gemv_floor.py [--shard-of N]    (one CUDA device with Triton)
 
 Three ways per shape: inductor with coordinate-descent tuning (what the compiled decode step
 uses), cuBLAS (F.linear), and a plain Triton GEMV swept over block/warp/stage configs. Each
 timing replays a CUDA graph over several distinct weight matrices so L2 (50 MB on H100) cannot
 hold them; bytes/s counts the weight bytes read. Writes $OUT/gemv.json. Used to decide whether
 better matmul code could close the gap to a decode target (reports/baselines/fastpath-*/README.md).
+--shard-of N times one rank's shapes at TP=N instead (column-parallel outputs and row-parallel
+inputs divided by N; writes gemv-shard-of-N.json): how far a GEMV reading 1/N of the bytes is
+from 1/N of the time.
 """
+import argparse
 import itertools
 import json
 import os
@@ -97,15 +101,25 @@ def measure_shape(n: int, k: int, silu_prologue: bool) -> dict:
     return row
 
 
+COLUMN_PARALLEL = ("qkv", "gate_up", "lm_head")  # output rows sharded; the others' input columns
+
+
+def shard_shapes(tp: int) -> dict:
+    return {name: (n // tp, k) if name in COLUMN_PARALLEL else (n, k // tp) for name, (n, k) in SHAPES.items()}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shard-of", type=int, default=1, help="time one rank's shapes at this TP degree (default 1: the whole model)")
+    tp = parser.parse_args().shard_of
     out = os.environ.get("OUT", "/tmp/out")
     os.makedirs(out, exist_ok=True)
     results = {}
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in shard_shapes(tp).items():
         results[name] = measure_shape(n, k, silu_prologue=name == "down")
         print(name, {key: value for key, value in results[name].items() if key != "triton_trials"}, flush=True)
         torch.cuda.empty_cache()
-    with open(f"{out}/gemv.json", "w") as f:
+    with open(f"{out}/gemv.json" if tp == 1 else f"{out}/gemv-shard-of-{tp}.json", "w") as f:
         json.dump(results, f, indent=1)
 
 

@@ -21,7 +21,11 @@ from impl.tensor_parallel import apply_rotary, decode_attention, rotary_inv_freq
 
 # (batch, q heads, kv heads, head_dim, cache length, position): GQA groups 4 and 3, MHA, a head_dim
 # whose half is not a power of two, the first position, the last slot, a cache row per batch left over
-SHAPES = [(2, 8, 2, 16, 40, 37), (1, 4, 4, 8, 70, 65), (3, 6, 2, 12, 33, 32), (2, 8, 2, 16, 40, 0), (1, 32, 8, 128, 96, 90)]
+SHAPES = [(2, 8, 2, 16, 40, 37), (1, 4, 4, 8, 70, 65), (3, 6, 2, 12, 33, 32), (2, 8, 2, 16, 40, 0), (1, 32, 8, 128, 96, 90),
+          (1, 4, 2, 16, 40, 2)]
+# the kernel in one program per kv head, and with the positions split 4 ways (partials combined by
+# a second kernel): splits that end mid-block, and at positions 0 and 2 splits with no position at all
+SPLITS = (1, 4)
 
 # Deliberately broken uses of the kernel the check must reject: the cache slot one past the step's
 # (a position counted from 1), and rotary tables of the previous position.
@@ -46,7 +50,7 @@ def _plain(q, k, v, k_cache, v_cache, position, dtype):
     return decode_attention(qr, k_cache[:b], v_cache[:b], mask), k_cache, v_cache
 
 
-def check_shape(shape, dtype: torch.dtype, device: str, seed: int, mutant: str | None = None) -> list[dict]:
+def check_shape(shape, dtype: torch.dtype, device: str, seed: int, mutant: str | None = None, splits: int = 1) -> list[dict]:
     b, hq, hkv, d, length, pos = shape
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, 1, d, generator=g).to(dtype) for h in (hq, hkv, hkv))
@@ -66,7 +70,7 @@ def check_shape(shape, dtype: torch.dtype, device: str, seed: int, mutant: str |
     step = position + (1 if mutant == "slot_off_by_one" else 0)
     tables = _tables(position - (1 if mutant == "tables_of_previous_position" else 0), d, torch.promote_types(dtype, torch.float32))
     qkv = torch.cat([t.transpose(1, 2).reshape(b, 1, -1) for t in (q, k, v)], -1)  # the qkv projection's layout
-    out = kernels.decode_attention(qkv.to(dev), tables[0].to(dev), tables[1].to(dev), fused_cache, fused_v_cache, step.to(dev), hq, hkv)
+    out = kernels.decode_attention(qkv.to(dev), tables[0].to(dev), tables[1].to(dev), fused_cache, fused_v_cache, step.to(dev), hq, hkv, splits)
     written = fused_cache[:b, :, pos].cpu()
     rows = [compare("out", out.cpu(), single, exact, dtype, 1, magnitude=magnitude),
             compare("k_cache_row", written, single_cache[:b, :, pos], exact_cache[:b, :, pos], dtype, 1,
@@ -77,9 +81,9 @@ def check_shape(shape, dtype: torch.dtype, device: str, seed: int, mutant: str |
     elsewhere = torch.equal(fused_cache[~slot], k_cache[~slot]) and torch.equal(fused_v_cache[~slot], v_cache[~slot])
     v_written = torch.equal(fused_v_cache[:b, :, pos], v[:, :, 0])
     for row in rows:
-        row.update(shape=list(shape), dtype=str(dtype), mutant=mutant)
+        row.update(shape=list(shape), dtype=str(dtype), mutant=mutant, splits=splits)
     rows.append({"tensor": "cache_elsewhere_untouched_and_v_written", "passed": bool(elsewhere and v_written),
-                 "shape": list(shape), "dtype": str(dtype), "mutant": mutant})
+                 "shape": list(shape), "dtype": str(dtype), "mutant": mutant, "splits": splits})
     return rows
 
 
@@ -120,10 +124,11 @@ def run_all(device: str) -> list[dict]:
     rows = check_decoder(device)
     for dtype in (torch.float32, torch.bfloat16):
         for i, shape in enumerate(SHAPES):
-            rows += check_shape(shape, dtype, device, seed=100 + i)
+            for splits in SPLITS:
+                rows += check_shape(shape, dtype, device, seed=100 + i, splits=splits)
             if shape[-1] > 0:  # position 0 has no previous position for a mutant to misuse
                 for mutant in MUTANTS:
-                    rows += check_shape(shape, dtype, device, seed=100 + i, mutant=mutant)
+                    rows += check_shape(shape, dtype, device, seed=100 + i, mutant=mutant, splits=SPLITS[-1])
     return rows
 
 

@@ -32,7 +32,7 @@ def rows():
 
 def test_fused_decode_attention_matches_the_plain_path(rows):
     real = [r for r in rows if r["mutant"] is None]
-    assert len(real) == 3 * len(kernel_checks.SHAPES) * 2 + 6
+    assert len(real) == 3 * len(kernel_checks.SHAPES) * len(kernel_checks.SPLITS) * 2 + 6
     failed = [r for r in real if not r["passed"]]
     assert not failed, failed[:3]
 
