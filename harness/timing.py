@@ -8,12 +8,17 @@ as in nccl-tests); elsewhere time.perf_counter around each call, which is the el
 the (synchronous) CPU work. `iters=1` times one call alone (the sweep times each repeat so,
 with its setup and barrier in between).
 
+`graph_call_seconds(calls, replays)`: seconds of one call among `calls` (closures on one CUDA
+device), from replays of one CUDA graph of all of them — launch costs as inside a decode step's
+graph, each closure free to touch its own memory so L2 cannot hold the whole set; the median replay.
+
 `percentile(values, q)`: the nearest-rank percentile, the smallest value with at least a
 fraction q of the values at or below it: sorted(values)[ceil(q * n) - 1] (q in (0, 1]).
 """
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
@@ -41,6 +46,26 @@ def time_calls(call, iters: int, device) -> list[float]:
     return out
 
 
+def graph_call_seconds(calls, replays: int = 30) -> float:
+    """Median over `replays` of (one replay of a CUDA graph of every call in `calls`) / len(calls)."""
+    require(len(calls) > 0, "calls", calls, "must not be empty")
+
+    def run():
+        for call in calls:
+            call()
+    side = torch.cuda.Stream()  # warm-up off the default stream, as CUDA graph capture requires
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(), run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    seconds = time_calls(graph.replay, replays, "cuda")
+    return statistics.median(seconds) / len(calls)
+
+
 def percentile(values, q: float) -> float:
     """Nearest-rank percentile of `values` (any order, non-empty), q in (0, 1]."""
     require(len(values) > 0, "values", values, "must not be empty")
@@ -49,4 +74,4 @@ def percentile(values, q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-__all__ = ["percentile", "time_calls"]
+__all__ = ["graph_call_seconds", "percentile", "time_calls"]

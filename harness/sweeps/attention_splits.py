@@ -1,6 +1,6 @@
 """The fused decode-attention kernel (impl/kernels.py) alone, by how its cached positions are split.
 
-    OUT=DIR python3 harness/sweeps/attention_splits.py          (one CUDA device with Triton)
+    OUT=DIR python3 -m harness.sweeps.attention_splits          (one CUDA device with Triton)
 
 For the Llama-3-8B attention of one rank at TP 1, 2 and 4 (32/8, 16/4, 8/2 query/kv heads, head
 dim 128, bf16), batch 1 and 16, and a few positions, times one call of `decode_attention` for
@@ -12,35 +12,14 @@ beside the fastest one, which is what decides that default.
 """
 import json
 import os
-import statistics
 
 import torch
 
+from harness.timing import graph_call_seconds
 from impl import kernels
 
 LAYERS = 32
 SHAPES = {"tp1": (32, 8), "tp2": (16, 4), "tp4": (8, 2)}  # (local q heads, local kv heads)
-
-
-def per_call_us(calls, replays: int = 30) -> float:
-    def run():
-        for call in calls:
-            call()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run(), run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(), graph.replay(), end.record(), end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times)
 
 
 def measure(heads: int, kv_heads: int, batch: int, position: int, cache_len: int, d: int = 128) -> dict:
@@ -55,7 +34,7 @@ def measure(heads: int, kv_heads: int, batch: int, position: int, cache_len: int
     splits = 1
     while splits <= kernels.MAX_SPLITS:
         out = kernels.decode_attention(qkv, cos, sin, caches[0][0], caches[0][1], pos, heads, kv_heads, splits).float()
-        us = per_call_us([lambda k=k, v=v, s=splits: kernels.decode_attention(qkv, cos, sin, k, v, pos, heads, kv_heads, s) for k, v in caches])
+        us = 1e6 * graph_call_seconds([lambda k=k, v=v, s=splits: kernels.decode_attention(qkv, cos, sin, k, v, pos, heads, kv_heads, s) for k, v in caches])
         row["splits"][splits] = {"us": us, "max_abs_vs_one_split": (out - one).abs().max().item()}
         splits *= 2
     row["fastest_splits"] = int(min(row["splits"], key=lambda s: row["splits"][s]["us"]))

@@ -1,6 +1,6 @@
 """The decode GEMV floor on one GPU: each Llama-3-8B decode matmul shape (batch 1) timed alone.
 
-    OUT=DIR python3 harness/sweeps/gemv_floor.py [--shard-of N]    (one CUDA device with Triton)
+    OUT=DIR python3 -m harness.sweeps.gemv_floor [--shard-of N]    (one CUDA device with Triton)
 
 Three ways per shape: inductor with coordinate-descent tuning (what the compiled decode step
 uses), cuBLAS (F.linear), and a plain Triton GEMV swept over block/warp/stage configs. Each
@@ -15,12 +15,13 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from harness.timing import graph_call_seconds
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
 
@@ -49,26 +50,9 @@ def triton_gemv(x, w, config, u=None):
     return y
 
 
-def per_call(calls, nbytes: int, replays: int = 15) -> dict:
+def per_call(calls, nbytes: int) -> dict:
     """µs and weight TB/s of one call, from CUDA-graph replays of `calls` (a list of closures)."""
-    def run():
-        for call in calls:
-            call()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run(), run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(), graph.replay(), end.record(), end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / len(calls))
-    seconds = statistics.median(times)
+    seconds = graph_call_seconds(calls, replays=15)
     return {"us": seconds * 1e6, "TBps": nbytes / seconds / 1e12}
 
 
