@@ -4,7 +4,8 @@ An implementation is any object with the attributes and methods of `TPImplementa
 named on the command line (`tpgate verify --impl NAME`, `tpgate correctness --impl NAME`,
 `tpgate scaling --implementations NAME,...`) in one of three ways:
 
-  a built-in name     `reference` (tpgate's impl/), `dtensor` (PyTorch's parallelize_module);
+  a built-in name     `reference` (tpgate's impl/), `dtensor` (PyTorch's parallelize_module),
+                      `hf-tp` (Hugging Face transformers' own tensor parallelism);
   an entry point      `[project.entry-points."tpgate.implementations"] mystack = "pkg.mod:OBJ"`
                       in the stack's own pyproject.toml: `--impl mystack` once it is installed;
   module:object       `--impl pkg.mod:OBJ`, for a module importable as it stands (PYTHONPATH).
@@ -51,6 +52,7 @@ ENTRY_POINT_GROUP = "tpgate.implementations"
 BUILTIN = {
     "reference": "harness.implementations.reference:REFERENCE",
     "dtensor": "harness.implementations.dtensor:DTENSOR",
+    "hf-tp": "harness.implementations.hf_tp:HF_TP",
 }
 CAPABILITIES = ("greedy", "random", "collectives")
 REQUIRED = ("name", "capabilities", "check", "load", "logits")
