@@ -22,10 +22,16 @@ A TP degree passes when its prompt logits are within the tolerance policy's boun
 and its greedy tokens equal the exact ones, or first differ at a step where the exact top-2
 logit margin is below twice the bound (a near-tie the dtype cannot resolve), and every rank
 holds bitwise the same prompt logits and greedy tokens as rank 0 (ADR-9).
+At tp > 1 every rank must also hold fewer parameters than the whole checkpoint
+(harness.implementations.sharding_evidence, ADR-27): a stack that computes the full model on
+every rank is a FAIL row naming its per-rank count, never a pass. Each row carries the full
+count ("full_parameters") and every rank's count ("local_parameters"; None where a rank's model
+is not an nn.Module and cannot be counted).
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +39,10 @@ import torch
 
 from impl.architecture import TPConfigError, parse_dtype, require
 from impl.communication import NullCommunicator
+from impl.model import checkpoint_shapes
 from impl.model_loader import DistributedCheckpointLoader, read_config
 
-from .implementations import Unsupported, build_on_rank, checked_logits, checked_tokens, load_implementations
+from .implementations import Unsupported, build_on_rank, checked_logits, checked_tokens, load_implementations, sharding_evidence
 from .tolerance import compare
 
 SEMANTIC_RTOL = 1e-5
@@ -101,21 +108,30 @@ def logits_digest(logits: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def full_parameter_count(config) -> int:
+    """Parameter elements of the whole model of `config`: every tensor its checkpoint holds (a tied
+    LM head is the embedding, counted once)."""
+    return sum(math.prod(shape) for shape in checkpoint_shapes(config).values())
+
+
 def run_on_rank(ctx, req: VerifyRequest, ids: torch.Tensor, spec: str = "reference") -> dict:
     """Implementation `spec` on this rank: rank 0 of the TP group returns {"logits" (batch, prompt,
     vocab) float32 CPU, "tokens" (batch, new_tokens) or None when the stack has no greedy,
-    "logits_digest"}; other ranks only "tokens" and "logits_digest" (their logits would be copies
-    of rank 0's: ADR-9 promises every rank holds the same bytes, which rank_disagreements checks).
-    A contract breach raises ImplementationError naming `spec`."""
+    "logits_digest", "local_parameters"}; other ranks all but "logits" (their logits would be
+    copies of rank 0's: ADR-9 promises every rank holds the same bytes, which rank_disagreements
+    checks). A contract breach raises ImplementationError naming `spec`, and so does a rank that
+    holds the whole model at tp > 1 (sharding_evidence), before any forward runs."""
     impl, model = build_on_rank(spec, req.directory, ctx, parse_dtype(req.dtype))
+    config = read_config(req.directory)
+    local_parameters = sharding_evidence(spec, model, full_parameter_count(config), ctx.comm.world_size)
     ids = ids.to(ctx.device)
-    vocab = read_config(req.directory).vocab_size
+    vocab = config.vocab_size
     logits = checked_logits(spec, impl.logits(model, ids), ids, vocab).float().cpu()
     tokens = None
     if "greedy" in impl.capabilities:
         tokens = checked_tokens(spec, impl.greedy(model, ids, req.new_tokens), ids, req.new_tokens, vocab).cpu()
-    out = {"logits": logits, "tokens": tokens, "logits_digest": logits_digest(logits)}
-    return out if ctx.comm.rank == 0 else {"tokens": tokens, "logits_digest": out["logits_digest"]}
+    out = {"logits": logits, "tokens": tokens, "logits_digest": logits_digest(logits), "local_parameters": local_parameters}
+    return out if ctx.comm.rank == 0 else {k: v for k, v in out.items() if k != "logits"}
 
 
 def rank_disagreements(per_rank: list[dict]) -> list[dict]:
@@ -238,12 +254,12 @@ def verify(req: VerifyRequest, worlds_factory, progress=None) -> dict:
         single = run_model(DistributedCheckpointLoader(req.directory, NullCommunicator(1)).load(dtype, req.device), ids, req.new_tokens)
         calibrated = single["logits"]
         calibration = f"tpgate TP=1 {req.dtype} vs tpgate float64 (transformers not installed: calibrated on tpgate itself, no semantic check)"
-    rows, logits_by_tp = [], {}
+    rows, logits_by_tp, full_parameters = [], {}, full_parameter_count(config)
     for spec, impl in impls.items():
         for tp in req.tps:
             if progress:
                 progress(f"{spec} TP={tp}: loading and running on {tp} rank(s)")
-            base = {"implementation": spec, "tp": tp, "dtype": req.dtype}
+            base = {"implementation": spec, "tp": tp, "dtype": req.dtype, "full_parameters": full_parameters}
             try:
                 impl.check(config, tp)
                 per_rank = worlds_factory(tp).run(run_on_rank, req, ids, spec)
@@ -274,7 +290,7 @@ def failed_row(base: dict, error: str) -> dict:
     """The row of a (implementation, tp) that did not produce logits: failed, with why."""
     return {**base, "max_abs_vs_exact": None, "bound": None, "rel_vs_exact": None, "max_abs_vs_single": None, "max_abs_vs_tp1": None,
             "top1_agreement": None, "first_diverging_token": None, "divergence_at_near_tie": None, "ranks_agree": None,
-            "disagreeing_ranks": [], "error": error, "passed": False}
+            "disagreeing_ranks": [], "local_parameters": None, "error": error, "passed": False}
 
 
 def judge(base: dict, per_rank: list[dict], calibrated, single: dict, exact: dict, dtype: torch.dtype, tp1_logits) -> dict:
@@ -294,7 +310,8 @@ def judge(base: dict, per_rank: list[dict], calibrated, single: dict, exact: dic
             "max_abs_vs_tp1": (got["logits"] - tp1_logits).abs().max().item() if tp1_logits is not None else None,
             "top1_agreement": float((got["logits"].argmax(-1) == exact["logits"].argmax(-1)).float().mean()),
             "first_diverging_token": first, "divergence_at_near_tie": near_tie if first is not None else None, "ranks_agree": not disagreeing,
-            "disagreeing_ranks": disagreeing, "tokens_checked": got["tokens"] is not None, "error": "",
+            "disagreeing_ranks": disagreeing, "tokens_checked": got["tokens"] is not None,
+            "local_parameters": [r.get("local_parameters") for r in per_rank], "error": "",
             "passed": bool(row["passed"] and not disagreeing and (first is None or near_tie))}
 
 

@@ -4,7 +4,8 @@ An implementation is any object with the attributes and methods of `TPImplementa
 named on the command line (`tpgate verify --impl NAME`, `tpgate correctness --impl NAME`,
 `tpgate scaling --implementations NAME,...`) in one of three ways:
 
-  a built-in name     `reference` (tpgate's impl/), `dtensor` (PyTorch's parallelize_module);
+  a built-in name     `reference` (tpgate's impl/), `dtensor` (PyTorch's parallelize_module),
+                      `hf-tp` (Hugging Face transformers' own tensor parallelism);
   an entry point      `[project.entry-points."tpgate.implementations"] mystack = "pkg.mod:OBJ"`
                       in the stack's own pyproject.toml: `--impl mystack` once it is installed;
   module:object       `--impl pkg.mod:OBJ`, for a module importable as it stands (PYTHONPATH).
@@ -32,6 +33,10 @@ Optional methods, each announced by its name in `capabilities`:
 `check(config, tp)` runs in the driver before any process starts: it raises `Unsupported`
 with the reason when the stack cannot run this config at this TP degree (that is a finding
 about the stack, reported as its failure, never a harness error).
+
+At tp > 1 the harness also asks for evidence that the stack shards at all (`sharding_evidence`,
+ADR-27 in DISTRIBUTED_ARCHITECTURE.md): a rank whose model is an nn.Module holding as many
+parameters as the whole model is refused, however right its logits.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ ENTRY_POINT_GROUP = "tpgate.implementations"
 BUILTIN = {
     "reference": "harness.implementations.reference:REFERENCE",
     "dtensor": "harness.implementations.dtensor:DTENSOR",
+    "hf-tp": "harness.implementations.hf_tp:HF_TP",
 }
 CAPABILITIES = ("greedy", "random", "collectives")
 REQUIRED = ("name", "capabilities", "check", "load", "logits")
@@ -169,6 +175,37 @@ def checked_tokens(implementation: str, tokens: Any, ids: torch.Tensor, new_toke
     return tokens
 
 
+def local_parameter_count(model: Any) -> int | None:
+    """The parameter elements this rank holds: for an nn.Module, the sum over its (deduplicated:
+    a tied weight counts once) parameters of `p.to_local().numel()` for a DTensor (this rank's
+    shard) and `p.numel()` otherwise; None (unknown) for any other object."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+
+
+def sharding_evidence(implementation: str, model: Any, full_parameter_count: int, tp: int) -> int | None:
+    """This rank's parameter count (local_parameter_count), after checking that at tp > 1 it is
+    strictly below `full_parameter_count`, the parameter elements of the whole model (every tensor
+    of the checkpoint, a tied weight once).
+
+    Why strictly below: a rank that shards even one matrix tp ways holds only its 1/tp share of
+    it, and every other tensor at most whole, so its count is below the full count; a stack can
+    reach the full count only by holding every tensor whole (it computes the model on one rank
+    and shards nothing, or holds extra copies that outweigh what it shards): either way it is not
+    tensor-parallel, however right its logits, and verify would otherwise pass it at every tp.
+    Necessary, not sufficient: a stack sharding a single matrix passes this check.
+
+    ImplementationError naming the implementation, the counts and tp when the rank holds
+    >= the full count at tp > 1. A model that is not an nn.Module cannot be counted: None, never
+    a refusal (the stack is judged on its logits alone)."""
+    local = local_parameter_count(model)
+    if local is not None and tp > 1 and local >= full_parameter_count:
+        raise ImplementationError(implementation, f"holds {local} parameters on this rank at tp={tp}, >= the full model's "
+                                                  f"{full_parameter_count}: it does not shard (a sharded rank holds strictly fewer)")
+    return local
+
+
 def build_on_rank(spec: str, directory: str, ctx, dtype: torch.dtype):
     """(implementation, this rank's model) for `spec`; whatever `load` raises becomes an
     ImplementationError naming the implementation and the cause (Unsupported passes as it is)."""
@@ -182,4 +219,5 @@ def build_on_rank(spec: str, directory: str, ctx, dtype: torch.dtype):
 
 
 __all__ = ["BUILTIN", "CAPABILITIES", "ENTRY_POINT_GROUP", "ImplementationError", "TPImplementation", "Unsupported", "build_on_rank",
-           "checked_logits", "checked_tokens", "entry_points", "known", "load_implementation", "load_implementations"]
+           "checked_logits", "checked_tokens", "entry_points", "known", "load_implementation", "load_implementations", "local_parameter_count",
+           "sharding_evidence"]
