@@ -191,16 +191,17 @@ def _print_verify(result: dict) -> None:
         div = sem.get("first_diverging_token")
         tokens = "greedy tokens equal" if div is None else f"greedy tokens differ from step {div}{' (near-tie)' if sem.get('divergence_at_near_tie') else ''}"
         print(f"transformers float64 vs tpgate float64: max-abs {sem['max_abs']:.3g} (limit {sem['scale'] * 1e-5:.3g}), {tokens}: {'ok' if sem['passed'] else 'MISMATCH'}")
-    head = f"{'implementation':>14} {'tp':>3} {'dtype':>9} {'max-abs':>10} {'rel':>10} {'bound':>10} {'top-1':>7} {'diverges at':>12}  verdict"
+    w = max([14] + [len(r["implementation"]) for r in result["rows"]])  # a module:object spec can be long
+    head = f"{'implementation':>{w}} {'tp':>3} {'dtype':>9} {'max-abs':>10} {'rel':>10} {'bound':>10} {'top-1':>7} {'diverges at':>12}  verdict"
     print(head)
     for r in result["rows"]:
         if r.get("error"):
-            print(f"{r['implementation']:>14} {r['tp']:>3} {r['dtype']:>9} {'-':>10} {'-':>10} {'-':>10} {'-':>7} {'-':>12}  FAIL: {r['error']}")
+            print(f"{r['implementation']:>{w}} {r['tp']:>3} {r['dtype']:>9} {'-':>10} {'-':>10} {'-':>10} {'-':>7} {'-':>12}  FAIL: {r['error']}")
             continue
         div = "-" if r["first_diverging_token"] is None else f"{r['first_diverging_token']}{' (tie)' if r['divergence_at_near_tie'] else ''}"
         if not r.get("tokens_checked", True):
             div = "not checked"  # the stack declares no greedy
-        print(f"{r['implementation']:>14} {r['tp']:>3} {r['dtype']:>9} {r['max_abs_vs_exact']:>10.3g} {r['rel_vs_exact']:>10.3g} {r['bound']:>10.3g} {r['top1_agreement']:>7.1%} {div:>12}  "
+        print(f"{r['implementation']:>{w}} {r['tp']:>3} {r['dtype']:>9} {r['max_abs_vs_exact']:>10.3g} {r['rel_vs_exact']:>10.3g} {r['bound']:>10.3g} {r['top1_agreement']:>7.1%} {div:>12}  "
               f"{'PASS' if r['passed'] else 'FAIL'}")
         for d in r.get("disagreeing_ranks") or []:
             print(f"    rank {d['rank']} differs from rank 0 in {' and '.join(d['differs_in'])} (ranks must hold identical logits, ADR-9)")
