@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--config", default=None, help="TOML file with [tool.tpgate.scaling] / [tool.tpgate.gate] (default: pyproject.toml)")
     sc.add_argument("--world-sizes", type=_tp_list, default=None, help="e.g. 1,2,4")
     sc.add_argument("--presets", type=_name_list, default=None, help="comma-separated preset names")
-    sc.add_argument("--implementations", type=_name_list, default=None, help="comma-separated: reference, dtensor")
+    sc.add_argument("--implementations", type=_name_list, default=None, metavar="NAME[,NAME]",
+                    help="comma-separated: built-in (reference, dtensor, hf-tp), a tpgate.implementations entry point, or module:object")
     sc.add_argument("--device", choices=("cpu", "cuda"), default=None)
     sc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     sc.add_argument("--repeats", type=_positive_int, default=None)
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--new-tokens", type=_positive_int, default=8)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--impl", type=_name_list, default=("reference",), metavar="NAME[,NAME]",
-                   help="implementations to judge: built-in (reference, dtensor), a tpgate.implementations entry point, or module:object (default: reference)")
+                   help="implementations to judge: built-in (reference, dtensor, hf-tp), a tpgate.implementations entry point, or module:object (default: reference)")
     v.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the results as JSON")
     v.add_argument("--save-logits", default=None, metavar="FILE", help="safetensors file: input_ids and the prompt logits per TP degree (tp1, tp2, ...)")
     return parser

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .points import POINT_KEY, join_points, key_frame, shape_key
+from .protocol_sweep import BUILT_IN
 
 COLUMNS = [*POINT_KEY, "projected", "status",
            "error", "latency_s", "latency_p90_s", "null_latency_s", "exposed_comm", "tokens_per_s", "peak_memory_bytes",
@@ -90,6 +91,8 @@ def summary(r: pd.DataFrame, verdict: str) -> dict:
         "world_sizes": sorted(int(w) for w in r["world_size"].dropna().unique()),
         "devices": [d for d in dict.fromkeys(r["device"]) if d],
         "implementations": [i for i in dict.fromkeys(r["implementation"]) if i],
+        # stacks known only through the protocol: their exposed communication cannot be measured (harness/protocol_sweep.py)
+        "outside_implementations": [i for i in dict.fromkeys(r["implementation"]) if i and i not in BUILT_IN],
     }
 
 

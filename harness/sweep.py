@@ -1,7 +1,9 @@
 """Scaling sweeps: sweep definition -> points -> world -> results table.
 
-A point is (implementation, preset, phase, world size). Implementations: `reference` (tpgate's
-impl/ layers) and `dtensor` (PyTorch's parallelize_module over a plain model, impl/dtensor_peer.py).
+A point is (implementation, preset, phase, world size). Built into the sweep: `reference`
+(tpgate's impl/ layers) and `dtensor` (PyTorch's parallelize_module over a plain model,
+impl/dtensor_peer.py); any other stack named through the implementation protocol (hf-tp, an
+entry point, module:object) is measured from outside, as harness/protocol_sweep.py says.
 Each measured point runs on a world of that many ranks twice: with real collectives (T_tp) and
 without any (T_null: the same shard shapes, no data moved — the NullCommunicator for the
 reference, a plain model of one rank's shard shapes for the peer), so exposed communication =
@@ -31,7 +33,9 @@ from impl.dtensor_peer import check_dtensor_tp, parallelize, peer_collectives, r
 from impl.model import random_model
 
 from .perf_model import DEFAULTS, CostModel, collective_time_s
-from .timing import percentile, time_calls
+from .implementations import known, load_implementations
+from .protocol_sweep import BUILT_IN, declared_collectives, measure_protocol_on_rank, refusal
+from .timing import peak_memory_bytes, percentile, time_calls
 
 # Named model shapes (random weights). tiny: CPU; llama3-8b and llama2-13b: GPU shapes (13b fits one H100 in bf16).
 PRESETS = {
@@ -40,7 +44,6 @@ PRESETS = {
                              rope_theta=500000.0, max_seq_len=8192),
     "llama2-13b": ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40, max_seq_len=4096),
 }
-IMPLEMENTATIONS = ("reference", "dtensor")
 PHASES = ("prefill", "decode")
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ DECODE_PATHS = ("auto", "eager", "cuda-graph", "compiled+cuda-graph")
 
 
 def resolve_decode_path(path: str, implementation: str, device: str) -> str:
+    if implementation not in BUILT_IN:
+        return "own"  # a protocol stack decodes its own way (greedy)
     if implementation != "reference":
         return "eager"
     return ("cuda-graph" if device == "cuda" else "eager") if path == "auto" else path
@@ -73,6 +78,8 @@ PREFILL_PATHS = ("auto", "eager", "compiled")
 
 
 def resolve_prefill_path(path: str, implementation: str, device: str) -> str:
+    if implementation not in BUILT_IN:
+        return "own"
     if implementation != "reference":
         return "eager"
     return ("compiled" if device == "cuda" else "eager") if path == "auto" else path
@@ -113,9 +120,8 @@ class SweepConfig:
                 require(isinstance(name, str), key, name, "must be strings")
         for p in self.presets:
             require(p in PRESETS, "presets", p, f"must be one of {sorted(PRESETS)}")
-        require(len(self.implementations) >= 1, "implementations", list(self.implementations), f"must name at least one of {IMPLEMENTATIONS}")
-        for i in self.implementations:
-            require(i in IMPLEMENTATIONS, "implementations", i, f"must be one of {IMPLEMENTATIONS}")
+        require(len(self.implementations) >= 1, "implementations", list(self.implementations), f"must name at least one of {sorted(known())}")
+        load_implementations(self.implementations, "implementations")  # a name that resolves to nothing: TPConfigError naming what is known
         require(len(self.phases) >= 1, "phases", list(self.phases), "must hold at least one phase")
         for ph in self.phases:
             _check_phase(ph)
@@ -202,14 +208,6 @@ def load_config(table: dict, overrides: dict | None = None) -> SweepConfig:
 
 
 # --------------------------------------------------------------------------- rank side
-
-
-def _peak_memory(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass
@@ -449,7 +447,7 @@ def _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, w
         torch.set_num_threads(threads)
     per_step = phase.steps if phase.kind == "decode" else 1
     return {"rank": ctx.rank, "median_s": statistics.median(times), "p90_s": percentile(times, 0.90),
-            "times": times, "peak_memory": _peak_memory(ctx.device), "collectives": collectives, "steps": per_step}
+            "times": times, "peak_memory": peak_memory_bytes(ctx.device), "collectives": collectives, "steps": per_step}
 
 
 # --------------------------------------------------------------------------- driver
@@ -466,7 +464,8 @@ def sweep_tasks(cfg: SweepConfig, gpus: int) -> list[tuple]:
                     beyond = cfg.device == "cuda" and ws > gpus
                     if not beyond:
                         tasks.append((impl, preset, phase, ws, False))
-                    if beyond or (cfg.compare_projection and ws > 1):
+                    # a protocol stack cannot be projected (harness/protocol_sweep.py): only where nothing else can run it
+                    if beyond or (cfg.compare_projection and ws > 1 and impl in BUILT_IN):
                         tasks.append((impl, preset, phase, ws, True))
     return tasks
 
@@ -493,7 +492,9 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: CostModel | None = None, 
         try:
             args = (impl, preset, phase, cfg.dtype, cfg.warmup, cfg.repeats)
             kw = {"decode_path": row["decode_path"]} if decode else {"prefill_path": row["prefill_path"], "sequence_parallel": row["sequence_parallel"]}
-            if projected:
+            if impl not in BUILT_IN:
+                row.update(_protocol_point(impl, preset, phase, ws, projected, cfg, world_for))
+            elif projected:
                 if ws > gpus and cfg.device == "cuda" and not cfg.project:
                     raise TPConfigError("world_sizes", ws, f"needs {ws} GPUs, {gpus} present; pass --project to project it")
                 alone = world_for(1).run(measure_on_rank, *args, "projected", ws, **kw)[0]
@@ -514,6 +515,26 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: CostModel | None = None, 
             row.update(status="failed", error=point_error(e))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+class PointRefused(Exception):
+    """A protocol stack cannot run this point (Unsupported, a missing capability, a projection)."""
+
+
+def _protocol_point(spec: str, preset: str, phase: Phase, ws: int, projected: bool, cfg: SweepConfig, world_for) -> dict:
+    """One measured point of a protocol stack (harness/protocol_sweep.py): no T_null, so exposed
+    communication is NaN; collectives from the stack's declaration, if any."""
+    config = PRESETS[preset]
+    reason = refusal(spec, config, phase, ws, projected)
+    if reason:
+        raise PointRefused(reason)
+    world = world_for(ws)
+    real = world.run(measure_protocol_on_rank, spec, config, phase, cfg.dtype, cfg.warmup, cfg.repeats)
+    out = _summarise(real, None, None, phase, ws, dispatch=[world.dispatch[-1]])
+    issued = declared_collectives(spec, config, phase, ws)
+    out["collectives_per_step"], out["comm_bytes_per_step"] = (float("nan"), float("nan")) if issued is None else _comm_per_step(issued, phase)
+    out["backend"] = getattr(world, "backend", "")
+    return out
 
 
 def _would_issue(alone: dict, impl: str, preset: str, phase: Phase, ws: int, cfg: SweepConfig) -> list[dict]:
@@ -568,10 +589,10 @@ def _summarise(real: list[dict], null: list[dict], projected_s: float | None, ph
     slowest = max(real, key=lambda r: r["median_s"])
     per = phase.steps if phase.kind == "decode" else 1
     tp_s = projected_s if projected_s is not None else slowest["median_s"]
-    null_s = max(r["median_s"] for r in null)
+    null_s = max(r["median_s"] for r in null) if null is not None else float("nan")  # None: not measurable (a protocol stack)
     out = {
         "latency_s": tp_s / per, "latency_p90_s": (slowest["p90_s"] if projected_s is None else tp_s) / per, "null_latency_s": null_s / per,
-        "exposed_comm": max(0.0, (tp_s - null_s) / tp_s) if tp_s > 0 else float("nan"),
+        "exposed_comm": max(0.0, (tp_s - null_s) / tp_s) if tp_s > 0 and null is not None else float("nan"),
         "tokens_per_s": phase.tokens() / tp_s if tp_s > 0 else float("nan"),
         "peak_memory_bytes": max(r["peak_memory"] for r in real),
         "rank_latency_s": [round(r["median_s"] / per, 9) for r in real],

@@ -66,6 +66,16 @@ def graph_call_seconds(calls, replays: int = 30) -> float:
     return statistics.median(seconds) / len(calls)
 
 
+def peak_memory_bytes(device) -> int:
+    """The peak memory of this process on `device` since the last reset: CUDA's allocator peak, or
+    on the CPU the process's maximum resident set size."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def percentile(values, q: float) -> float:
     """Nearest-rank percentile of `values` (any order, non-empty), q in (0, 1]."""
     require(len(values) > 0, "values", values, "must not be empty")
@@ -74,4 +84,4 @@ def percentile(values, q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-__all__ = ["graph_call_seconds", "percentile", "time_calls"]
+__all__ = ["graph_call_seconds", "peak_memory_bytes", "percentile", "time_calls"]

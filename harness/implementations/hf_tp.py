@@ -87,7 +87,9 @@ def build(hf_config, ctx, dtype: torch.dtype, directory: str | None = None, stat
     """transformers' model of `hf_config` on this rank, sharded over ctx.tp_group when it has more
     than one rank: the weights of the checkpoint `directory`, or of the full tensors `state_dict`."""
     from transformers import AutoModelForCausalLM, DistributedConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per rank per point would bury the harness's own progress
     model_cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
     tp = ctx.comm.world_size
     kw: dict = {"config": hf_config, "dtype": dtype}

@@ -98,7 +98,7 @@ def test_malformed_sweep_definition_is_named(table, argument):
 def test_unknown_implementation_names_the_allowed_ones():
     with pytest.raises(TPConfigError) as info:
         load_config({"implementations": ["reference", "megatron"]})
-    assert info.value.argument == "implementations" and "'reference', 'dtensor'" in str(info.value)
+    assert info.value.argument == "implementations" and "'dtensor', 'hf-tp', 'reference'" in str(info.value)
 
 
 def test_dtensor_limits_are_checked_before_any_process(monkeypatch):
