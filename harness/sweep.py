@@ -38,11 +38,12 @@ from .protocol_sweep import BUILT_IN, declared_collectives, measure_protocol_on_
 from .timing import peak_memory_bytes, percentile, time_calls
 
 # Named model shapes (random weights). tiny: CPU; llama3-8b and llama2-13b: GPU shapes (13b fits one H100 in bf16).
+LLAMA = {"model_type": "llama", "sliding_window": None}  # what a protocol stack's check() reads of a checkpoint's config
 PRESETS = {
-    "tiny": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4, max_seq_len=1024),
+    "tiny": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4, max_seq_len=1024, extra=dict(LLAMA)),
     "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-                             rope_theta=500000.0, max_seq_len=8192),
-    "llama2-13b": ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40, max_seq_len=4096),
+                             rope_theta=500000.0, max_seq_len=8192, extra=dict(LLAMA)),
+    "llama2-13b": ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40, max_seq_len=4096, extra=dict(LLAMA)),
 }
 PHASES = ("prefill", "decode")
 

@@ -8,9 +8,10 @@ at TP=1, where there is nothing to sum), and a checkpoint whose kv heads tinysta
 is tinystack's Unsupported failure row with the reason. The guide shows the adapter verbatim
 (checked here, so the two cannot drift).
 
-Each command that judges a stack is a `JUDGES` entry (verify now; `tpgate correctness --impl`
-and `tpgate scaling --implementations` are to come) returning per-TP rows, so a command is one
-more entry and every test below runs for it.
+Each command that judges a stack's numbers is a `JUDGES` entry (verify now; `tpgate correctness
+--impl` is to come) returning per-TP rows, so a command is one more entry and every test below
+runs for it. `tpgate scaling --implementations` measures the same copy beside the reference
+(its `random` weights), with the figures a stack known only through the protocol can have.
 """
 from __future__ import annotations
 
@@ -137,3 +138,23 @@ def test_guide_shows_the_adapter_verbatim():
     assert len(blocks) == 1, f"{len(blocks)} python blocks in the guide's {SECTION!r} section"
     assert blocks[0] == (BYO / "tinystack_tpgate.py").read_text()
     assert f"--impl {SPEC}" in section
+
+
+def test_tinystack_is_swept_beside_the_reference(tmp_path):
+    """`tpgate scaling --implementations reference,tinystack_tpgate:IMPL` on the copy outside the
+    repository: every point of both stacks measured, tinystack's exposed communication not
+    measurable (it cannot be switched off from outside) and none of its points projected."""
+    import pandas as pd
+
+    stack = outside_copy(tmp_path)
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "scaling", "--world-sizes", "1,2", "--implementations", f"reference,{SPEC}",
+                           "--out", str(out)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(stack)}, capture_output=True, text=True, timeout=600)
+    assert (out / "results.csv").exists(), done.stdout + done.stderr
+    frame = pd.read_csv(out / "results.csv")
+    mine = frame[frame["implementation"] == SPEC]
+    assert set(zip(mine["phase"], mine["world_size"])) == {(p, w) for p in ("prefill", "decode") for w in (1, 2)}, mine
+    assert (mine["status"] == "ok").all() and not mine["projected"].any(), mine["error"].tolist()
+    assert (mine["latency_s"] > 0).all() and mine["exposed_comm"].isna().all()
+    assert (frame[frame["implementation"] == "reference"]["status"] == "ok").all()
+    assert SPEC in (out / "index.html").read_text()

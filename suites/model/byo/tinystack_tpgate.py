@@ -2,8 +2,14 @@
 a TP stack that knows nothing of tpgate. Put this file and tinystack.py on PYTHONPATH, then
 
     tpgate verify CHECKPOINT_DIR --tp 1,2,4 --impl tinystack_tpgate:IMPL
+    tpgate scaling --implementations reference,tinystack_tpgate:IMPL
 """
+import os
+import shutil
+import tempfile
+
 import torch
+import torch.distributed as dist
 
 import tinystack
 from harness.implementations import Unsupported
@@ -11,7 +17,7 @@ from harness.implementations import Unsupported
 
 class TinyStackAdapter:
     name = "tinystack"
-    capabilities = frozenset({"greedy"})  # it decodes with its own KV cache; no "random", no "collectives"
+    capabilities = frozenset({"greedy", "random"})  # it decodes with its own KV cache; no "collectives"
 
     def check(self, config, tp):
         """In the driver, before any process starts: Unsupported, with the reason, for what tinystack
@@ -42,6 +48,28 @@ class TinyStackAdapter:
     def greedy(self, model, ids, new_tokens):
         """ids (batch, prompt) -> (batch, new_tokens) int64 greedy tokens, the same on every rank."""
         return model.generate(ids, new_tokens)
+
+
+    def random(self, config, ctx, dtype, seed=0):
+        """Random weights of a sweep preset's shape (`config`: tpgate's ModelConfig): rank 0 saves
+        them once as a checkpoint (renamed into place whole), then every rank loads its shard."""
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        shape = (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_layers, config.num_heads, config.num_kv_heads)
+        directory = os.path.join(tempfile.gettempdir(), "tinystack-random-" + "-".join(map(str, (*shape, seed))))
+        if ctx.comm.rank == 0 and not os.path.isdir(directory):
+            torch.manual_seed(seed)
+            hf = LlamaConfig(vocab_size=shape[0], hidden_size=shape[1], intermediate_size=shape[2], num_hidden_layers=shape[3],
+                             num_attention_heads=shape[4], num_key_value_heads=shape[5], max_position_embeddings=config.max_seq_len,
+                             rope_theta=config.rope_theta, tie_word_embeddings=False)
+            partial = tempfile.mkdtemp(dir=os.path.dirname(directory))
+            LlamaForCausalLM(hf).save_pretrained(partial)
+            try:
+                os.replace(partial, directory)  # another rank or run sees no directory or a whole one
+            except OSError:  # another run renamed its whole copy into place first
+                shutil.rmtree(partial)
+        dist.barrier(group=ctx.tp_group)
+        return self.load(directory, ctx, dtype)
 
 
 IMPL = TinyStackAdapter()
