@@ -3,7 +3,11 @@
 `write_correctness_report(metrics, tests, environment, out_dir, tolerance_doc)`:
   metrics: one row per compared tensor (columns of harness.equivalence rows plus `test`, the
     pytest node id). A `collectives` column, if present, is dropped: it is per-example detail
-    the report does not use. Missing columns are tolerated (filled with NaN).
+    the report does not use. Missing columns are tolerated (filled with NaN), except
+    `implementation` (the harness.implementations spec the row judged, written by
+    suites/model/test_implementations.py): a row without one is tpgate's own stack, "reference"
+    (DEFAULT_IMPLEMENTATION). The matrix, the worst-tensor table and the summary's
+    "implementations" are per implementation.
   tests: one row per pytest test: nodeid, outcome ("passed"/"failed"/"skipped"/"error"),
     duration_s, message.
   Verdict: PASS iff there is at least one test, every outcome is passed or skipped, at least
@@ -40,7 +44,7 @@ from .atomic import publish_report  # noqa: E402
 from .tolerance import UNIT_ROUNDOFF  # noqa: E402
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
-METRIC_COLUMNS = ["layer", "dtype", "seed", "batch", "seq", "params", "world_size", "case", "tensor", "max_abs", "max_rel",
+METRIC_COLUMNS = ["implementation", "layer", "dtype", "seed", "batch", "seq", "params", "world_size", "case", "tensor", "max_abs", "max_rel",
                   "ulp", "err_single", "err_tp", "bound", "budget_used", "passed", "ranks_consistent", "test"]
 TEST_COLUMNS = ["nodeid", "outcome", "duration_s", "message"]
 DTYPE_ORDER = ["float32", "bfloat16", "float16"]
@@ -49,6 +53,7 @@ BUDGET_FLOOR = 1e-4  # budget_used below this (including exact 0) is drawn at th
 OK_OUTCOMES = {"passed", "skipped"}
 MAX_MESSAGE = 4000  # hypothesis failure messages can be very long; the full text stays in results.json
 REPORT_KIND = "correctness"
+DEFAULT_IMPLEMENTATION = "reference"  # the layer and model suites judge tpgate's own impl/
 
 
 def _normalise(metrics: pd.DataFrame, tests: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -57,6 +62,7 @@ def _normalise(metrics: pd.DataFrame, tests: pd.DataFrame) -> tuple[pd.DataFrame
         if col not in m:
             m[col] = np.nan
     m = m[METRIC_COLUMNS + [c for c in m.columns if c not in METRIC_COLUMNS]]
+    m["implementation"] = m["implementation"].where(m["implementation"].notna(), DEFAULT_IMPLEMENTATION).astype(str)
     # NaN / missing `passed` must never read as a pass
     m["passed"] = m["passed"].map(lambda v: v is True or v is np.True_ or str(v).lower() in ("true", "1", "1.0"))
     for col in ["max_abs", "max_rel", "ulp", "err_single", "err_tp", "bound", "budget_used", "world_size"]:
@@ -77,10 +83,10 @@ def _dtype_order(values) -> list[str]:
 def _examples(m: pd.DataFrame) -> pd.DataFrame:
     """One row per example (distinct test, case): passed iff all its tensors passed."""
     if m.empty:
-        return pd.DataFrame(columns=["test", "case", "layer", "world_size", "dtype", "passed"])
+        return pd.DataFrame(columns=["test", "case", "implementation", "layer", "world_size", "dtype", "passed"])
     keys = m[["test", "case"]].fillna("?")
     return (m.assign(test=keys["test"], case=keys["case"])
-             .groupby(["test", "case"], sort=False)
+             .groupby(["test", "case", "implementation"], sort=False)
              .agg(layer=("layer", "first"), world_size=("world_size", "first"), dtype=("dtype", "first"), passed=("passed", "all"))
              .reset_index())
 
@@ -108,24 +114,39 @@ def _summary(m: pd.DataFrame, t: pd.DataFrame, ex: pd.DataFrame) -> dict:
         "n_rows": len(m), "n_rows_failed": int((~m["passed"]).sum()),
         "max_budget_used": None if budget.dropna().empty else float(budget.max()),  # over finite values only
         "n_budget_nonfinite": int((~np.isfinite(m["budget_used"])).sum()),
+        "implementations": _per_implementation(m, ex),
         "notes": notes,
     }
 
 
+def _per_implementation(m: pd.DataFrame, ex: pd.DataFrame) -> dict:
+    """{implementation: its examples, tensors and tests, and how many of each failed}, in the order first met."""
+    out = {}
+    for impl in dict.fromkeys(m["implementation"]):
+        rows, examples = m[m["implementation"] == impl], ex[ex["implementation"] == impl]
+        tests = rows.groupby(rows["test"].fillna("?"), sort=False)["passed"].all()
+        out[impl] = {"n_examples": len(examples), "n_examples_failed": int((~examples["passed"]).sum()),
+                     "n_rows": len(rows), "n_rows_failed": int((~rows["passed"]).sum()),
+                     "n_tests": len(tests), "n_tests_failed": int((~tests).sum())}
+    return out
+
+
 def _matrix(ex: pd.DataFrame) -> dict:
-    """layer x (world_size, dtype) grid of passed/total examples, as plain data for the template."""
+    """(implementation, layer) x (world_size, dtype) grid of passed/total examples, as plain data for the template."""
     sizes = sorted(int(w) for w in ex["world_size"].dropna().unique())
     dtypes = _dtype_order(ex["dtype"])
-    layers = list(dict.fromkeys(str(v) for v in ex["layer"].fillna("?")))
+    layer = ex["layer"].fillna("?").astype(str)
+    keys = list(dict.fromkeys(zip(ex["implementation"].astype(str), layer)))
+    keys.sort(key=lambda k: k[0] != DEFAULT_IMPLEMENTATION)  # tpgate's own stack first, the others in the order run (stable)
     rows = []
-    for layer in layers:
+    for impl, name in keys:
         cells = []
         for ws in sizes:
             for dt in dtypes:
-                sel = ex[(ex["layer"].fillna("?").astype(str) == layer) & (ex["world_size"] == ws) & (ex["dtype"] == dt)]
+                sel = ex[(ex["implementation"] == impl) & (layer == name) & (ex["world_size"] == ws) & (ex["dtype"] == dt)]
                 n, ok = len(sel), int(sel["passed"].sum())
                 cells.append({"text": f"{ok}/{n}" if n else "–", "cls": "none" if not n else ("ok" if ok == n else "bad")})
-        rows.append({"layer": layer, "cells": cells})
+        rows.append({"implementation": impl, "layer": name, "cells": cells})
     return {"sizes": sizes, "dtypes": dtypes, "rows": rows}
 
 
@@ -218,11 +239,11 @@ def _worst_table(m: pd.DataFrame, n: int = 20) -> str | None:
     key = m["budget_used"].fillna(np.inf)
     order = pd.DataFrame({"f": ~m["passed"], "k": key}).sort_values(["f", "k"], ascending=False).index[:n]
     # layer and dtype are the head of `case` ("row[bfloat16 seed=..."), so they get no columns of their own
-    cols = ["world_size", "tensor", "budget_used", "err_tp", "bound", "err_single", "max_abs", "max_rel",
+    cols = ["implementation", "world_size", "tensor", "budget_used", "err_tp", "bound", "err_single", "max_abs", "max_rel",
             "ulp", "ranks_consistent", "passed", "case"]
     w = m.loc[order, cols].copy()
     w["passed"] = w["passed"].map({True: "PASS", False: "FAIL"})
-    w = w.rename(columns={"world_size": "tp", "ranks_consistent": "ranks agree"})  # narrow headers leave room for `case`
+    w = w.rename(columns={"implementation": "impl", "world_size": "tp", "ranks_consistent": "ranks agree"})  # narrow headers leave room for `case`
     return w.to_html(index=False, classes="data worst", border=0, float_format=_fmt, na_rep="—")
 
 
@@ -278,6 +299,7 @@ def write_correctness_report(metrics: pd.DataFrame, tests: pd.DataFrame, environ
         summary=summary, matrix=_matrix(ex), budget_plot=_budget_plot(m), ulp_plot=_ulp_plot(m),
         tolerance_table=_tolerance_table(m), tolerance_doc=tolerance_doc or "", bound_formula=BOUND_FORMULA,
         worst_table=_worst_table(m), failed_tests_table=_failed_tests_table(t), env_table=_env_table(environment),
+        implementations=(run or {}).get("implementations") or list(summary["implementations"]),
         budget_floor=BUDGET_FLOOR)
     payload = {"kind": REPORT_KIND, "verdict": summary["verdict"], "summary": summary, "run": run or {}, "environment": environment,
                "tests": t.to_dict(orient="records"), "metrics": m.to_dict(orient="records")}

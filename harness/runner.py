@@ -87,13 +87,16 @@ def describe_selection(pytest_args: list[str] | None) -> str:
     return f"a selection narrowed by pytest {' '.join(args)}"
 
 
-def run_record(pytest_args: list[str] | None, examples: int, device: str, environment: dict) -> dict:
+def run_record(pytest_args: list[str] | None, examples: int, device: str, environment: dict,
+               implementations: tuple[str, ...] = ("reference",)) -> dict:
     """What a correctness run covered, stored as results.json's "run" for the gate
     (harness.gate): the suites, the extra pytest arguments (none for the full release check),
-    the examples per property run and required, the device, the git commit and dirty flag, and
-    the digest of the source it ran (harness.environment.source_digest)."""
+    the examples per property run and required, the device, the implementations the model suite
+    judged (--impl), the git commit and dirty flag, and the digest of the source it ran
+    (harness.environment.source_digest)."""
     return {"suites": list(SUITES), "pytest_args": list(pytest_args or []), "selection": describe_selection(pytest_args),
             "examples": examples, "examples_required": configured_examples(), "device": device,
+            "implementations": list(implementations),
             "git_commit": environment.get("git_commit"), "git_dirty": environment.get("git_dirty"), "source_digest": environment.get("source_digest")}
 
 
@@ -117,10 +120,11 @@ def _require_complete_run(code, plugin: _Outcomes, pytest_args: list[str] | None
 
 
 def run_correctness(out_dir: str | Path = "reports/correctness", examples: int | None = None, device: str = "cpu",
-                    pytest_args: list[str] | None = None) -> dict:
+                    pytest_args: list[str] | None = None, implementations: tuple[str, ...] = ("reference",)) -> dict:
     """Run the suites and write the report. Returns the report summary (verdict etc.).
+    `implementations` (--impl) are the stacks suites/model/test_implementations.py judges.
 
-    Raises TPConfigError for a bad out_dir or device before anything runs, KeyboardInterrupt when
+    Raises TPConfigError for a bad out_dir, device or implementation before anything runs, KeyboardInterrupt when
     the run was interrupted and SuiteRunError when pytest could not run the selection; in all
     three cases no report is written."""
     import pytest
@@ -135,7 +139,8 @@ def run_correctness(out_dir: str | Path = "reports/correctness", examples: int |
     # the suites run worlds of 1, 2 and 4 ranks: on fewer GPUs than ranks, those share GPUs over gloo
     backend = ", ".join(f"{n} rank{'s' * (n > 1)}: {choose_backend(device, n, gpus)}" for n in (1, 2, 4))
     examples = examples or configured_examples()
-    suite_run, outcomes = SuiteRun(SuiteSettings(examples, device)), _Outcomes()
+    implementations = tuple(implementations)
+    suite_run, outcomes = SuiteRun(SuiteSettings(examples, device, implementations)), _Outcomes()
     start = time.monotonic()
     code = pytest.main(["-q", "-p", "no:cacheprovider", *[str(REPO / s) for s in SUITES], *(pytest_args or [])], plugins=[suite_run, outcomes])
     _require_complete_run(code, outcomes, pytest_args)
@@ -143,7 +148,7 @@ def run_correctness(out_dir: str | Path = "reports/correctness", examples: int |
     metrics = pd.DataFrame(suite_run.metric_rows)
     tests = pd.DataFrame(list(outcomes.rows.values()), columns=["nodeid", "outcome", "duration_s", "message"])
     environment = {**collect_environment(backend, device), "wall_time_s": round(wall_s, 1)}
-    run = run_record(pytest_args, examples, device, environment)
+    run = run_record(pytest_args, examples, device, environment, implementations)
     return write_correctness_report(metrics, tests, environment, out_dir, tolerance.__doc__, run)
 
 

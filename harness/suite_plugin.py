@@ -1,6 +1,6 @@
 """The suites' settings and metric rows, carried by a pytest plugin object (no environment).
 
-`SuiteRun(SuiteSettings(examples, device))` is registered with the pytest session that runs the
+`SuiteRun(SuiteSettings(examples, device, implementations))` is registered with the pytest session that runs the
 suites: the correctness runner passes its own to `pytest.main(..., plugins=[run])` and reads
 `run.metric_rows` afterwards; a plain `pytest` gets one built from the --tpgate-* options, which
 this module registers (its hooks below; pyproject's addopts loads it with `-p harness.suite_plugin`,
@@ -10,6 +10,8 @@ session fixtures hand the suites what they need:
   suite_settings  the SuiteSettings
   examples        hypothesis examples per layer property (SuiteSettings.examples)
   device          "cpu" or "cuda": where the ranks and the single-device references compute
+  implementations the implementation specs judged by suites/model/test_implementations.py
+                  (harness.implementations names; default ("reference",))
   metrics         `metrics.write(rows, test_id)` appends rows, each tagged {"test": test_id}
 
 Rows are kept in their JSON form (a json round trip, non-JSON values as str), which is what
@@ -23,24 +25,32 @@ from dataclasses import dataclass
 
 import pytest
 
-from impl.architecture import require
+from impl.architecture import TPConfigError, require
+from harness.implementations import load_implementations
 from harness.runtime.orchestrator import DEVICES
 
 DEFAULT_EXAMPLES = 5  # a plain `pytest`'s examples per property; `tpgate correctness` uses pyproject's
 DEFAULT_DEVICE = "cpu"
+DEFAULT_IMPLEMENTATIONS = ("reference",)
 
 
 @dataclass(frozen=True)
 class SuiteSettings:
-    """What a suite run is parameterised by. Raises TPConfigError for a device not in DEVICES or
-    examples that is not an integer >= 1."""
+    """What a suite run is parameterised by. Raises TPConfigError for a device not in DEVICES,
+    examples that is not an integer >= 1, or implementations that do not all resolve
+    (harness.implementations.load_implementations: the error names the argument, the value and
+    the names known)."""
     examples: int = DEFAULT_EXAMPLES
     device: str = DEFAULT_DEVICE
+    implementations: tuple[str, ...] = DEFAULT_IMPLEMENTATIONS
 
     def __post_init__(self):
         require(isinstance(self.examples, int) and not isinstance(self.examples, bool) and self.examples >= 1,
                 "examples", self.examples, "must be an integer >= 1")
         require(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
+        require(isinstance(self.implementations, tuple) and all(isinstance(s, str) for s in self.implementations),
+                "implementations", self.implementations, "must be a tuple of implementation names")
+        load_implementations(self.implementations, "implementations")
 
 
 class SuiteRun:
@@ -67,6 +77,10 @@ class SuiteRun:
         return self.settings.device
 
     @pytest.fixture(scope="session")
+    def implementations(self) -> tuple[str, ...]:
+        return self.settings.implementations
+
+    @pytest.fixture(scope="session")
     def metrics(self) -> SuiteRun:
         return self
 
@@ -80,7 +94,7 @@ def registered_run(config) -> SuiteRun | None:
 
 
 # option -> its dest; None as the parsed default tells "not given" from "given as the default"
-OPTIONS = {"--tpgate-examples": "tpgate_examples", "--tpgate-device": "tpgate_device"}
+OPTIONS = {"--tpgate-examples": "tpgate_examples", "--tpgate-device": "tpgate_device", "--tpgate-impl": "tpgate_impl"}
 
 
 def _examples_option(text: str) -> int:
@@ -93,12 +107,20 @@ def _examples_option(text: str) -> int:
     return value
 
 
+def _impl_option(text: str) -> tuple[str, ...]:
+    # names only here; whether they resolve is SuiteSettings' check (pytest_configure), a UsageError naming them
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("tpgate", "tpgate suites (set by `tpgate correctness` when it runs them)")
     group.addoption("--tpgate-examples", type=_examples_option, default=None, metavar="N",
                     help=f"hypothesis examples per layer property (default {DEFAULT_EXAMPLES})")
     group.addoption("--tpgate-device", choices=DEVICES, default=None,
                     help=f"where the ranks and single-device references compute (default {DEFAULT_DEVICE})")
+    group.addoption("--tpgate-impl", type=_impl_option, default=None, metavar="NAME[,NAME]",
+                    help="implementations suites/model/test_implementations.py judges: built-in (reference, dtensor, hf-tp), "
+                         "a tpgate.implementations entry point, or module:object (default: reference)")
     group.addoption("--tpgate-bench", action="store_true", help="run suites/scaling's layer benchmarks (also under --benchmark-disable)")
     group.addoption("--tpgate-fault-table", default=None, metavar="FILE", help="write suites/faults' time-to-error table (Markdown) to FILE")
 
@@ -108,7 +130,11 @@ def pytest_configure(config):
     given = {option: value for option, value in given.items() if value is not None}
     if registered_run(config) is not None:
         if given:  # the runner records its own settings in results.json: a second source would make that untrue
-            raise pytest.UsageError(f"{', '.join(given)}: the correctness runner sets this (tpgate correctness --examples / --device)")
+            raise pytest.UsageError(f"{', '.join(given)}: the correctness runner sets this (tpgate correctness --examples / --device / --impl)")
         return
-    settings = SuiteSettings(examples=given.get("--tpgate-examples", DEFAULT_EXAMPLES), device=given.get("--tpgate-device", DEFAULT_DEVICE))
+    try:
+        settings = SuiteSettings(examples=given.get("--tpgate-examples", DEFAULT_EXAMPLES), device=given.get("--tpgate-device", DEFAULT_DEVICE),
+                                 implementations=given.get("--tpgate-impl", DEFAULT_IMPLEMENTATIONS))
+    except TPConfigError as e:
+        raise pytest.UsageError(f"--tpgate-impl: {e}") from None
     config.pluginmanager.register(SuiteRun(settings), "tpgate-suite-run")

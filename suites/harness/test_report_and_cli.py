@@ -76,3 +76,23 @@ def test_cli_rejects_bad_arguments_naming_them(argv, needle, capsys):
         cli.main(argv)
     assert info.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_report_shows_results_per_implementation(tmp_path):
+    """Rows naming an implementation (suites/model/test_implementations.py) get their own matrix
+    line and per-implementation counts; rows naming none are tpgate's own stack, `reference`."""
+    theirs = _metrics(passed=False).assign(implementation="dtensor", layer="model[qwen2]", test="u")
+    out = tmp_path / "correctness"
+    write_correctness_report(pd.concat([_metrics(), theirs]), _tests(), {}, out, "doc", {"implementations": ["reference", "dtensor"]})
+    data = json.loads((out / "results.json").read_text())
+    assert data["summary"]["implementations"] == {
+        "reference": {"n_examples": 3, "n_examples_failed": 0, "n_rows": 3, "n_rows_failed": 0, "n_tests": 1, "n_tests_failed": 0},
+        "dtensor": {"n_examples": 3, "n_examples_failed": 1, "n_rows": 3, "n_rows_failed": 1, "n_tests": 1, "n_tests_failed": 1}}
+    assert [r["implementation"] for r in data["metrics"]] == ["reference"] * 3 + ["dtensor"] * 3
+    html = (out / "index.html").read_text()
+    matrix = html[html.index('<table class="matrix">'):html.index("</table>", html.index('<table class="matrix">'))]
+    assert '<td class="layer">reference</td><td class="layer">row</td><td class="ok">1/1</td><td class="ok">1/1</td><td class="ok">1/1</td>' in matrix
+    assert '<td class="layer">dtensor</td><td class="layer">model[qwen2]</td><td class="ok">1/1</td><td class="ok">1/1</td><td class="bad">0/1</td>' in matrix
+    assert "Implementations judged: reference, dtensor" in html
+    per_impl = html[html.index('<table class="data per-impl">'):]
+    assert per_impl.index("<td>reference</td>") < per_impl.index("<td>dtensor</td>") < per_impl.index("</table>")

@@ -16,6 +16,7 @@ import pytest
 
 from harness import runner, suite_plugin
 from harness.runner import SuiteRunError
+from impl.architecture import TPConfigError
 
 # what the suites read before: each set to a value unlike the run's
 OLD_ENV = {"TPGATE_EXAMPLES": "7", "TPGATE_DEVICE": "cuda"}
@@ -141,4 +142,56 @@ def test_the_runner_refuses_a_second_source_of_its_settings(tmp_path, monkeypatc
     monkeypatch.setattr(runner, "SUITES", (str(_package(tmp_path, SETTINGS_SUITE.format(examples=4, device="cpu"), CONFTEST)),))
     with pytest.raises(SuiteRunError, match="USAGE_ERROR"):
         runner.run_correctness(tmp_path / "correctness", examples=RUN_EXAMPLES, pytest_args=["--tpgate-examples", "4"])
+    assert not (tmp_path / "correctness").exists()
+
+
+# --------------------------------------------------------------------------- implementations (--tpgate-impl / tpgate correctness --impl)
+
+IMPL_SUITE = """
+def test_implementations(implementations, suite_settings):
+    assert implementations == suite_settings.implementations == {expected!r}, implementations
+"""
+
+
+@pytest.mark.parametrize("args,expected", [([], ("reference",)), (["--tpgate-impl", "dtensor,reference"], ("dtensor", "reference"))])
+def test_plain_pytest_takes_the_implementations_option(args, expected, tmp_path):
+    pkg = _package(tmp_path, IMPL_SUITE.format(expected=expected), CONFTEST)
+    assert pytest.main([str(pkg), "-q", "-p", "no:cacheprovider", *args]) == pytest.ExitCode.OK
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("nope", "implementations='nope': is not a known implementation"),
+    ("reference,reference", "implementations=['reference', 'reference']: must not repeat an implementation"),
+    (",", "implementations=[]: must name at least one implementation: ['dtensor', 'hf-tp', 'reference']"),
+])
+def test_an_unknown_implementation_is_a_usage_error_naming_it_and_the_known(value, needle, tmp_path, capsys):
+    pkg = _package(tmp_path, IMPL_SUITE.format(expected=()), CONFTEST)
+    assert pytest.main([str(pkg), "-q", "-p", "no:cacheprovider", "--tpgate-impl", value]) == pytest.ExitCode.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert f"--tpgate-impl: {needle}" in err, err
+    if value == "nope":
+        assert "'dtensor'" in err and "'hf-tp'" in err and "'reference'" in err, err
+
+
+def test_settings_check_the_implementations():
+    assert suite_plugin.SuiteSettings().implementations == ("reference",)
+    with pytest.raises(TPConfigError, match=r"implementations='nope': is not a known implementation .*'dtensor', 'hf-tp', 'reference'"):
+        suite_plugin.SuiteSettings(implementations=("reference", "nope"))
+    with pytest.raises(TPConfigError, match=r"implementations='reference': must be a tuple of implementation names"):
+        suite_plugin.SuiteSettings(implementations="reference")
+
+
+def test_the_runner_hands_its_implementations_to_the_suites_and_records_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "SUITES", (str(_package(tmp_path, IMPL_SUITE.format(expected=("dtensor", "hf-tp")))),))
+    out = tmp_path / "correctness"
+    summary = runner.run_correctness(out, examples=RUN_EXAMPLES, implementations=("dtensor", "hf-tp"))
+    data = json.loads((out / "results.json").read_text())
+    assert summary["verdict"] == "PASS" and data["summary"]["n_passed"] == 1, data["tests"]
+    assert data["run"]["implementations"] == ["dtensor", "hf-tp"]
+
+
+def test_the_runner_refuses_an_unknown_implementation_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "SUITES", (str(_package(tmp_path, IMPL_SUITE.format(expected=()))),))
+    with pytest.raises(TPConfigError, match=r"implementations='nope': is not a known implementation"):
+        runner.run_correctness(tmp_path / "correctness", examples=RUN_EXAMPLES, implementations=("nope",))
     assert not (tmp_path / "correctness").exists()
