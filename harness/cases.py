@@ -5,6 +5,10 @@ process regenerates the same full weights, input and output-gradient (nothing la
 pickled). `run_on_rank` runs rank `ctx.rank`'s shard forward and backward; `run_single`
 runs the unsharded layer on one device (world size 1, NullCommunicator) in any dtype —
 the float64 run is the "exact" reference the tolerance policy measures both against.
+
+How a rank's outputs and gradients map to the full ones is not re-derived here: each result
+carries the ShardSpec every parameter declares (impl/sharding.py) and, for a column-parallel
+layer's local output, its weight's, and the gathering below only reads them.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from impl.architecture import Communicator, ModelConfig, parse_dtype
 from impl.communication import CountingCommunicator, NullCommunicator
 from impl.model import TransformerBlock, random_block_tensors
+from impl.sharding import ShardLayoutError, shard, spec_of, unshard
 from impl.tensor_parallel import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelAttention, ParallelLMHead, ParallelMLP,
                                   QKVParallelLinear, RMSNorm, RowParallelLinear, VocabParallelEmbedding)
 
@@ -136,118 +141,63 @@ def forward_backward(layer, case: LayerCase, dtype: torch.dtype, comm: Communica
     x = x if case.kind == "embedding" else x.to(dtype).requires_grad_(True)
     out = layer(x)
     forward_collectives = len(getattr(comm, "records", ()))
-    if case.kind in ("column", "merged_column", "qkv") and not case.params.get("gather", False):
-        full = output_grad(case, (*out.shape[:-1], full_out_width(case)))
-        grad = local_layout(case, full, comm.rank, comm.world_size)
+    sharded_out = case.kind in ("column", "merged_column", "qkv") and not case.params.get("gather", False)
+    if sharded_out:
+        # the full output gradient cut like the output: a replicated kv head's reaches one holder
+        # (the others' q heads add theirs downstream), so replicas other than the first get zeros
+        spec = layer.output_spec()
+        full = output_grad(case, (*out.shape[:-1], spec.full_size())).movedim(-1, 0)
+        grad = shard(list(torch.split(full, [s.size for s in spec.segments], 0)), spec, comm.rank, comm.world_size, duplicates="zero").movedim(0, -1)
     else:
         grad = output_grad(case, out.shape)
     out.backward((grad.abs() if absolute else grad).to(device, dtype))
-    grads = {n: p.grad.detach().cpu().clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return {"out": out.detach().cpu(), "grad_in": None if case.kind == "embedding" else x.grad.detach().cpu(), "grads": grads,
-            "forward_collectives": forward_collectives}
+    return {"out": out.detach().cpu(), "grad_in": None if case.kind == "embedding" else x.grad.detach().cpu(), **parameter_grads(layer),
+            "out_spec": layer.output_spec() if sharded_out else None, "forward_collectives": forward_collectives}
 
 
-def full_out_width(case: LayerCase) -> int:
-    p = case.params
-    if case.kind == "merged_column":
-        return sum(p["segments"])
-    if case.kind == "qkv":
-        return (p["heads"] + 2 * p["kv_heads"]) * p["head_dim"]
-    return p["out"]
+def parameter_grads(layer) -> dict:
+    """{"grads": {name: this rank's local gradient}, "shards": {name: the parameter's declared ShardSpec}}."""
+    named = [(n, p) for n, p in layer.named_parameters() if p.grad is not None]
+    return {"grads": {n: p.grad.detach().cpu().clone() for n, p in named}, "shards": {n: spec_of(p) for n, p in named}}
 
 
-def local_layout(case: LayerCase, full: torch.Tensor, rank: int, tp: int, for_grad: bool = True) -> torch.Tensor:
-    """Map a full (..., out) tensor to rank's local (..., out/tp) layout of a fused column layer."""
-    p = case.params
-    front = full.movedim(-1, 0)
-    if case.kind == "merged_column":
-        segs = torch.split(front, p["segments"], 0)
-        local = torch.cat([s.chunk(tp, 0)[rank] for s in segs], 0)
-    elif case.kind == "qkv":
-        d = p["head_dim"]
-        q, k, v = torch.split(front, [p["heads"] * d, p["kv_heads"] * d, p["kv_heads"] * d], 0)
-        replicas = max(1, tp // p["kv_heads"])
-        lkv = max(1, p["kv_heads"] // tp) * d
-        first = (rank // replicas) * lkv
-        k, v = k[first:first + lkv], v[first:first + lkv]
-        if rank % replicas and for_grad:
-            # a replicated kv head's gradient belongs to one holder; the others' q heads add theirs downstream
-            k, v = torch.zeros_like(k), torch.zeros_like(v)
-        local = torch.cat([q.chunk(tp, 0)[rank], k, v], 0)
-    else:
-        local = front.chunk(tp, 0)[rank]
-    return local.movedim(0, -1)
+def gather_outputs(case: LayerCase, results: list[dict]) -> torch.Tensor:
+    """Full output from every rank's result: a column-parallel layer's local outputs joined as its
+    declared output spec says (the first holder of a replicated kv head); else rank 0's."""
+    spec = results[0]["out_spec"]
+    if len(results) == 1 or spec is None:
+        return results[0]["out"]
+    return joined([r["out"].movedim(-1, 0) for r in results], spec).movedim(0, -1)
 
 
-def gather_outputs(case: LayerCase, outs: list[torch.Tensor]) -> torch.Tensor:
-    """Full output from every rank's local output (identity for replicated outputs)."""
-    p, tp = case.params, len(outs)
-    if tp == 1 or case.kind not in ("column", "merged_column", "qkv") or p.get("gather", False):
-        return outs[0]
-    fronts = [{"w": o.movedim(-1, 0)} for o in outs]
-    if case.kind == "column":
-        full = ColumnParallelLinear.full_state(fronts)["w"]
-    elif case.kind == "merged_column":
-        full = torch.cat(MergedColumnParallelLinear.full_state(fronts, p["segments"])["w"], 0)
-    else:
-        full = torch.cat(QKVParallelLinear.full_state(fronts, p["head_dim"], p["heads"], p["kv_heads"])["w"], 0)
-    return full.movedim(0, -1)
+def gather_grads(results: list[dict]) -> dict[str, torch.Tensor]:
+    """Full parameter gradients from every rank's result ("grads" and "shards", rank order), keyed
+    like the 1-rank layer's: each joined as its parameter declares, replicated kv heads summed over
+    their holders (each saw a share of the query heads); replicated parameters from rank 0."""
+    shards = results[0]["shards"]
+    return {n: joined([r["grads"][n] for r in results], shards[n], sum_replicas=True) for n in results[0]["grads"]}
 
 
-def gather_grads(case: LayerCase, grads: list[dict]) -> dict[str, torch.Tensor]:
-    """Full parameter gradients from every rank's local gradients, keyed like the 1-rank layer's."""
-    p, tp = case.params, len(grads)
-    if tp == 1:
-        return grads[0]
-    if case.kind == "column":
-        return ColumnParallelLinear.full_state(grads)
-    if case.kind == "row":
-        return RowParallelLinear.full_state(grads)
-    if case.kind == "merged_column":
-        return {k: torch.cat(v, 0) for k, v in MergedColumnParallelLinear.full_state(grads, p["segments"]).items()}
-    if case.kind == "qkv":
-        return {k: torch.cat(v, 0) for k, v in QKVParallelLinear.full_state(grads, p["head_dim"], p["heads"], p["kv_heads"], sum_replicas=True).items()}
-    if case.kind in ("embedding", "lm_head"):
-        return VocabParallelEmbedding.full_state(grads, p["vocab"])
-    if case.kind == "rmsnorm":
-        return grads[0]
-    return _gather_composite(case, grads)
+def joined(locals_: list[torch.Tensor], spec, sum_replicas: bool = False) -> torch.Tensor:
+    """unshard's segments end to end; locals that do not fit the spec (a rank that sharded another
+    way: a bug under test) give NaN of the spec's full shape, which no comparison passes."""
+    try:
+        return torch.cat(unshard(locals_, spec, sum_replicas), spec.dim or 0)
+    except ShardLayoutError:
+        shape = list(locals_[0].shape)
+        shape[spec.dim] = spec.full_size()
+        return torch.full(shape, float("nan"), dtype=locals_[0].dtype)
 
 
-def replicated_grad_names(case: LayerCase, grads: dict) -> list[str]:
-    """Names of the parameters every rank holds in full (norm weights, row-parallel biases):
-    gather_grads takes their gradient from rank 0, so every rank's copy must agree."""
-    if case.kind == "rmsnorm":
-        return list(grads)
-    if case.kind == "row":
-        return [n for n in grads if n == "bias"]
-    if case.kind not in ("attention", "mlp", "block"):
-        return []
-    return [n for n in grads if n.endswith("norm.weight") or n.endswith(("o_proj.bias", "down.bias"))]
+def replicated_grad_names(result: dict) -> list[str]:
+    """Names of the parameters every rank holds in full (norm weights, row-parallel biases), as
+    declared: gather_grads takes their gradient from rank 0, so every rank's copy must agree."""
+    return [n for n, spec in result["shards"].items() if spec.dim is None]
 
 
-def replicated_grads_agree(case: LayerCase, grads: list[dict]) -> bool:
+def replicated_grads_agree(results: list[dict]) -> bool:
     """Every rank's gradient of each replicated parameter is bitwise identical to rank 0's."""
-    return all(torch.equal(g[n], grads[0][n]) for n in replicated_grad_names(case, grads[0]) for g in grads)
-
-
-def _gather_composite(case: LayerCase, grads: list[dict]) -> dict[str, torch.Tensor]:
-    p, out = case.params, {}
-    for key in grads[0]:
-        module, leaf = key.rsplit(".", 1)
-        locs = [{leaf: g[key]} for g in grads]
-        owner = module.rsplit(".", 1)[-1]
-        if owner in ("o_proj", "down") and leaf == "bias":  # replicated, added after the reduction
-            out[key] = grads[0][key]
-        elif owner in ("o_proj", "down"):
-            out[key] = RowParallelLinear.full_state(locs)[leaf]
-        elif owner == "gate_up":
-            out[key] = torch.cat(MergedColumnParallelLinear.full_state(locs, [p["inter"], p["inter"]])[leaf], 0)
-        elif owner == "qkv":
-            out[key] = torch.cat(QKVParallelLinear.full_state(locs, p["head_dim"], p["heads"], p["kv_heads"], sum_replicas=True)[leaf], 0)
-        else:  # replicated params (norms) carry the full, identical gradient on every rank
-            out[key] = grads[0][key]
-    return out
+    return all(torch.equal(r["grads"][n], results[0]["grads"][n]) for n in replicated_grad_names(results[0]) for r in results)
 
 
 # --------------------------------------------------------------------------- entry points

@@ -84,17 +84,17 @@ def _group_rows(case: LayerCase, per_rank: list[dict], device: str) -> list[dict
     def add(name, got, ref1, ref64, mag):
         rows.append({**base, **compare(name, got, ref1, ref64, dtype, tp, magnitude=mag)})
 
-    add("output", gather_outputs(case, [r["out"] for r in per_rank]), single["out"], exact["out"], magnitude["out"])
+    add("output", gather_outputs(case, per_rank), single["out"], exact["out"], magnitude["out"])
     if single["grad_in"] is not None:
         add("grad_input", per_rank[0]["grad_in"], single["grad_in"], exact["grad_in"], magnitude["grad_in"])
-    full_grads = gather_grads(case, [r["grads"] for r in per_rank])
+    full_grads = gather_grads(per_rank)
     for name in sorted(single["grads"]):
         add(f"grad_{name}", full_grads[name], single["grads"][name], exact["grads"][name], magnitude["grads"][name])
 
     replicated = case.kind in REPLICATED_OUTPUT or case.params.get("gather", False)
     consistent = all(torch.equal(r["out"], per_rank[0]["out"]) for r in per_rank) if replicated else True
     grad_in_consistent = all(r["grad_in"] is None or torch.equal(r["grad_in"], per_rank[0]["grad_in"]) for r in per_rank)
-    grads_consistent = replicated_grads_agree(case, [r["grads"] for r in per_rank])  # gather_grads takes them from rank 0
+    grads_consistent = replicated_grads_agree(per_rank)  # gather_grads takes them from rank 0
     for row in rows:
         row["ranks_consistent"] = consistent and grad_in_consistent and grads_consistent
         row["passed"] = row["passed"] and row["ranks_consistent"]

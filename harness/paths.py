@@ -9,7 +9,7 @@ import torch
 from impl.architecture import parse_dtype
 from impl.communication import CountingCommunicator, NullCommunicator, all_reduce_sequence_parallel_grads
 
-from .cases import LayerCase, block_config, build_layer, full_tensors, inputs
+from .cases import LayerCase, block_config, build_layer, full_tensors, inputs, parameter_grads
 from impl.model import O_BIAS, TransformerBlock
 
 
@@ -55,9 +55,8 @@ def sequence_parallel_block(ctx, case: LayerCase, reduce_grads: bool = True) -> 
     if reduce_grads:
         all_reduce_sequence_parallel_grads(layer, ctx.comm)
     gather = lambda t: ctx.comm.all_gather(t.contiguous(), 1).float().cpu()  # noqa: E731
-    grads = {n: p.grad.detach().cpu().clone() for n, p in layer.named_parameters() if p.grad is not None}
     tagged = sorted(n for n, p in layer.named_parameters() if getattr(p, "sequence_parallel_grad", False))
-    return {"out": gather(out.detach()), "grad_in": gather(x.grad), "grad": grad.float(), "grads": grads, "tagged": tagged,
+    return {"out": gather(out.detach()), "grad_in": gather(x.grad), "grad": grad.float(), **parameter_grads(layer), "tagged": tagged,
             "forward_collectives": forward, "inference_collectives": inference, "inference_equal": inference_equal}
 
 

@@ -5,9 +5,10 @@ and the layers' `from_full` slices them, so the full tensor is never materialise
 rank that needs a shard (replicated tensors such as norms excepted).
 
 `save_shards` writes one safetensors file per rank plus `tpgate-shards.json` (TP degree,
-config, tensor layout). `ShardCheckpoint` reads such a directory back at any TP degree: it
-rebuilds each full tensor from every rank's file with the layers' `full_state` (one tensor
-at a time) and hands it to the same `from_tensors` path.
+config, and each tensor's ShardSpec as its parameter declares it, impl/sharding.py).
+`ShardCheckpoint` reads such a directory back at any TP degree: it rebuilds each full tensor
+from every rank's file with `unshard` and the stored spec (one tensor at a time) and hands it
+to the same `from_tensors` path.
 
 Every problem is a CheckpointError naming the tensor and the file, raised before any
 weight is copied: missing or unexpected keys, shape or dtype mismatch, unreadable files,
@@ -26,12 +27,13 @@ import torch
 
 from .architecture import Communicator, ModelConfig, TPConfigError
 from .model import LlamaModel, checkpoint_shapes
-from .tensor_parallel import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from .sharding import ShardSpec, spec_of, unshard
 
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SHARD_METADATA = "tpgate-shards.json"
+SHARD_FORMAT = "tpgate-shards/2"  # /2: each tensor's layout is its ShardSpec (impl/sharding.py)
 CONVERT_HINT = (
     "tpgate never unpickles checkpoints. Convert it once, in an environment you trust, with: "
     "python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('DIR').save_pretrained('OUT', safe_serialization=True)\""
@@ -179,23 +181,19 @@ def save_shards(model: LlamaModel, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     comm, tp = model.comm, model.comm.world_size
+    params = dict(model.named_parameters(remove_duplicate=False))
     state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
     _atomic_save(state, directory / shard_file(comm.rank, tp))
     comm.barrier()
     if comm.rank == 0:
-        meta = {"format": "tpgate-shards/1", "tp": tp, "config": asdict(model.config), "files": [shard_file(r, tp) for r in range(tp)],
-                "layout": {k: _layout(k) for k in state}}
+        meta = {"format": SHARD_FORMAT, "tp": tp, "config": asdict(model.config), "files": [shard_file(r, tp) for r in range(tp)],
+                "layout": {k: spec_of(params[k]).to_json() if k in params else None for k in state}}
         path = directory / SHARD_METADATA
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, path)
     comm.barrier()
     return directory
-
-
-def _layout(local_name: str) -> str:
-    owner = local_name.rsplit(".", 2)[-2] if "." in local_name else local_name
-    return {"embed": "vocab_rows", "lm_head": "vocab_rows", "qkv": "qkv_heads", "o_proj": "row", "down": "row", "gate_up": "merged_column"}.get(owner, "replicated")
 
 
 class ShardCheckpoint(Mapping):
@@ -221,48 +219,51 @@ class ShardCheckpoint(Mapping):
             missing = sorted(expected - set(handle.keys()))
             if missing:
                 raise CheckpointError(f"{self.directory / file}: tensor {missing[0]} missing ({len(missing)} in all)")
-        self._fused: tuple[str, tuple] | None = None  # last rebuilt fused tensor: q, k, v (or gate, up) are asked for in turn
+        self._fused: tuple[str, list] | None = None  # last rebuilt fused tensor: q, k, v (or gate, up) are asked for in turn
+        if self.meta.get("format") != SHARD_FORMAT:
+            raise CheckpointError(f"{meta_path}: format {self.meta.get('format')!r}, expected {SHARD_FORMAT!r} (save the shards again with this tpgate)")
+        try:
+            self._specs = {k: ShardSpec.from_json(v) if v is not None else ShardSpec(None) for k, v in self.meta["layout"].items()}
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{meta_path}: malformed layout ({type(e).__name__}: {e})") from None
 
-    def _rebuild_fused(self, local_name: str, rebuild):
+    def _full(self, local_name: str) -> list[torch.Tensor]:
+        """The full tensors (one per segment) of a local tensor, rebuilt from every rank's file as
+        its stored spec says; the last one is kept (q, k, v, or gate, up, are asked for in turn)."""
         if self._fused is None or self._fused[0] != local_name:
-            self._fused = (local_name, rebuild(self._locals(local_name)))
+            self._fused = (local_name, unshard(self._locals(local_name), self._specs[local_name]))
         return self._fused[1]
 
-    def _locals(self, local_name: str) -> list[dict]:
-        """[{"weight": rank r's tensor}] for every rank of the saved TP degree."""
+    def _locals(self, local_name: str) -> list[torch.Tensor]:
+        """Rank r's tensor `local_name`, for every rank of the saved TP degree."""
         out = []
         for handle, file in zip(self._handles, self.meta["files"]):
             if local_name not in handle.keys():
                 raise CheckpointError(f"{self.directory / file}: tensor {local_name} missing")
-            out.append({"weight": handle.get_tensor(local_name)})
+            out.append(handle.get_tensor(local_name))
         return out
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        c = self.config
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            local = "embed.weight" if name.startswith("model.") else "lm_head.weight"
-            return VocabParallelEmbedding.full_state(self._locals(local), c.vocab_size)["weight"]
-        if name == "model.norm.weight":
-            return self._locals("norm.weight")[0]["weight"]
+        local, segment = self._local_of(name)
+        return self._full(local)[segment]
+
+    @staticmethod
+    def _local_of(name: str) -> tuple[str, int]:
+        """(tpgate's local tensor name, segment index) of a Hugging Face tensor name."""
+        top = {"model.embed_tokens.weight": "embed.weight", "lm_head.weight": "lm_head.weight", "model.norm.weight": "norm.weight"}
+        if name in top:
+            return top[name], 0
         if not name.startswith("model.layers."):
             raise KeyError(name)
         layer, rest = name.removeprefix("model.layers.").split(".", 1)
         module, leaf = rest.rsplit(".", 1)
-        p = f"layers.{layer}."
-        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-            q, k, v = self._rebuild_fused(f"{p}attention.qkv.{leaf}", lambda ls: QKVParallelLinear.full_state(ls, c.head_dim, c.num_heads, c.num_kv_heads)["weight"])
-            return {"q": q, "k": k, "v": v}[module[len("self_attn.")]]
-        if module in ("mlp.gate_proj", "mlp.up_proj"):
-            gate, up = self._rebuild_fused(f"{p}mlp.gate_up.weight", lambda ls: MergedColumnParallelLinear.full_state(ls, [c.intermediate_size] * 2)["weight"])
-            return gate if module == "mlp.gate_proj" else up
-        row = {"self_attn.o_proj": "attention.o_proj", "mlp.down_proj": "mlp.down"}.get(module)
-        if row is not None:
-            locals_ = self._locals(f"{p}{row}.{leaf}")
-            return RowParallelLinear.full_state(locals_)["weight"] if leaf == "weight" else locals_[0]["weight"]
-        replicated = {"input_layernorm": "input_norm", "post_attention_layernorm": "post_attention_norm"}.get(module)
-        if replicated is None:
+        fused = {"self_attn.q_proj": ("attention.qkv", 0), "self_attn.k_proj": ("attention.qkv", 1), "self_attn.v_proj": ("attention.qkv", 2),
+                 "mlp.gate_proj": ("mlp.gate_up", 0), "mlp.up_proj": ("mlp.gate_up", 1), "self_attn.o_proj": ("attention.o_proj", 0),
+                 "mlp.down_proj": ("mlp.down", 0), "input_layernorm": ("input_norm", 0), "post_attention_layernorm": ("post_attention_norm", 0)}
+        if module not in fused:
             raise KeyError(name)
-        return self._locals(f"{p}{replicated}.{leaf}")[0]["weight"]
+        local, segment = fused[module]
+        return f"layers.{layer}.{local}.{leaf}", segment
 
     def __iter__(self):
         return iter(self._names)

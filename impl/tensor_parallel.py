@@ -1,11 +1,12 @@
 """Megatron-style tensor-parallel layers.
 
 Every layer holds only its rank's shard and is built either empty (`__init__`) or from the
-full, unsharded weights (`from_full`). `from_full` accepts torch tensors or safetensors
-lazy slices (anything with `get_shape()` and slicing), so the checkpoint loader and the
-equivalence suites share one sharding code path and a rank never reads more than its
-shard. `full_state(local_states)` is the inverse: it rebuilds the full tensors from every
-rank's local state dict, used for resharding and for comparing gradients.
+full, unsharded weights (`from_full`). Each `__init__` declares, on each of its parameters, how it
+is split (`param.tp_shard`, an impl.sharding.ShardSpec: the dimension, the segments, kv-head
+replicas, vocabulary padding); `from_full` slices through that declaration (`shard`, which accepts
+torch tensors or safetensors lazy slices, so a rank never reads more than its shard), and
+whatever rebuilds full tensors from every rank's locals — resharding a shard checkpoint,
+comparing gathered gradients — reads the same declaration (`unshard`).
 
 Weights follow torch's Linear layout, (out_features, in_features).
 Column-parallel layers shard dim 0 of the weight (the output features);
@@ -22,39 +23,25 @@ from torch import nn
 from .architecture import Communicator, TPConfigError, check_kv_heads, require, require_divisible, rope_scaling_parameters
 from .communication import copy_to_parallel, gather_from_parallel, gather_from_sequence, reduce_from_parallel, reduce_scatter_to_sequence, scatter_to_parallel
 from .kernels import decode_attention as fused_decode_attention
+from .sharding import Segment, ShardSpec, columns, declare, rows, shape_of, shard, spec_of, take, unshard
 
 
 # --------------------------------------------------------------------------- sharding helpers
-
-
-def shape_of(src) -> tuple[int, ...]:
-    return tuple(src.shape) if isinstance(src, torch.Tensor) else tuple(src.get_shape())
-
-
-def take(src, dim: int, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of `src` along `dim` (0 or 1); rows past the end are zero padding.
-
-    Reads only that range when `src` is a safetensors lazy slice.
-    """
-    size = shape_of(src)[dim]
-    real_stop = min(stop, size)
-    index = (slice(start, real_stop),) if dim == 0 else (slice(None), slice(start, real_stop))
-    part = src[index] if start < real_stop else None
-    if isinstance(part, torch.Tensor):
-        part = part.clone() if isinstance(src, torch.Tensor) else part
-    if real_stop == stop:
-        return part
-    pad_shape = list(shape_of(src))
-    pad_shape[dim] = stop - max(start, real_stop)
-    dtype = src.dtype if isinstance(src, torch.Tensor) else (part.dtype if part is not None else torch.float32)
-    pad = torch.zeros(pad_shape, dtype=dtype)
-    return pad if part is None else torch.cat([part, pad], dim)
 
 
 def _copy_into(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
     require(tuple(value.shape) == tuple(param.shape), name, tuple(value.shape), f"shard shape must be {tuple(param.shape)}")
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
+
+
+def load_full(layer: nn.Module, **sources) -> None:
+    """Copy this rank's shard of each named parameter of `layer` from its full tensors (a list:
+    one per segment of the parameter's declared spec; None: the layer has no such parameter)."""
+    for name, src in sources.items():
+        if src is not None:
+            param = getattr(layer, name)
+            _copy_into(param, shard(src, spec_of(param), layer.comm.rank, layer.comm.world_size), name)
 
 
 def check_input(x: torch.Tensor, weight: torch.Tensor, layer: str) -> None:
@@ -120,6 +107,12 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features // tp, in_features, **_factory(dtype, device)))
         self.bias = nn.Parameter(torch.zeros(out_features // tp, **_factory(dtype, device))) if bias else None
+        for param in (self.weight, self.bias):
+            declare(param, self.output_spec())
+
+    def output_spec(self) -> ShardSpec:
+        """How the output features (the weight's rows, the bias, the local output's last dim) are split."""
+        return rows(self.out_features)
 
     def forward(self, x):
         check_input(x, self.weight, type(self).__name__)
@@ -131,15 +124,8 @@ class ColumnParallelLinear(nn.Module):
     def from_full(cls, weight, comm: Communicator, bias=None, **kw):
         out_features, in_features = shape_of(weight)
         layer = cls(in_features, out_features, comm, bias=bias is not None, **kw)
-        n = out_features // comm.world_size
-        _copy_into(layer.weight, take(weight, 0, comm.rank * n, (comm.rank + 1) * n), "weight")
-        if bias is not None:
-            _copy_into(layer.bias, take(bias, 0, comm.rank * n, (comm.rank + 1) * n), "bias")
+        load_full(layer, weight=[weight], bias=None if bias is None else [bias])
         return layer
-
-    @staticmethod
-    def full_state(local_states: list[dict], **_):
-        return {k: torch.cat([s[k] for s in local_states], 0) for k in local_states[0]}
 
 
 class RowParallelLinear(SequenceParallelTags, nn.Module):
@@ -164,6 +150,7 @@ class RowParallelLinear(SequenceParallelTags, nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp, **_factory(dtype, device)))
         self.bias = nn.Parameter(torch.zeros(out_features, **_factory(dtype, device))) if bias else None
+        declare(self.weight, columns(in_features))  # the bias stays whole: added once, after the reduction
         self.sequence_parallel = sequence_parallel  # (re)tags the bias
 
     def forward(self, x):
@@ -178,18 +165,8 @@ class RowParallelLinear(SequenceParallelTags, nn.Module):
     def from_full(cls, weight, comm: Communicator, bias=None, **kw):
         out_features, in_features = shape_of(weight)
         layer = cls(in_features, out_features, comm, bias=bias is not None, **kw)
-        n = in_features // comm.world_size
-        _copy_into(layer.weight, take(weight, 1, comm.rank * n, (comm.rank + 1) * n), "weight")
-        if bias is not None:
-            _copy_into(layer.bias, take(bias, 0, 0, out_features), "bias")
+        load_full(layer, weight=[weight], bias=None if bias is None else [bias])
         return layer
-
-    @staticmethod
-    def full_state(local_states: list[dict], **_):
-        out = {"weight": torch.cat([s["weight"] for s in local_states], 1)}
-        if "bias" in local_states[0]:
-            out["bias"] = local_states[0]["bias"]
-        return out
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -205,28 +182,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.segment_sizes = list(segment_sizes)
         super().__init__(in_features, sum(segment_sizes), comm, bias=bias, **kw)
 
+    def output_spec(self) -> ShardSpec:
+        return ShardSpec(0, tuple(Segment(size) for size in self.segment_sizes))
+
     @classmethod
     def from_full(cls, weights: list, comm: Communicator, biases: list | None = None, **kw):
-        sizes = [shape_of(w)[0] for w in weights]
-        in_features = shape_of(weights[0])[1]
-        layer = cls(in_features, sizes, comm, bias=biases is not None, **kw)
-        r = comm.rank
-        parts = [take(w, 0, r * s // comm.world_size, (r + 1) * s // comm.world_size) for w, s in zip(weights, sizes)]
-        _copy_into(layer.weight, torch.cat(parts, 0), "weight")
-        if biases is not None:
-            parts = [take(b, 0, r * s // comm.world_size, (r + 1) * s // comm.world_size) for b, s in zip(biases, sizes)]
-            _copy_into(layer.bias, torch.cat(parts, 0), "bias")
+        layer = cls(shape_of(weights[0])[1], [shape_of(w)[0] for w in weights], comm, bias=biases is not None, **kw)
+        load_full(layer, weight=weights, bias=biases)
         return layer
-
-    @staticmethod
-    def full_state(local_states: list[dict], segment_sizes: list[int], **_):
-        tp = len(local_states)
-        local = [s // tp for s in segment_sizes]
-        out = {}
-        for key in local_states[0]:
-            per_rank = [torch.split(s[key], local, 0) for s in local_states]
-            out[key] = [torch.cat([pr[i] for pr in per_rank], 0) for i in range(len(segment_sizes))]
-        return out
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -248,6 +211,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.local_kv_heads = max(1, num_kv_heads // tp)
         super().__init__(hidden_size, tp * (self.local_heads + 2 * self.local_kv_heads) * head_dim, comm, bias=bias, **kw)
 
+    def output_spec(self) -> ShardSpec:
+        """q heads split tp ways; k and v heads in blocks of local_kv_heads, each held by kv_replicas ranks."""
+        d, kv = self.head_dim, Segment(self.num_kv_heads * self.head_dim, self.kv_replicas)
+        return ShardSpec(0, (Segment(self.num_heads * d), kv, kv))
+
     def kv_head_range(self, rank: int) -> tuple[int, int]:
         first = (rank // self.kv_replicas) * self.local_kv_heads
         return first, first + self.local_kv_heads
@@ -256,31 +224,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     def from_full(cls, q, k, v, comm: Communicator, head_dim: int, q_bias=None, k_bias=None, v_bias=None, **kw):
         num_heads, num_kv_heads = shape_of(q)[0] // head_dim, shape_of(k)[0] // head_dim
         layer = cls(shape_of(q)[1], head_dim, num_heads, num_kv_heads, comm, bias=q_bias is not None, **kw)
-        r, d = comm.rank, head_dim
-        q0 = r * layer.local_heads * d
-        k0, k1 = (h * d for h in layer.kv_head_range(r))
-        _copy_into(layer.weight, torch.cat([take(q, 0, q0, q0 + layer.local_heads * d), take(k, 0, k0, k1), take(v, 0, k0, k1)], 0), "weight")
-        if q_bias is not None:
-            _copy_into(layer.bias, torch.cat([take(q_bias, 0, q0, q0 + layer.local_heads * d), take(k_bias, 0, k0, k1), take(v_bias, 0, k0, k1)], 0), "bias")
+        load_full(layer, weight=[q, k, v], bias=None if q_bias is None else [q_bias, k_bias, v_bias])
         return layer
-
-    @staticmethod
-    def full_state(local_states: list[dict], head_dim: int, num_heads: int, num_kv_heads: int, sum_replicas: bool = False, **_):
-        """Rebuild {key: (q, k, v)}. Replicated kv heads are taken from their first holder,
-        or summed over holders when `sum_replicas` (gradients: each replica saw part of the heads)."""
-        tp = len(local_states)
-        lq, lkv = num_heads // tp * head_dim, max(1, num_kv_heads // tp) * head_dim
-        replicas = max(1, tp // num_kv_heads)
-        out = {}
-        for key in local_states[0]:
-            splits = [torch.split(s[key], [lq, lkv, lkv], 0) for s in local_states]
-            q = torch.cat([s[0] for s in splits], 0)
-            kv = []
-            for j in (1, 2):
-                groups = [sum(splits[g * replicas + i][j] for i in range(replicas)) if sum_replicas else splits[g * replicas][j] for g in range(tp // replicas)]
-                kv.append(torch.cat(groups, 0))
-            out[key] = (q, kv[0], kv[1])
-        return out
 
 
 # --------------------------------------------------------------------------- vocabulary
@@ -288,6 +233,11 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
     return math.ceil(vocab_size / tp) * tp
+
+
+def vocab_rows(vocab_size: int, tp: int) -> ShardSpec:
+    """Vocabulary rows, zero-padded to padded_vocab and split tp ways (embedding and LM head alike)."""
+    return rows(vocab_size, padded=padded_vocab(vocab_size, tp))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -305,6 +255,7 @@ class VocabParallelEmbedding(nn.Module):
         self.rows = padded_vocab(vocab_size, comm.world_size) // comm.world_size
         self.start = comm.rank * self.rows
         self.weight = nn.Parameter(torch.empty(self.rows, hidden_size, **_factory(dtype, device)))
+        declare(self.weight, vocab_rows(vocab_size, comm.world_size))
 
     def forward(self, ids):
         if ids.dtype not in (torch.int32, torch.int64) or ids.device != self.weight.device:
@@ -324,12 +275,8 @@ class VocabParallelEmbedding(nn.Module):
     def from_full(cls, weight, comm: Communicator, **kw):
         vocab, hidden = shape_of(weight)
         layer = cls(vocab, hidden, comm, **kw)
-        _copy_into(layer.weight, take(weight, 0, layer.start, layer.start + layer.rows), "weight")
+        _copy_into(layer.weight, shard([weight], spec_of(layer.weight), comm.rank, comm.world_size), "weight")
         return layer
-
-    @staticmethod
-    def full_state(local_states: list[dict], vocab_size: int, **_):
-        return {"weight": torch.cat([s["weight"] for s in local_states], 0)[:vocab_size]}
 
 
 class ParallelLMHead(nn.Module):
@@ -349,6 +296,7 @@ class ParallelLMHead(nn.Module):
             self.weight = tied_to.weight
         else:
             self.weight = nn.Parameter(torch.empty(self.rows, hidden_size, **_factory(dtype, device)))
+            declare(self.weight, vocab_rows(vocab_size, comm.world_size))
         self.num_padding = max(0, min(self.rows, self.start + self.rows - vocab_size))
 
     def local_logits(self, x):
@@ -385,10 +333,8 @@ class ParallelLMHead(nn.Module):
     def from_full(cls, weight, comm: Communicator, **kw):
         vocab, hidden = shape_of(weight)
         layer = cls(hidden, vocab, comm, **kw)
-        _copy_into(layer.weight, take(weight, 0, layer.start, layer.start + layer.rows), "weight")
+        _copy_into(layer.weight, shard([weight], spec_of(layer.weight), comm.rank, comm.world_size), "weight")
         return layer
-
-    full_state = VocabParallelEmbedding.full_state
 
 
 # --------------------------------------------------------------------------- norm, rotary, attention, MLP
@@ -410,7 +356,7 @@ class RMSNorm(nn.Module):
     @classmethod
     def from_full(cls, weight, comm: Communicator | None = None, eps=1e-5, **kw):
         layer = cls(shape_of(weight)[0], eps=eps, **kw)
-        _copy_into(layer.weight, take(weight, 0, 0, shape_of(weight)[0]), "weight")
+        _copy_into(layer.weight, shard([weight], spec_of(layer.weight), 0, 1), "weight")  # replicated: declares nothing
         return layer
 
 

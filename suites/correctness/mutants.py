@@ -68,7 +68,7 @@ def replicated_grad_off_rank0(ctx, case):
 
     out = run_on_rank(ctx, case)
     if ctx.rank:
-        for name in replicated_grad_names(case, out["grads"]):
+        for name in replicated_grad_names(out):
             out["grads"][name] = out["grads"][name] * 0.5
     return out
 

@@ -69,9 +69,8 @@ def check_sequence_parallel(world, case, world_size, reduce_grads=True):
     for name in ("out", "grad_in"):
         row = compare(name, res[name], single[name].float(), exact[name], dtype, world_size, magnitude=magnitude[name])
         assert row["passed"], row
-    local = [r["grads"] for r in ranks]
-    assert replicated_grads_agree(case, local), "ranks disagree on a replicated parameter's gradient"
-    full = gather_grads(case, local)
+    assert replicated_grads_agree(ranks), "ranks disagree on a replicated parameter's gradient"
+    full = gather_grads(ranks)
     assert sorted(full) == sorted(single["grads"])
     for name in sorted(single["grads"]):
         row = compare(f"grad_{name}", full[name].float(), single["grads"][name].float(), exact["grads"][name], dtype, world_size,

@@ -18,7 +18,7 @@ from torch import nn
 
 import impl.model
 import impl.model_loader as model_loader
-import impl.tensor_parallel
+import impl.sharding
 from impl.model import LlamaModel, random_model
 from impl.tensor_parallel import ParallelLMHead
 
@@ -49,8 +49,8 @@ class _DetachedTie(ParallelLMHead):
 
 def _whole_tensor_take():
     """`take` reads the whole tensor, then slices it: the same shards, every byte read."""
-    real = impl.tensor_parallel.take
-    return mock.patch.object(impl.tensor_parallel, "take", lambda src, dim, start, stop: real(src if isinstance(src, torch.Tensor) else src[:], dim, start, stop))
+    real = impl.sharding.take
+    return mock.patch.object(impl.sharding, "take", lambda src, dim, start, stop: real(src if isinstance(src, torch.Tensor) else src[:], dim, start, stop))
 
 
 def _materialised_checkpoint():

@@ -31,7 +31,8 @@ from impl.architecture import ModelConfig
 from impl.communication import NullCommunicator
 from impl.model import checkpoint_shapes
 from impl.model_loader import read_config, shard_file
-from impl.tensor_parallel import VocabParallelEmbedding
+from impl.sharding import unshard
+from impl.tensor_parallel import vocab_rows as vocab_spec
 
 from . import loading_rank_fns
 
@@ -232,10 +233,10 @@ def tied_grad_references() -> dict:
 
 
 def _tied_grad_row(refs: dict, world, mutant: str | None = None) -> dict:
-    """The tied weight's gradient rebuilt from every rank (full_state strips the padding rows), against the policy."""
+    """The tied weight's gradient rebuilt from every rank as its spec declares (unshard strips the padding rows), against the policy."""
     tensors, ids, grad_out = refs["inputs"]
     per_rank = world.run(loading_rank_fns.tied_gradient, TIED, tensors, ids, grad_out, torch.float32, False, mutant)
-    full = VocabParallelEmbedding.full_state([{"weight": g} for g in per_rank], TIED.vocab_size)["weight"]
+    full = unshard(per_rank, vocab_spec(TIED.vocab_size, len(per_rank)))[0]
     return compare("grad_tied_weight", full, refs["single"], refs["exact"], torch.float32, len(per_rank), magnitude=refs["magnitude"])
 
 
