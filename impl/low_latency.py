@@ -44,9 +44,11 @@ class LowLatencyCommunicator(ProcessGroupCommunicator):
     One staging buffer of `max_bytes` is allocated in symmetric memory and exchanged with the
     group's peers at construction (a collective: every rank of `group` constructs it together),
     so no call allocates or rendezvouses and a decode step that uses it can be captured in a
-    CUDA graph. A call copies the tensor (any shape, float32 or bfloat16) into the buffer, reduces
-    it there (peer-to-peer loads; never NVLink multicast) and copies the sum back into the
-    tensor, which it returns (the Communicator contract: all_reduce may reuse its input).
+    CUDA graph. A call stages the tensor (any shape, float32 or bfloat16) in the buffer and sums
+    the ranks' buffers (peer-to-peer loads; never NVLink multicast); it returns the sum, in a new
+    tensor (one-shot) or in the input's storage (two-shot), as the Communicator contract allows.
+    Under torch.compile one-shot traces (it has a fake-tensor kernel); two-shot does not, so a
+    compiled graph takes NCCL for the messages two-shot would carry.
 
     Where symmetric memory cannot serve this group (not CUDA, a backend other than NCCL, ranks
     sharing a GPU, torch without the ops, a failed rendezvous), construction still succeeds and
@@ -94,24 +96,23 @@ class LowLatencyCommunicator(ProcessGroupCommunicator):
         if self.world_size == 1:
             return tensor
         algorithm = self.algorithm(tensor)
+        if algorithm == "two_shot" and torch.compiler.is_compiling():
+            algorithm = "nccl"  # two-shot has no fake-tensor kernel in torch 2.11: NCCL keeps the compiled graph whole
         return super().all_reduce(tensor) if algorithm == "nccl" else self.symmetric_all_reduce(tensor, algorithm)
 
     def symmetric_all_reduce(self, tensor: torch.Tensor, algorithm: str = "one_shot") -> torch.Tensor:
-        """Sum `tensor` over the group through the symmetric buffer with `algorithm` (one_shot or
-        two_shot), in place; at world size 1 it still runs the kernels (a sum of one)."""
+        """The sum of `tensor` over the group through the symmetric buffer with `algorithm`
+        (one_shot: one kernel that stages this rank's input and sums all ranks', into a new
+        tensor; two_shot: staged, summed in the buffers, copied back into `tensor`). At world
+        size 1 it still runs the kernels (a sum of one)."""
         require(algorithm in ("one_shot", "two_shot"), "algorithm", algorithm, "must be one_shot or two_shot")
         require(self.buffer is not None, "LowLatencyCommunicator", "no symmetric buffer", f"it fell back: {self.fallback_reason}")
         nbytes = tensor.numel() * tensor.element_size()
         require(tensor.dtype in self.DTYPES, "tensor.dtype", tensor.dtype, f"must be one of {self.DTYPES}")
         require(nbytes <= self.max_bytes, "tensor bytes", nbytes, f"must be <= max_bytes={self.max_bytes}")
-        staged = self.buffer[:nbytes].view(tensor.dtype)
-        staged.copy_(tensor.reshape(-1))
+        staged = self.buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
         if algorithm == "one_shot":  # never in place: peers are still reading this rank's buffer while it sums
-            out = tensor if tensor.is_contiguous() else torch.empty_like(tensor, memory_format=torch.contiguous_format)
-            torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out.view(-1))
-            if out is not tensor:
-                tensor.copy_(out)
-        else:  # two-shot sums in place in the buffers (each rank owns a slice, then gathers the others')
-            torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", self.group_name)
-            tensor.copy_(staged.view(tensor.shape))
-        return tensor
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(staged, tensor.contiguous(), "sum", self.group_name)
+        staged.copy_(tensor)
+        torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", self.group_name)
+        return tensor.copy_(staged)

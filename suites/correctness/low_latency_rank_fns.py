@@ -57,10 +57,14 @@ def symmetric_path_at_world_size_one(ctx, shape: tuple, dtype: torch.dtype) -> d
         comm.symmetric_all_reduce(static, algorithm)  # warm up outside capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            comm.symmetric_all_reduce(static, algorithm)
+            result = comm.symmetric_all_reduce(static, algorithm)
         fresh = rank_values(ctx, shape, dtype, 1)
         static.copy_(fresh)
         graph.replay()
         torch.cuda.synchronize()
-        out[f"{algorithm}_graph_equal"] = bool(torch.equal(static, fresh))
+        out[f"{algorithm}_graph_equal"] = bool(torch.equal(result, fresh))
+    # compiled whole (fullgraph): one-shot traces; two-shot gives way to NCCL inside a compiled graph
+    step = torch.compile(lambda t: comm.symmetric_all_reduce(t * 2, "one_shot") + 1, fullgraph=True)
+    x = rank_values(ctx, shape, dtype, 2)
+    out["one_shot_compiled_equal"] = bool(torch.equal(step(x), x * 2 + 1))
     return out

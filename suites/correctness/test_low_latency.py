@@ -3,7 +3,7 @@ symmetric-memory path where the hardware has it, and the clean fallback everywhe
 
 On CPU (CI) the communicator must fall back, say why, and sum exactly as the plain communicator
 does at TP 2 and 4. On one GPU the symmetric buffer must build and its one-shot and two-shot
-kernels run at world size 1, eagerly and inside a CUDA graph. Equality with NCCL across ranks
+kernels run at world size 1, eagerly and inside a CUDA graph, and one-shot compiles into a whole graph. Equality with NCCL across ranks
 needs two or more GPUs (harness/sweeps/four_gpu.sh runs it there) and skips here with the reason.
 Every result is checked against the exact (float64) sum of all ranks' inputs, which each rank
 rebuilds from their seeds, within w*u*max sum|x_r| (w terms summed in any order, then rounded:
@@ -62,7 +62,7 @@ def test_symmetric_path_builds_and_runs_on_one_gpu(dtype, worlds, device):
         pytest.skip("run with --tpgate-device cuda")
     (r,) = worlds[1].run(fns.symmetric_path_at_world_size_one, (1, 4096), dtype)
     assert r["fallback_reason"] is None, r
-    assert all(v for k, v in r.items() if k.endswith("_equal")) and len(r) == 5, r
+    assert all(v for k, v in r.items() if k.endswith("_equal")) and len(r) == 6, r
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="equality with NCCL across ranks needs >= 2 GPUs (one rank per GPU)")
