@@ -285,6 +285,12 @@ class CommPricing:
     sources: tuple[str, ...]
 
 
+def exposed_transfer_s(transfer_s: float, overlap_flops: float, flop_s: float) -> float:
+    """The part of a `transfer_s` transfer that `overlap_flops` of matmul at `flop_s` do not hide:
+    with the compute counted in the shard's own time, the pair then costs max(compute, transfer)."""
+    return max(0.0, transfer_s - overlap_flops / flop_s)
+
+
 def price_collectives(records: list[dict], world_size: int, model: CostModel, all_reduce: str = "nccl",
                       flop_s: float = MATMUL_FLOP_S[("cuda", "bfloat16")]) -> CommPricing:
     """Price `records` ({"kind", "nbytes"[, "overlap_flops"]}) on `world_size` ranks: each all-reduce
@@ -309,7 +315,7 @@ def price_collectives(records: list[dict], world_size: int, model: CostModel, al
         sources.setdefault(table.source if table is not None else f"alpha-beta ({model.source or 'fitted'})", None)
         t = 1e-6 * model.collective_us(r["kind"], nbytes, world_size, algorithm)
         transfer.append(t)
-        exposed.append(max(0.0, t - float(r.get("overlap_flops") or 0) / flop_s))
+        exposed.append(exposed_transfer_s(t, float(r.get("overlap_flops") or 0), flop_s))
     return CommPricing(math.fsum(transfer), math.fsum(exposed), all_reduce, algorithms, tuple(sources))
 
 
