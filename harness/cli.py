@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from harness.perf_model import ALL_REDUCE_PRICINGS
 from impl.architecture import TPConfigError
 
 
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--project", action="store_true", default=None, help="project world sizes larger than the GPUs present (marked projected)")
     sc.add_argument("--compare-projection", action="store_true", default=None,
                     help="also project the measured world sizes > 1, so the report shows the projection's error")
+    sc.add_argument("--decode-all-reduce", choices=ALL_REDUCE_PRICINGS, default=None,
+                    help="price projected decode all-reduces with NCCL or the low-latency communicator's algorithms (impl/low_latency.py)")
     sc.add_argument("--baseline", default=None, help="a results.csv of an earlier run to compare against")
     sc.add_argument("--out", default="reports/scaling", help="report directory, replaced as a whole: new, empty or an earlier scaling report's (default: %(default)s)")
     g = sub.add_parser("gate", help="re-evaluate the Go/No-Go gate of the last scaling report from the reports as they are now; exit 0 only on GO")
@@ -111,7 +114,8 @@ def _scaling(args) -> int:
     check_report_out(args.out, "scaling", REPO)
     table, gate_table = read_tables(args.config)
     overrides = {"world_sizes": args.world_sizes, "presets": args.presets, "implementations": args.implementations, "device": args.device,
-                 "dtype": args.dtype, "repeats": args.repeats, "project": args.project, "compare_projection": args.compare_projection}
+                 "dtype": args.dtype, "repeats": args.repeats, "project": args.project, "compare_projection": args.compare_projection,
+                 "decode_all_reduce": args.decode_all_reduce}
     cfg = load_config(table, overrides)
     if cfg.device == "cuda":
         import torch

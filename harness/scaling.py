@@ -20,7 +20,7 @@ from impl.architecture import TPConfigError, parse_dtype, require
 from .environment import collect_environment
 from .gate import GateConfig, evaluate_gate
 from .collectives import bench_collectives
-from .perf_model import DEFAULTS, CostModel, fit_cost_model
+from .perf_model import DEFAULTS, CostModel, fit_cost_model, merge_tables
 from .scaling_analysis import add_speedups
 from .sweep import PRESETS, SweepConfig, load_config, run_sweep, sweep_tasks
 
@@ -135,7 +135,8 @@ def choose_cost_model(cfg: SweepConfig, bench: dict) -> CostModel:
             ws = sorted({r["world_size"] for r in rows})
             source = f"fitted to this run's {measured_on[0]} collective benchmark ({measured_on[1]}, world sizes {', '.join(map(str, ws))})"
             return CostModel({**DEFAULTS.ops, **fit.ops}, fit.by_world_size, source,
-                             f"measured on {measured_on[0]}/{measured_on[1]}, the kind of backend and device projected", fit)
+                             f"measured on {measured_on[0]}/{measured_on[1]}, the kind of backend and device projected", fit,
+                             merge_tables(DEFAULTS.tables, fit.tables))
         reason = (f"the collective benchmark ran on {measured_on[0]}/{measured_on[1]}, projections are for {target[0]}/{target[1]}: "
                   "its figures would misprice them")
     return DEFAULTS.with_source(DEFAULTS.source, reason or "no collective benchmark", fit)

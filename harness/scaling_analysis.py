@@ -14,6 +14,9 @@ files). harness.scaling_report renders what these compute; harness.gate judges i
                               its measurement), with `ratio` = now / baseline.
   projection_errors(r, b)     each projection (this run's, the baseline's) against this run's
                               measurement of the same point: error = projected / measured - 1.
+  projection_variants(r)      projected points priced with and without overlap, and (decode) with NCCL
+                              and with the low-latency all-reduce: speedups and exposed communication.
+  latency_assumptions(cm)     the latency figures (tables and alpha-beta) a stored cost model prices with, with sources.
   regressions(now, b, thr)    measured points of both runs joined on POINT_KEY, with `ratio` and
                               `allowed` (the larger of thr and 3x the runs' p90/median spreads).
 """
@@ -30,11 +33,16 @@ from .protocol_sweep import BUILT_IN
 COLUMNS = [*POINT_KEY, "projected", "status",
            "error", "latency_s", "latency_p90_s", "null_latency_s", "exposed_comm", "tokens_per_s", "peak_memory_bytes",
            "collectives_per_step", "comm_bytes_per_step", "rank_latency_s", "dispatch_us_per_call", "dispatch_fraction",
-           "dispatch_us_per_step", "speedup", "efficiency", "backend", "cost_model"]
+           "dispatch_us_per_step", "speedup", "efficiency", "backend", "cost_model",
+           # projected rows' pricing (harness.perf_model.projection_columns); NaN / "" on measured rows and older files
+           "comm_exposed_s", "comm_no_overlap_s", "latency_no_overlap_s", "exposed_comm_no_overlap", "latency_nccl_s", "latency_low_latency_s",
+           "all_reduce_bytes", "all_reduce_pricing", "all_reduce_algorithms", "latency_figures"]
 NUMERIC = ["batch", "prompt", "steps", "world_size", "latency_s", "latency_p90_s", "null_latency_s", "exposed_comm", "tokens_per_s",
            "peak_memory_bytes", "collectives_per_step", "comm_bytes_per_step", "dispatch_us_per_call", "dispatch_fraction",
-           "dispatch_us_per_step", "speedup", "efficiency"]
-TEXT = ["implementation", "preset", "phase", "device", "dtype", "backend", "cost_model"]
+           "dispatch_us_per_step", "speedup", "efficiency", "comm_exposed_s", "comm_no_overlap_s", "latency_no_overlap_s",
+           "exposed_comm_no_overlap", "latency_nccl_s", "latency_low_latency_s", "all_reduce_bytes"]
+TEXT = ["implementation", "preset", "phase", "device", "dtype", "backend", "cost_model", "all_reduce_pricing", "all_reduce_algorithms",
+        "latency_figures"]
 
 
 def truthy(v) -> bool:
@@ -162,9 +170,47 @@ def regressions(results: pd.DataFrame, baseline: pd.DataFrame, threshold: float)
     return j.assign(ratio=j["latency_s"] / j["latency_s_base"], allowed=(3 * spread).clip(lower=threshold))
 
 
+def projection_variants(r: pd.DataFrame) -> pd.DataFrame:
+    """Projected points priced each way: with overlap (the row's latency) and without (every
+    transfer in sequence), and, for decode, with NCCL and with the low-latency all-reduce. Speedups
+    divide the same measured world-size-1 latency as add_speedups; one row per projected point with
+    speedup, speedup_no_overlap, exposed_comm, exposed_comm_no_overlap, speedup_nccl, speedup_low_latency
+    (the last two NaN for prefill, where all-reduces are always priced on NCCL)."""
+    keys = shape_key()
+    k = key_frame(r, keys)
+    ok = k[(k["status"] == "ok")]
+    base = ok[(ok["world_size"] == 1) & ~ok["projected"]].set_index(keys)["latency_s"]
+    proj = ok[ok["projected"] & np.isfinite(ok["latency_no_overlap_s"])]
+    if proj.empty:
+        return pd.DataFrame()
+    one = np.array([base.get(tuple(row[c] for c in keys), np.nan) for _, row in proj.iterrows()], dtype=float)
+    decode = (proj["phase"] == "decode").to_numpy()
+    out = proj[[*POINT_KEY, "all_reduce_pricing", "all_reduce_algorithms", "latency_figures", "exposed_comm", "exposed_comm_no_overlap",
+                "comm_exposed_s", "comm_no_overlap_s"]].copy()
+    out["speedup"] = one / proj["latency_s"].to_numpy(float)
+    out["speedup_no_overlap"] = one / proj["latency_no_overlap_s"].to_numpy(float)
+    out["speedup_nccl"] = np.where(decode, one / proj["latency_nccl_s"].to_numpy(float), np.nan)
+    out["speedup_low_latency"] = np.where(decode, one / proj["latency_low_latency_s"].to_numpy(float), np.nan)
+    return out.reset_index(drop=True)
+
+
+def latency_assumptions(cost_model: dict | None) -> pd.DataFrame:
+    """The latency figures a stored cost model (CostModel.to_dict) prices with: one row per table
+    (op, algorithm, world_size, points, source) and one per alpha-beta op (points "alpha-beta")."""
+    from .perf_model import CostModel
+
+    if not cost_model:
+        return pd.DataFrame()
+    model = CostModel.from_dict(cost_model)
+    rows = [{**t, "points": "; ".join(f"{b:,} B: {us:.3g} us" for b, us in t["points"])} for t in model.sources()]
+    rows += [{"op": op, "algorithm": "nccl", "world_size": "any without a table", "points": f"alpha-beta: {p.latency_us:.3g} us + bytes x factor / {p.busbw_GBps:.4g} GB/s",
+              "source": model.source or "fitted"} for op, p in model.ops.items()]
+    return pd.DataFrame(rows)
+
+
 def collectives_frame(collectives: dict | None) -> pd.DataFrame:
     return pd.DataFrame((collectives or {}).get("rows") or [])
 
 
-__all__ = ["COLUMNS", "NUMERIC", "TEXT", "add_speedups", "baseline_comparison", "collectives_frame", "latency_breakdown", "normalise",
-           "ok_points", "projection_errors", "regressions", "summary", "truthy"]
+__all__ = ["COLUMNS", "NUMERIC", "TEXT", "add_speedups", "baseline_comparison", "collectives_frame", "latency_assumptions", "latency_breakdown",
+           "normalise", "ok_points", "projection_errors", "projection_variants", "regressions", "summary", "truthy"]

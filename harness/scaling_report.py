@@ -54,8 +54,8 @@ from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
 from .perf_model import DEFAULTS, CostModel  # noqa: E402
 from .points import POINT_KEY  # noqa: E402
-from .scaling_analysis import (baseline_comparison, collectives_frame, latency_breakdown, normalise, ok_points, projection_errors,  # noqa: E402
-                               summary as summarise)
+from .scaling_analysis import (baseline_comparison, collectives_frame, latency_assumptions, latency_breakdown, normalise, ok_points,  # noqa: E402
+                               projection_errors, projection_variants, summary as summarise)
 from .atomic import publish_report, write_text_atomic  # noqa: E402
 from .report import _json_safe  # noqa: E402  (one strict-JSON converter for both reports)
 
@@ -309,6 +309,8 @@ def _results_table(r: pd.DataFrame) -> str | None:
         "speedup": ok["speedup"].map(lambda v: _fmt_num(v, ".2f")),
         "efficiency": ok["efficiency"].map(_pct),
         "exposed comm": ok["exposed_comm"].map(_pct),
+        "exposed comm, no overlap": ok["exposed_comm_no_overlap"].map(_pct),
+        "all-reduce pricing": ok["all_reduce_pricing"],
         "dispatch (of a step)": ok["dispatch_fraction"].map(_pct),
         "tokens/s": ok["tokens_per_s"].map(lambda v: _fmt_num(v, ",.0f")),
         "peak mem (GB)": (ok["peak_memory_bytes"] / 1e9).map(lambda v: _fmt_num(v, ".2f")),
@@ -414,6 +416,64 @@ def _collectives_plot(c: pd.DataFrame, fit: dict | None) -> str | None:
         handles.append(Line2D([], [], color="#495057", ls=":", label="fitted alpha-beta model"))
     fig.tight_layout()
     _style_legend(fig, handles)
+    return _png(fig)
+
+
+def _variants_table(r: pd.DataFrame) -> str | None:
+    v = projection_variants(r)
+    if v.empty:
+        return None
+    unit, scale = _time_unit(float(np.nanmax(v[["comm_exposed_s", "comm_no_overlap_s"]].to_numpy(float))) or 1e-3)
+    t = pd.DataFrame({
+        "impl": v["implementation"], "preset": v["preset"], "phase": v["phase"], "workload": v.apply(_workload, axis=1), "ws": v["world_size"].map(_int),
+        "speedup with overlap": v["speedup"].map(lambda x: _fmt_num(x, ".2f")), "speedup without": v["speedup_no_overlap"].map(lambda x: _fmt_num(x, ".2f")),
+        "exposed comm with / without overlap": [f"{_pct(a)} / {_pct(b)}" for a, b in zip(v["exposed_comm"], v["exposed_comm_no_overlap"])],
+        f"comm with / without ({unit}/step)": [f"{_fmt_num(a * scale)} / {_fmt_num(b * scale)}" for a, b in zip(v["comm_exposed_s"], v["comm_no_overlap_s"])],
+        "decode speedup NCCL / low-latency": [f"{_fmt_num(a, '.2f')} / {_fmt_num(b, '.2f')}" if np.isfinite(a) else "—"
+                                              for a, b in zip(v["speedup_nccl"], v["speedup_low_latency"])],
+        "row's pricing": v["all_reduce_pricing"], "all-reduce algorithms": v["all_reduce_algorithms"], "latency figures": v["latency_figures"],
+    })
+    return t.to_html(index=False, classes="data variants", border=0, na_rep="—")
+
+
+def _assumptions_table(cost_model: dict | None) -> str | None:
+    a = latency_assumptions(cost_model)
+    if a.empty:
+        return None
+    return a.rename(columns={"world_size": "world size"}).to_html(index=False, classes="data assumptions", border=0)
+
+
+def _latency_table_plot(cost_model: dict | None, r: pd.DataFrame) -> str | None:
+    """Latency vs message size per all-reduce algorithm (log-log), one panel per world size with a
+    table, the alpha-beta NCCL line beside it; the projected decode and prefill all-reduce sizes marked."""
+    if not cost_model or not cost_model.get("tables"):
+        return None
+    model = CostModel.from_dict(cost_model)
+    sizes = sorted({ws for algos in model.tables.values() for by in algos.values() for ws in by})
+    fig, axes = _grid(len(sizes), width=4.6, height=3.4)
+    xs = np.geomspace(1 << 10, 1 << 28, 80)
+    proj = ok_points(r)
+    proj = proj[proj["projected"] & (proj["all_reduce_bytes"] > 0)]
+    for ax, ws in zip(axes, sizes):
+        for i, algo in enumerate(("nccl", "one_shot", "two_shot")):
+            if algo == "nccl" or model.table("all_reduce", algo, ws):
+                ax.plot(xs, [model.collective_us("all_reduce", int(x), ws, algo) for x in xs], color=PALETTE[i], lw=1.6,
+                        ls="-" if model.table("all_reduce", algo, ws) else ":", label=algo + ("" if model.table("all_reduce", algo, ws) else " (alpha-beta)"))
+            t = model.table("all_reduce", algo, ws)
+            if t:
+                ax.plot([b for b, _ in t.points], [u for _, u in t.points], ls="none", marker="o", ms=4, color=PALETTE[i])
+        for phase, colour in (("decode", "#c2255c"), ("prefill", "#2b8a3e")):
+            for b in sorted(set(proj.loc[(proj["phase"] == phase) & (proj["world_size"] == ws), "all_reduce_bytes"].astype(int))):
+                ax.axvline(b, color=colour, ls="--", lw=1.0)
+                ax.annotate(f"{phase} {b:,} B", (b, ax.get_ylim()[0]), rotation=90, fontsize=6.5, color=colour, va="bottom", ha="right")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("all-reduce message (bytes)")
+        ax.set_ylabel("latency (µs)")
+        ax.set_title(f"world size {ws}", fontsize=9.5)
+        ax.grid(alpha=0.3, lw=0.5)
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -551,7 +611,8 @@ def write_scaling_report(results: pd.DataFrame, gate: dict, environment: dict, o
         projection_table=_projection_table(errors), collectives_table=_collectives_table(coll),
         collectives_plot=_collectives_plot(coll, ((collectives or {}).get("cost_model") or {}).get("fit")),
         collectives_reason=str((collectives or {}).get("reason") or ""), cost_model=_cost_model_info(collectives, r), bench_table=bench_table,
-        has_bench=bench_raw is not None)
+        has_bench=bench_raw is not None, variants_table=_variants_table(r), assumptions_table=_assumptions_table((collectives or {}).get("cost_model")),
+        latency_plot=_latency_table_plot((collectives or {}).get("cost_model"), r))
     # the stored gate always has a verdict and criteria (`tpgate gate` reads them back)
     payload = {"kind": "scaling", "gate": {**(gate or {}), "verdict": g["verdict"], "criteria": list((gate or {}).get("criteria") or [])},
                "environment": environment, "rows": r.to_dict(orient="records"),

@@ -32,7 +32,7 @@ from impl.decoding import StaticDecoder
 from impl.dtensor_peer import check_dtensor_tp, parallelize, peer_collectives, random_plain_model, shard_config, tp_mesh
 from impl.model import random_model
 
-from .perf_model import DEFAULTS, CostModel, collective_time_s
+from .perf_model import ALL_REDUCE_PRICINGS, DEFAULTS, CostModel, projection_columns
 from .implementations import known, load_implementations
 from .protocol_sweep import BUILT_IN, declared_collectives, measure_protocol_on_rank, refusal
 from .timing import peak_memory_bytes, percentile, time_calls
@@ -106,6 +106,7 @@ class SweepConfig:
     decode_path: str = "auto"  # reference decode: see DECODE_PATHS (auto: cuda-graph on CUDA, eager on CPU)
     prefill_path: str = "auto"  # reference prefill: see PREFILL_PATHS (auto: compiled on CUDA, eager on CPU)
     sequence_parallel: bool = True  # reference prefill with sequence parallelism (norms, residuals on sequence shards)
+    decode_all_reduce: str = "nccl"  # projected decode all-reduces priced as: see perf_model.ALL_REDUCE_PRICINGS (low-latency: impl/low_latency.py)
 
     def validate(self) -> "SweepConfig":
         """Types first (so no check below meets a value it cannot compare), then values, then
@@ -126,7 +127,7 @@ class SweepConfig:
         require(len(self.phases) >= 1, "phases", list(self.phases), "must hold at least one phase")
         for ph in self.phases:
             _check_phase(ph)
-        for key in ("dtype", "device", "decode_path", "prefill_path"):
+        for key in ("dtype", "device", "decode_path", "prefill_path", "decode_all_reduce"):
             require(isinstance(getattr(self, key), str), key, getattr(self, key), "must be a string")
         parse_dtype(self.dtype)
         require(self.device in ("cpu", "cuda"), "device", self.device, "must be cpu or cuda")
@@ -148,6 +149,7 @@ class SweepConfig:
         require(self.decode_path in DECODE_PATHS, "decode_path", self.decode_path, f"must be one of {DECODE_PATHS}")
         require(self.decode_path in ("auto", "eager") or self.device == "cuda", "decode_path", self.decode_path, "needs device = cuda (CUDA graphs)")
         require(self.prefill_path in PREFILL_PATHS, "prefill_path", self.prefill_path, f"must be one of {PREFILL_PATHS}")
+        require(self.decode_all_reduce in ALL_REDUCE_PRICINGS, "decode_all_reduce", self.decode_all_reduce, f"must be one of {ALL_REDUCE_PRICINGS}")
         if self.device == "cuda":
             self._check_gpus(torch.cuda.device_count())
         return self
@@ -500,8 +502,10 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: CostModel | None = None, 
                     raise TPConfigError("world_sizes", ws, f"needs {ws} GPUs, {gpus} present; pass --project to project it")
                 alone = world_for(1).run(measure_on_rank, *args, "projected", ws, **kw)[0]
                 issued = _would_issue(alone, impl, preset, phase, ws, cfg)
-                tp_s = alone["median_s"] + collective_time_s(issued, ws, cost_model)
-                row.update(_summarise([alone], [alone], tp_s, phase, ws, dispatch=None))
+                # decode points' all-reduces priced as cfg.decode_all_reduce says; prefill's on NCCL
+                tp_s, pricing = projection_columns(alone["median_s"], issued, ws, cost_model, cfg.decode_all_reduce if decode else "nccl",
+                                                   cfg.device, cfg.dtype, phase.steps if decode else 1)
+                row.update(_summarise([alone], [alone], tp_s, phase, ws, dispatch=None), **pricing)
                 row["collectives_per_step"], row["comm_bytes_per_step"] = _comm_per_step(issued, phase)
                 row["cost_model"] = cost_model.source or "measured"
             else:

@@ -159,3 +159,49 @@ def test_index_never_overwrites_a_page_tpgate_did_not_write(tmp_path):
     assert (tmp_path / "index.html").read_text() == "<html>my homepage</html>"
     (tmp_path / "index.html").unlink()
     assert write_index(tmp_path) is not None and write_index(tmp_path) is not None  # its own page it updates
+
+
+def _priced_decode_rows():
+    """A measured world-size-1 decode point and its world-size-4 projection priced by projection_columns."""
+    from harness.perf_model import DEFAULTS, projection_columns
+
+    records = [{"kind": "all_reduce", "nbytes": 8192}] * 65 + [{"kind": "all_gather", "nbytes": 8}]
+    tp_s, cols = projection_columns(0.0022 * 16, records, 4, DEFAULTS, "low-latency", "cuda", "bfloat16", 16)
+    one = {**_row(1, 0.0048, phase="decode"), "device": "cuda", "dtype": "bfloat16"}
+    proj = {**_row(4, tp_s / 16, projected=True, phase="decode"), "device": "cuda", "dtype": "bfloat16", "null_latency_s": 0.0022, **cols}
+    return pd.DataFrame([one, proj]), cols
+
+
+def _check_variants(variants):
+    frame, cols = _priced_decode_rows()
+    v = variants(scaling_analysis.normalise(frame))
+    assert len(v) == 1
+    row = v.iloc[0]
+    assert row["speedup"] == pytest.approx(0.0048 / (0.0022 + cols["comm_exposed_s"]))
+    assert row["speedup_low_latency"] == pytest.approx(row["speedup"])  # the row was priced low-latency
+    assert row["speedup_nccl"] == pytest.approx(0.0048 / cols["latency_nccl_s"]) and row["speedup_nccl"] < row["speedup_low_latency"]
+    assert row["speedup_no_overlap"] == pytest.approx(0.0048 / cols["latency_no_overlap_s"])
+
+
+def test_projection_variants_price_each_way_and_the_report_shows_them(tmp_path):
+    from harness.perf_model import DEFAULTS
+    from harness.scaling_analysis import projection_variants
+
+    _check_variants(projection_variants)
+    frame, _ = _priced_decode_rows()
+    out = tmp_path / "scaling"
+    write_scaling_report(frame, GATE, ENV, out, collectives={"rows": [], "reason": "one GPU", "cost_model": DEFAULTS.to_dict()})
+    html = (out / "index.html").read_text()
+    assert 'id="overlap-latency"' in html and "one_shot x65" in html and "sglang PR #2904" in html and "alt=\"all-reduce latency" in html
+    stored = json.loads((out / "results.json").read_text())["rows"][1]
+    assert stored["all_reduce_pricing"] == "low-latency" and stored["latency_nccl_s"] > stored["latency_low_latency_s"]
+
+
+def test_projection_variants_check_rejects_swapped_pricings():
+    from harness import scaling_analysis
+
+    def swapped(r):  # the NCCL and low-latency columns read the wrong way round
+        return scaling_analysis.projection_variants(r.rename(columns={"latency_nccl_s": "latency_low_latency_s", "latency_low_latency_s": "latency_nccl_s"}))
+
+    with pytest.raises(AssertionError):
+        _check_variants(swapped)
