@@ -33,8 +33,8 @@ Overlap. A record's `overlap_flops` (missing: 0) counts the matmul FLOPs this ra
 the transfer is in flight (a pipelined all-gather -> matmul or matmul -> reduce-scatter chunk); it
 costs max(0, t_transfer - overlap_flops / rate), so an overlapped pair costs max(compute,
 transfer) (the compute is already in the shard's own time), and a pipeline's fill and drain
-chunks, recorded with 0, are exposed whole. `rate` is MATMUL_FLOP_S's peak for the device and
-dtype: the fastest the matmul can run, so the compute that hides a transfer is never overstated
+chunks, recorded with 0, are exposed whole. `rate` is MATMUL_FLOP_S's rate for the device and
+dtype: the fastest a matmul runs there, so the compute that hides a transfer is never overstated
 and the estimate errs towards more exposed communication.
 """
 from __future__ import annotations
@@ -242,14 +242,15 @@ DEFAULT_TABLES: Tables = {"all_reduce": {
 }}
 DEFAULTS = CostModel(ops=DEFAULT_OPS, source="defaults (published NVLink/NCCL figures), not measured", tables=DEFAULT_TABLES)
 
-# Peak dense matmul rates (FLOP/s) that price the compute hiding an overlapped transfer. Peaks, not
-# achieved rates (60-75 % of peak is typical for large bf16 GEMMs): a real matmul takes at least
-# flops / peak, so pricing with the peak never overstates the time a transfer hides behind and the
-# exposed communication is an upper bound. H100/H200 SXM: 989 TFLOP/s dense bf16/fp16 and 495 TF32
-# (NVIDIA H100 and H200 datasheets; H200 has H100's SMs and clocks); fp32 matmuls run as TF32 when
-# torch allows it, so the TF32 peak bounds them. CPU: 2 TFLOP/s, above what the CI's few x86 cores
-# reach (one AVX-512 core with two FMA units: ~0.2 TFLOP/s fp32 at 3 GHz), so again an upper bound.
-MATMUL_FLOP_S = {("cuda", "bfloat16"): 989e12, ("cuda", "float16"): 989e12, ("cuda", "float32"): 495e12,
+# Matmul rates (FLOP/s) that price the compute hiding an overlapped transfer: the fastest a matmul
+# runs on the device, so the time a transfer hides behind is never overstated and the exposed
+# communication errs high. CUDA bf16/fp16: 790 TFLOP/s, the 8192^3 bf16 product on random data
+# measured on the H200s lent here (769-798 TFLOP/s, device tool KINDS.md; the datasheet peak is
+# 989). A prefill chunk's GEMM (thousands of rows, N <= 14336/tp, K = 4096) is smaller and runs
+# slower, so it hides at least this much. fp32: the TF32 peak, 495 TFLOP/s (NVIDIA H100/H200
+# datasheets; fp32 matmuls run as TF32 when torch allows, else slower). CPU: 2 TFLOP/s, above what
+# the CI's few x86 cores reach (one AVX-512 core with two FMA units: ~0.2 TFLOP/s fp32 at 3 GHz).
+MATMUL_FLOP_S = {("cuda", "bfloat16"): 790e12, ("cuda", "float16"): 790e12, ("cuda", "float32"): 495e12,
                  ("cpu", "bfloat16"): 2e12, ("cpu", "float16"): 2e12, ("cpu", "float32"): 2e12}
 
 
