@@ -375,9 +375,12 @@ def fit_cost_model(rows: list[dict], per_world_size: bool = False) -> CostModel:
     A non-positive slope (latency not growing with size, e.g. noise at tiny sizes) gives
     busbw_GBps = inf. With `per_world_size`, each measured world size also gets its own fit
     where its rows allow one (latency grows with the number of ranks: ring steps; on CPU, ranks
-    contending for cores). Raises TPConfigError (argument "rows" / "rows[i]") when nothing can be fitted."""
-    pooled = _fit_ops(rows)
+    contending for cores). The alpha-beta form is NCCL's: rows of other all-reduce algorithms
+    (a row's "algorithm", missing: nccl) only make their own latency tables. Raises TPConfigError
+    (argument "rows" / "rows[i]") when nothing can be fitted."""
+    pooled = _fit_ops([r for r in rows if (r.get("algorithm") or "nccl") == "nccl"])  # validates the rows first
     tables = measured_tables(rows)
+    rows = [r for r in rows if (r.get("algorithm") or "nccl") == "nccl"]
     by_ws: dict[str, dict[int, OpCost]] = {}
     if per_world_size:
         for ws in sorted({r["world_size"] for r in rows if r["world_size"] > 1}):

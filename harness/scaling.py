@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from impl.architecture import TPConfigError, parse_dtype, require
+from impl.low_latency import ALGORITHMS
 
 from .environment import collect_environment
 from .gate import GateConfig, evaluate_gate
@@ -108,6 +109,9 @@ def collective_benchmark(cfg: SweepConfig, world_for, gpus: int, iters: int = 20
     try:
         for ws in sizes:
             rows += bench_collectives(world_for(ws), collective_sizes(cfg), dtype=cfg.dtype, warmup=warmup, iters=iters)
+            if cfg.decode_all_reduce == "low-latency" and cfg.device == "cuda":  # the decode step's all-reduces, as captured
+                rows += bench_collectives(world_for(ws), collective_sizes(cfg), dtype=cfg.dtype, ops=("all_reduce",), warmup=warmup, iters=iters,
+                                          all_reduce_algorithms=ALGORITHMS, captured=True)
     except Exception as e:  # noqa: BLE001 - a failed benchmark leaves the default cost model, recorded
         return {"rows": rows, "world_sizes": sizes, "reason": f"collective benchmark failed: {type(e).__name__}: {e}"[:2000]}
     return {"rows": rows, "world_sizes": sizes, "reason": ""}

@@ -13,7 +13,7 @@ from harness.collectives import OPS, bench_collectives, decode_and_prefill_sizes
 from harness.perf_model import CostModel, busbw_factor, fit_cost_model
 from impl.architecture import TPConfigError
 
-ROW_KEYS = {"op", "bytes", "requested_bytes", "world_size", "dtype", "iters", "latency_us", "latency_p90_us", "algbw_GBps", "busbw_GBps",
+ROW_KEYS = {"op", "algorithm", "captured", "bytes", "requested_bytes", "world_size", "dtype", "iters", "latency_us", "latency_p90_us", "algbw_GBps", "busbw_GBps",
             "backend", "device", "note"}
 SIZES = [64, 1002, 4096]
 
@@ -112,6 +112,9 @@ class _SpyWorld:
     ({"sizes_bytes": [1024], "iters": -3}, "iters"),
     ({"sizes_bytes": [1024], "warmup": -1}, "warmup"),
     ({"sizes_bytes": [1024], "dtype": "int8"}, "dtype"),
+    ({"sizes_bytes": [1024], "all_reduce_algorithms": ("nccl", "ring")}, "all_reduce_algorithms"),
+    ({"sizes_bytes": [1024], "all_reduce_algorithms": ()}, "all_reduce_algorithms"),
+    ({"sizes_bytes": [1024], "captured": True}, "captured"),  # the spy world is on the CPU: no CUDA graphs
 ])
 def test_bad_input_is_refused_before_any_rank_runs(kwargs, argument):
     world = _SpyWorld()
@@ -155,6 +158,18 @@ def test_fit_recovers_a_known_model_exactly():
     assert model.collective_us("all_reduce", 1 << 20, 1) == 0.0
 
 
+def test_fit_keeps_other_all_reduce_algorithms_out_of_nccls_line():
+    """One-shot rows (flat, a few us) make their own table and leave NCCL's alpha-beta exactly as
+    the NCCL rows alone give it; pooled, they would pull its latency down."""
+    nccl = _synthetic_rows()
+    one_shot = [{**r, "algorithm": "one_shot", "latency_us": 4.0 + r["bytes"] * 1e-6} for r in nccl if r["op"] == "all_reduce"]
+    both, alone = fit_cost_model(nccl + one_shot), fit_cost_model(nccl)
+    assert both.ops == alone.ops
+    assert math.isclose(both.collective_us("all_reduce", one_shot[0]["bytes"], one_shot[0]["world_size"], "one_shot"), one_shot[0]["latency_us"])
+    pooled = fit_cost_model([{**r, "algorithm": "nccl"} for r in one_shot] + nccl)  # what the filter prevents
+    assert pooled.ops["all_reduce"] != alone.ops["all_reduce"]
+
+
 def test_fit_of_one_world_size_matches_its_factor():
     model = fit_cost_model(_synthetic_rows(world_sizes=(4,)))
     assert math.isclose(model.ops["all_gather"].busbw_GBps, 80.0, rel_tol=1e-6)
@@ -173,6 +188,13 @@ def test_fit_refuses_what_it_cannot_fit():
     with pytest.raises(TPConfigError) as e:
         fit_cost_model([{"op": "all_reduce", "bytes": 1024}])
     assert e.value.argument == "rows[0]"
+
+
+def test_symmetric_algorithms_give_no_row_where_the_world_cannot_run_them(worlds):
+    """gloo on the CPU has no symmetric memory: only NCCL's (here gloo's) all-reduce rows come back."""
+    rows = bench_collectives(worlds[2], [1 << 10, 1 << 13], ops=("all_reduce",), all_reduce_algorithms=("nccl", "one_shot", "two_shot"), iters=2, warmup=0)
+    assert [(r["algorithm"], r["bytes"]) for r in rows] == [("nccl", 1 << 10), ("nccl", 1 << 13)], rows
+    assert not any(r["captured"] for r in rows)
 
 
 def test_fit_on_measured_rows_runs(worlds):
