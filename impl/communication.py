@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .architecture import Communicator, require
+from .architecture import Communicator, PendingCollective, require
 
 # torch >= 2.12 renamed the tensor variants; 2.5-2.11 only have the old names.
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -49,23 +49,37 @@ class ProcessGroupCommunicator(Communicator):
         return tensor
 
     def all_gather(self, tensor, dim=-1):
+        return self._all_gather(tensor, dim, async_op=False).wait()
+
+    def reduce_scatter(self, tensor, dim=0):
+        return self._reduce_scatter(tensor, dim, async_op=False).wait()
+
+    def all_gather_async(self, tensor, dim=-1, overlap_flops=0):
+        """The all-gather started on the transport (NCCL's stream, gloo's worker thread)."""
+        return self._all_gather(tensor, dim, async_op=True)
+
+    def reduce_scatter_async(self, tensor, dim=0, overlap_flops=0):
+        """The reduce-scatter started on the transport (NCCL's stream, gloo's worker thread)."""
+        return self._reduce_scatter(tensor, dim, async_op=True)
+
+    def _all_gather(self, tensor, dim, async_op):
         if self.world_size == 1:
-            return tensor
+            return PendingCollective(tensor)
         dim = dim % tensor.dim()
         front = _move_to_front(tensor, dim)
         out = front.new_empty((self.world_size * front.shape[0], *front.shape[1:]))
-        _all_gather_tensor(out, front, group=self.group)
-        return out.movedim(0, dim)
+        work = _all_gather_tensor(out, front, group=self.group, async_op=async_op)
+        return PendingCollective(out, work, lambda done: done.movedim(0, dim), keep_alive=(front,))
 
-    def reduce_scatter(self, tensor, dim=0):
+    def _reduce_scatter(self, tensor, dim, async_op):
         if self.world_size == 1:
-            return tensor
+            return PendingCollective(tensor)
         dim = dim % tensor.dim()
         require(tensor.shape[dim] % self.world_size == 0, f"tensor.shape[{dim}]", tensor.shape[dim], f"must be a multiple of world_size={self.world_size} to reduce-scatter")
         front = _move_to_front(tensor, dim)
         out = front.new_empty((front.shape[0] // self.world_size, *front.shape[1:]))
-        _reduce_scatter_tensor(out, front, group=self.group)
-        return out.movedim(0, dim)
+        work = _reduce_scatter_tensor(out, front, group=self.group, async_op=async_op)
+        return PendingCollective(out, work, lambda done: done.movedim(0, dim), keep_alive=(front,))
 
     def broadcast(self, tensor, src=0):
         if self.world_size > 1:
@@ -120,6 +134,9 @@ class CollectiveRecord:
     shape: tuple
     dtype: str
     group_ranks: tuple = ()  # global ranks of the group it ran on; () for a communicator without a process group
+    # matmul FLOPs (2*m*n*k) the issuing code computes while this transfer is in flight; 0: the
+    # transfer is exposed (every synchronous collective, a pipeline's fill or drain chunk)
+    overlap_flops: int = 0
 
 
 @dataclass
@@ -138,10 +155,11 @@ class CountingCommunicator(Communicator):
     def world_size(self):
         return self.inner.world_size
 
-    def _record(self, kind, tensor):
+    def _record(self, kind, tensor, overlap_flops=0):
         if torch.compiler.is_compiling():  # a traced graph replays without Python: count eager runs only
             return
-        self.records.append(CollectiveRecord(kind, tensor.numel() * tensor.element_size(), tuple(tensor.shape), str(tensor.dtype), self._group_ranks()))
+        self.records.append(CollectiveRecord(kind, tensor.numel() * tensor.element_size(), tuple(tensor.shape), str(tensor.dtype), self._group_ranks(),
+                                             int(overlap_flops)))
 
     def _group_ranks(self) -> tuple:
         return tuple(getattr(self.inner, "global_ranks", ()))
@@ -166,6 +184,14 @@ class CountingCommunicator(Communicator):
     def reduce_scatter(self, tensor, dim=0):
         self._record("reduce_scatter", tensor)
         return self.inner.reduce_scatter(tensor, dim)
+
+    def all_gather_async(self, tensor, dim=-1, overlap_flops=0):
+        self._record("all_gather", tensor, overlap_flops)
+        return self.inner.all_gather_async(tensor, dim, overlap_flops=overlap_flops)
+
+    def reduce_scatter_async(self, tensor, dim=0, overlap_flops=0):
+        self._record("reduce_scatter", tensor, overlap_flops)
+        return self.inner.reduce_scatter_async(tensor, dim, overlap_flops=overlap_flops)
 
     def broadcast(self, tensor, src=0):
         self._record("broadcast", tensor)
@@ -246,7 +272,7 @@ class _GatherFromSequence(torch.autograd.Function):
         return ctx.comm.reduce_scatter(grad.contiguous(), ctx.dim), None, None
 
 
-def _needs_autograd(x: torch.Tensor) -> bool:
+def needs_autograd(x: torch.Tensor) -> bool:
     """Inference calls the collective directly: the autograd pair exists only to give x a
     gradient, and skipping it keeps the forward traceable by torch.compile (which cannot
     trace an in-place autograd.Function, see impl/decoding.py)."""
@@ -255,42 +281,42 @@ def _needs_autograd(x: torch.Tensor) -> bool:
 
 def copy_to_parallel(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
     """Enter a TP region with a replicated input: identity forward, all-reduce backward."""
-    return _CopyToParallel.apply(x, comm) if comm.world_size > 1 and _needs_autograd(x) else x
+    return _CopyToParallel.apply(x, comm) if comm.world_size > 1 and needs_autograd(x) else x
 
 
 def reduce_from_parallel(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
     """Leave a TP region by summing partial results: all-reduce forward, identity backward."""
     if comm.world_size == 1:
         return x
-    return _ReduceFromParallel.apply(x, comm) if _needs_autograd(x) else comm.all_reduce(x.contiguous())
+    return _ReduceFromParallel.apply(x, comm) if needs_autograd(x) else comm.all_reduce(x.contiguous())
 
 
 def gather_from_parallel(x: torch.Tensor, comm: Communicator, dim: int = -1) -> torch.Tensor:
     """Concatenate per-rank shards along `dim`: all-gather forward, keep own slice backward."""
     if comm.world_size == 1:
         return x
-    return _GatherFromParallel.apply(x, comm, dim) if _needs_autograd(x) else comm.all_gather(x, dim)
+    return _GatherFromParallel.apply(x, comm, dim) if needs_autograd(x) else comm.all_gather(x, dim)
 
 
 def scatter_to_parallel(x: torch.Tensor, comm: Communicator, dim: int = -1) -> torch.Tensor:
     """Keep this rank's slice of a replicated tensor: slice forward, all-gather backward."""
     if comm.world_size == 1:
         return x
-    return _ScatterToParallel.apply(x, comm, dim) if _needs_autograd(x) else comm.shard(x, dim)
+    return _ScatterToParallel.apply(x, comm, dim) if needs_autograd(x) else comm.shard(x, dim)
 
 
 def reduce_scatter_to_sequence(x: torch.Tensor, comm: Communicator, dim: int = 1) -> torch.Tensor:
     """Sequence parallelism: sum partials and keep own sequence shard (backward: all-gather)."""
     if comm.world_size == 1:
         return x
-    return _ReduceScatterToSequence.apply(x, comm, dim) if _needs_autograd(x) else comm.reduce_scatter(x, dim)
+    return _ReduceScatterToSequence.apply(x, comm, dim) if needs_autograd(x) else comm.reduce_scatter(x, dim)
 
 
 def gather_from_sequence(x: torch.Tensor, comm: Communicator, dim: int = 1) -> torch.Tensor:
     """Sequence parallelism: rebuild the full sequence (backward: reduce-scatter)."""
     if comm.world_size == 1:
         return x
-    return _GatherFromSequence.apply(x, comm, dim) if _needs_autograd(x) else comm.all_gather(x, dim)
+    return _GatherFromSequence.apply(x, comm, dim) if needs_autograd(x) else comm.all_gather(x, dim)
 
 
 def all_reduce_sequence_parallel_grads(module: torch.nn.Module, comm: Communicator) -> int:
