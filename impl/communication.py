@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from .architecture import Communicator, PendingCollective, require
 
@@ -56,11 +57,27 @@ class ProcessGroupCommunicator(Communicator):
 
     def all_gather_async(self, tensor, dim=-1, overlap_flops=0):
         """The all-gather started on the transport (NCCL's stream, gloo's worker thread)."""
+        if torch.compiler.is_compiling() and self.world_size > 1:
+            return self._traced(funcol.all_gather_tensor(_move_to_front(tensor, dim % tensor.dim()), 0, self._traced_group()), dim % tensor.dim())
         return self._all_gather(tensor, dim, async_op=True)
 
     def reduce_scatter_async(self, tensor, dim=0, overlap_flops=0):
         """The reduce-scatter started on the transport (NCCL's stream, gloo's worker thread)."""
+        if torch.compiler.is_compiling() and self.world_size > 1:
+            dim = dim % tensor.dim()
+            require(tensor.shape[dim] % self.world_size == 0, f"tensor.shape[{dim}]", tensor.shape[dim], f"must be a multiple of world_size={self.world_size} to reduce-scatter")
+            return self._traced(funcol.reduce_scatter_tensor(_move_to_front(tensor, dim), "sum", 0, self._traced_group()), dim)
         return self._reduce_scatter(tensor, dim, async_op=True)
+
+    # torch.compile cannot trace async_op=True (a graph break per collective): traced, the
+    # functional collective is issued where called and waited where wait() is called, which
+    # keeps the pipeline's order in the graph.
+    def _traced_group(self):
+        return self.group if self.group is not None else dist.group.WORLD
+
+    @staticmethod
+    def _traced(issued: torch.Tensor, dim: int) -> PendingCollective:
+        return PendingCollective(issued, None, lambda done: funcol.wait_tensor(done).movedim(0, dim))
 
     def _all_gather(self, tensor, dim, async_op):
         if self.world_size == 1:
