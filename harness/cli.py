@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--device", choices=("cpu", "cuda"), default=None)
     sc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     sc.add_argument("--repeats", type=_positive_int, default=None)
+    sc.add_argument("--prefill-overlap-chunks", type=_positive_int, default=None, metavar="C",
+                    help="reference sequence-parallel prefill: pipeline each collective with its matmul in C token chunks (1: not chunked)")
     sc.add_argument("--project", action="store_true", default=None, help="project world sizes larger than the GPUs present (marked projected)")
     sc.add_argument("--compare-projection", action="store_true", default=None,
                     help="also project the measured world sizes > 1, so the report shows the projection's error")
@@ -115,7 +117,8 @@ def _scaling(args) -> int:
     table, gate_table = read_tables(args.config)
     overrides = {"world_sizes": args.world_sizes, "presets": args.presets, "implementations": args.implementations, "device": args.device,
                  "dtype": args.dtype, "repeats": args.repeats, "project": args.project, "compare_projection": args.compare_projection,
-                 "decode_all_reduce": args.decode_all_reduce}
+                 "decode_all_reduce": args.decode_all_reduce,
+                 "prefill_overlap_chunks": args.prefill_overlap_chunks}
     cfg = load_config(table, overrides)
     if cfg.device == "cuda":
         import torch

@@ -107,6 +107,8 @@ class SweepConfig:
     prefill_path: str = "auto"  # reference prefill: see PREFILL_PATHS (auto: compiled on CUDA, eager on CPU)
     sequence_parallel: bool = True  # reference prefill with sequence parallelism (norms, residuals on sequence shards)
     decode_all_reduce: str = "nccl"  # projected decode all-reduces priced as: see perf_model.ALL_REDUCE_PRICINGS (low-latency: impl/low_latency.py)
+    # reference SP prefill: each collective pipelined with its matmul in this many token chunks (impl/overlap.py); 1: not chunked
+    prefill_overlap_chunks: int = 1
 
     def validate(self) -> "SweepConfig":
         """Types first (so no check below meets a value it cannot compare), then values, then
@@ -133,6 +135,7 @@ class SweepConfig:
         require(self.device in ("cpu", "cuda"), "device", self.device, "must be cpu or cuda")
         require(_is_int(self.warmup) and self.warmup >= 0, "warmup", self.warmup, "must be an integer >= 0")
         require(_is_int(self.repeats) and self.repeats >= 1, "repeats", self.repeats, "must be an integer >= 1")
+        require(_is_int(self.prefill_overlap_chunks) and self.prefill_overlap_chunks >= 1, "prefill_overlap_chunks", self.prefill_overlap_chunks, "must be an integer >= 1")
         for key in ("project", "compare_projection", "sequence_parallel"):
             require(isinstance(getattr(self, key), bool), key, getattr(self, key), "must be true or false")
         for preset in self.presets:
@@ -150,9 +153,22 @@ class SweepConfig:
         require(self.decode_path in ("auto", "eager") or self.device == "cuda", "decode_path", self.decode_path, "needs device = cuda (CUDA graphs)")
         require(self.prefill_path in PREFILL_PATHS, "prefill_path", self.prefill_path, f"must be one of {PREFILL_PATHS}")
         require(self.decode_all_reduce in ALL_REDUCE_PRICINGS, "decode_all_reduce", self.decode_all_reduce, f"must be one of {ALL_REDUCE_PRICINGS}")
+        self._check_overlap_chunks()
         if self.device == "cuda":
             self._check_gpus(torch.cuda.device_count())
         return self
+
+    def _check_overlap_chunks(self) -> None:
+        """Every reference prefill that runs sequence-parallel (prompt a multiple of the world
+        size > 1) must cut its seq/tp tokens into prefill_overlap_chunks equal chunks."""
+        if not (self.sequence_parallel and "reference" in self.implementations):
+            return
+        c = self.prefill_overlap_chunks
+        for ph in self.phases:
+            for ws in self.world_sizes:
+                if ph.kind == "prefill" and ws > 1 and ph.prompt % ws == 0:
+                    require(ph.prompt // ws % c == 0, "prefill_overlap_chunks", c,
+                            f"must divide prompt/world_size = {ph.prompt}/{ws} (the prefill phase's sequence shard at world size {ws})")
 
     def _check_gpus(self, gpus: int) -> None:
         """A CUDA sweep needs one GPU per rank of its largest world, unless the world sizes
@@ -229,16 +245,18 @@ class BuiltModel:
 MODES = ("tp", "null", "projected")
 
 
-def build_model(ctx, implementation: str, preset: str, dtype: str, mode: str, world: int, sequence_parallel: bool = False) -> BuiltModel:
+def build_model(ctx, implementation: str, preset: str, dtype: str, mode: str, world: int, sequence_parallel: bool = False,
+                overlap_chunks: int = 1) -> BuiltModel:
     """This rank's model for one point. mode: "tp" (its part of the world's TP model, real
     collectives), "null" (the same shard shapes, no collectives: T_null), "projected" (rank 0's
     shard of a `world`-way model alone on this device, no collectives). `sequence_parallel`:
-    the reference's prompts run with sequence parallelism (impl/model.py)."""
+    the reference's prompts run with sequence parallelism (impl/model.py), each collective
+    pipelined with its matmul in `overlap_chunks` token chunks (impl/overlap.py)."""
     config, torch_dtype = PRESETS[preset], parse_dtype(dtype)
     if implementation == "reference":
         rank = ctx.comm.rank if mode == "null" else 0  # its rank inside the TP group, not in the world
         comm = CountingCommunicator(ctx.comm if mode == "tp" else NullCommunicator(world, rank))
-        model = random_model(config, comm, torch_dtype, ctx.device, sequence_parallel=sequence_parallel).eval()
+        model = random_model(config, comm, torch_dtype, ctx.device, sequence_parallel=sequence_parallel, overlap_chunks=overlap_chunks).eval()
         return BuiltModel(model, config.vocab_size, comm.reset, lambda phase: [asdict(r) for r in comm.records])
     # the peer: DTensor's collectives are invisible to a Communicator, so they are listed from its plan
     if mode == "tp" and world > 1:
@@ -387,15 +405,16 @@ def point_error(e: BaseException) -> str:
 
 
 def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: str, warmup: int, repeats: int, mode: str,
-                    world: int | None = None, decode_path: str = "eager", prefill_path: str = "eager", sequence_parallel: bool = False) -> dict:
-    """Time one phase on this rank (see build_model for `mode` and `sequence_parallel`; `world`
+                    world: int | None = None, decode_path: str = "eager", prefill_path: str = "eager", sequence_parallel: bool = False,
+                    overlap_chunks: int = 1) -> dict:
+    """Time one phase on this rank (see build_model for `mode`, `sequence_parallel` and `overlap_chunks`; `world`
     defaults to the rank's world; `decode_path` / `prefill_path` as resolved by
     resolve_decode_path / resolve_prefill_path). A CUDA out-of-memory raises PointOutOfMemory naming
     this rank, the bytes requested and the bytes free: the point fails, the sweep goes on."""
     require(mode in MODES, "mode", mode, f"must be one of {MODES}")
     world = world or ctx.comm.world_size  # the TP group's size
     try:
-        return _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, world, decode_path, prefill_path, sequence_parallel)
+        return _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, world, decode_path, prefill_path, sequence_parallel, overlap_chunks)
     except torch.OutOfMemoryError as e:
         free, total = torch.cuda.mem_get_info(ctx.device) if ctx.device.type == "cuda" else (0, 0)
         raise PointOutOfMemory(describe_out_of_memory(ctx.rank, e, free, total)) from None
@@ -414,14 +433,14 @@ def release_kept_step(ctx) -> None:
     ctx.state.pop(KEPT_STEP, None)
 
 
-def _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, world, decode_path, prefill_path, sequence_parallel) -> dict:
+def _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, world, decode_path, prefill_path, sequence_parallel, overlap_chunks) -> dict:
     ctx.state.pop(KEPT_STEP, None)  # a previous point's model must not outlive it
     threads = torch.get_num_threads()
     if mode == "projected" and ctx.device.type == "cpu":
         # a CPU rank of a `world`-rank sweep gets cores // world threads (orchestrator); the projection plays such a rank
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        built = build_model(ctx, implementation, preset, dtype, mode, world, sequence_parallel)
+        built = build_model(ctx, implementation, preset, dtype, mode, world, sequence_parallel, overlap_chunks)
         ids = torch.randint(0, built.vocab, (phase.batch, phase.prompt), device=ctx.device)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -492,9 +511,12 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: CostModel | None = None, 
         row["decode_path"] = resolve_decode_path(cfg.decode_path, impl, cfg.device) if decode else ""
         row["prefill_path"] = "" if decode else resolve_prefill_path(cfg.prefill_path, impl, cfg.device)
         row["sequence_parallel"] = not decode and impl == "reference" and cfg.sequence_parallel and ws > 1
+        # the chunks the prefill ran with; 1 wherever it was not chunked (decode, no SP, a prompt not a multiple of ws)
+        row["overlap_chunks"] = cfg.prefill_overlap_chunks if row["sequence_parallel"] and phase.prompt % ws == 0 else 1
         try:
             args = (impl, preset, phase, cfg.dtype, cfg.warmup, cfg.repeats)
-            kw = {"decode_path": row["decode_path"]} if decode else {"prefill_path": row["prefill_path"], "sequence_parallel": row["sequence_parallel"]}
+            kw = {"decode_path": row["decode_path"]} if decode else {"prefill_path": row["prefill_path"], "sequence_parallel": row["sequence_parallel"],
+                                                                      "overlap_chunks": row["overlap_chunks"]}
             if impl not in BUILT_IN:
                 row.update(_protocol_point(impl, preset, phase, ws, projected, cfg, world_for))
             elif projected:

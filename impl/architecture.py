@@ -226,12 +226,39 @@ def check_kv_heads(num_kv_heads: int, tp: int) -> None:
     )
 
 
+class PendingCollective:
+    """A collective that may still be in flight. `wait()` returns its result once it is complete
+    (on NCCL: once the caller's current stream waits for it; the host does not block), and may
+    be called more than once. `buffer` is the storage the transport writes into: reading it
+    before `wait()` reads whatever is there yet. `finish` turns the completed buffer into the
+    result (e.g. moves the gathered dim back); `work` is the transport's handle (None: done)."""
+
+    def __init__(self, buffer: torch.Tensor, work=None, finish=None, keep_alive: tuple = ()):
+        self.buffer, self._work, self._finish = buffer, work, finish
+        self._keep_alive = keep_alive  # inputs the transport still reads until completion
+        self._result = None
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            if self._work is not None:
+                self._work.wait()
+            self._result = self.buffer if self._finish is None else self._finish(self.buffer)
+            self._work, self._keep_alive = None, ()
+        return self._result
+
+
 class Communicator(abc.ABC):
     """The collectives a TP layer may use, over one TP group.
 
     Contract: collectives are synchronous from the caller's point of view and return the
     result. `all_reduce` may reuse its input's storage (callers pass tensors they own).
     `all_gather` / `reduce_scatter` concatenate / split along `dim`, in rank order.
+    `all_gather_async` / `reduce_scatter_async` start the same collectives and return a
+    PendingCollective; every rank must issue the same collectives in the same order, and wait
+    for each before using its result. The default runs the synchronous collective (nothing
+    overlaps), so a communicator needs only the five synchronous collectives. `overlap_flops`
+    is an annotation for communicators that record (CountingCommunicator): the matmul FLOPs the
+    caller computes while this transfer is in flight; others ignore it.
     """
 
     rank: int
@@ -251,6 +278,12 @@ class Communicator(abc.ABC):
 
     @abc.abstractmethod
     def barrier(self) -> None: ...
+
+    def all_gather_async(self, tensor: torch.Tensor, dim: int = -1, overlap_flops: int = 0) -> PendingCollective:
+        return PendingCollective(self.all_gather(tensor, dim))
+
+    def reduce_scatter_async(self, tensor: torch.Tensor, dim: int = 0, overlap_flops: int = 0) -> PendingCollective:
+        return PendingCollective(self.reduce_scatter(tensor, dim))
 
     def shard(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """This rank's contiguous 1/world_size slice along `dim` (no communication)."""

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
-from .architecture import Communicator, require
+from .architecture import Communicator, PendingCollective, require
 
 # torch >= 2.12 renamed the tensor variants; 2.5-2.11 only have the old names.
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -49,23 +50,53 @@ class ProcessGroupCommunicator(Communicator):
         return tensor
 
     def all_gather(self, tensor, dim=-1):
+        return self._all_gather(tensor, dim, async_op=False).wait()
+
+    def reduce_scatter(self, tensor, dim=0):
+        return self._reduce_scatter(tensor, dim, async_op=False).wait()
+
+    def all_gather_async(self, tensor, dim=-1, overlap_flops=0):
+        """The all-gather started on the transport (NCCL's stream, gloo's worker thread)."""
+        if torch.compiler.is_compiling() and self.world_size > 1:
+            return self._traced(funcol.all_gather_tensor(_move_to_front(tensor, dim % tensor.dim()), 0, self._traced_group()), dim % tensor.dim())
+        return self._all_gather(tensor, dim, async_op=True)
+
+    def reduce_scatter_async(self, tensor, dim=0, overlap_flops=0):
+        """The reduce-scatter started on the transport (NCCL's stream, gloo's worker thread)."""
+        if torch.compiler.is_compiling() and self.world_size > 1:
+            dim = dim % tensor.dim()
+            require(tensor.shape[dim] % self.world_size == 0, f"tensor.shape[{dim}]", tensor.shape[dim], f"must be a multiple of world_size={self.world_size} to reduce-scatter")
+            return self._traced(funcol.reduce_scatter_tensor(_move_to_front(tensor, dim), "sum", 0, self._traced_group()), dim)
+        return self._reduce_scatter(tensor, dim, async_op=True)
+
+    # torch.compile cannot trace async_op=True (a graph break per collective): traced, the
+    # functional collective is issued where called and waited where wait() is called, which
+    # keeps the pipeline's order in the graph.
+    def _traced_group(self):
+        return self.group if self.group is not None else dist.group.WORLD
+
+    @staticmethod
+    def _traced(issued: torch.Tensor, dim: int) -> PendingCollective:
+        return PendingCollective(issued, None, lambda done: funcol.wait_tensor(done).movedim(0, dim))
+
+    def _all_gather(self, tensor, dim, async_op):
         if self.world_size == 1:
-            return tensor
+            return PendingCollective(tensor)
         dim = dim % tensor.dim()
         front = _move_to_front(tensor, dim)
         out = front.new_empty((self.world_size * front.shape[0], *front.shape[1:]))
-        _all_gather_tensor(out, front, group=self.group)
-        return out.movedim(0, dim)
+        work = _all_gather_tensor(out, front, group=self.group, async_op=async_op)
+        return PendingCollective(out, work, lambda done: done.movedim(0, dim), keep_alive=(front,))
 
-    def reduce_scatter(self, tensor, dim=0):
+    def _reduce_scatter(self, tensor, dim, async_op):
         if self.world_size == 1:
-            return tensor
+            return PendingCollective(tensor)
         dim = dim % tensor.dim()
         require(tensor.shape[dim] % self.world_size == 0, f"tensor.shape[{dim}]", tensor.shape[dim], f"must be a multiple of world_size={self.world_size} to reduce-scatter")
         front = _move_to_front(tensor, dim)
         out = front.new_empty((front.shape[0] // self.world_size, *front.shape[1:]))
-        _reduce_scatter_tensor(out, front, group=self.group)
-        return out.movedim(0, dim)
+        work = _reduce_scatter_tensor(out, front, group=self.group, async_op=async_op)
+        return PendingCollective(out, work, lambda done: done.movedim(0, dim), keep_alive=(front,))
 
     def broadcast(self, tensor, src=0):
         if self.world_size > 1:
@@ -120,6 +151,9 @@ class CollectiveRecord:
     shape: tuple
     dtype: str
     group_ranks: tuple = ()  # global ranks of the group it ran on; () for a communicator without a process group
+    # matmul FLOPs (2*m*n*k) the issuing code computes while this transfer is in flight; 0: the
+    # transfer is exposed (every synchronous collective, a pipeline's fill or drain chunk)
+    overlap_flops: int = 0
 
 
 @dataclass
@@ -138,10 +172,11 @@ class CountingCommunicator(Communicator):
     def world_size(self):
         return self.inner.world_size
 
-    def _record(self, kind, tensor):
+    def _record(self, kind, tensor, overlap_flops=0):
         if torch.compiler.is_compiling():  # a traced graph replays without Python: count eager runs only
             return
-        self.records.append(CollectiveRecord(kind, tensor.numel() * tensor.element_size(), tuple(tensor.shape), str(tensor.dtype), self._group_ranks()))
+        self.records.append(CollectiveRecord(kind, tensor.numel() * tensor.element_size(), tuple(tensor.shape), str(tensor.dtype), self._group_ranks(),
+                                             int(overlap_flops)))
 
     def _group_ranks(self) -> tuple:
         return tuple(getattr(self.inner, "global_ranks", ()))
@@ -166,6 +201,14 @@ class CountingCommunicator(Communicator):
     def reduce_scatter(self, tensor, dim=0):
         self._record("reduce_scatter", tensor)
         return self.inner.reduce_scatter(tensor, dim)
+
+    def all_gather_async(self, tensor, dim=-1, overlap_flops=0):
+        self._record("all_gather", tensor, overlap_flops)
+        return self.inner.all_gather_async(tensor, dim, overlap_flops=overlap_flops)
+
+    def reduce_scatter_async(self, tensor, dim=0, overlap_flops=0):
+        self._record("reduce_scatter", tensor, overlap_flops)
+        return self.inner.reduce_scatter_async(tensor, dim, overlap_flops=overlap_flops)
 
     def broadcast(self, tensor, src=0):
         self._record("broadcast", tensor)
@@ -246,7 +289,7 @@ class _GatherFromSequence(torch.autograd.Function):
         return ctx.comm.reduce_scatter(grad.contiguous(), ctx.dim), None, None
 
 
-def _needs_autograd(x: torch.Tensor) -> bool:
+def needs_autograd(x: torch.Tensor) -> bool:
     """Inference calls the collective directly: the autograd pair exists only to give x a
     gradient, and skipping it keeps the forward traceable by torch.compile (which cannot
     trace an in-place autograd.Function, see impl/decoding.py)."""
@@ -255,42 +298,42 @@ def _needs_autograd(x: torch.Tensor) -> bool:
 
 def copy_to_parallel(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
     """Enter a TP region with a replicated input: identity forward, all-reduce backward."""
-    return _CopyToParallel.apply(x, comm) if comm.world_size > 1 and _needs_autograd(x) else x
+    return _CopyToParallel.apply(x, comm) if comm.world_size > 1 and needs_autograd(x) else x
 
 
 def reduce_from_parallel(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
     """Leave a TP region by summing partial results: all-reduce forward, identity backward."""
     if comm.world_size == 1:
         return x
-    return _ReduceFromParallel.apply(x, comm) if _needs_autograd(x) else comm.all_reduce(x.contiguous())
+    return _ReduceFromParallel.apply(x, comm) if needs_autograd(x) else comm.all_reduce(x.contiguous())
 
 
 def gather_from_parallel(x: torch.Tensor, comm: Communicator, dim: int = -1) -> torch.Tensor:
     """Concatenate per-rank shards along `dim`: all-gather forward, keep own slice backward."""
     if comm.world_size == 1:
         return x
-    return _GatherFromParallel.apply(x, comm, dim) if _needs_autograd(x) else comm.all_gather(x, dim)
+    return _GatherFromParallel.apply(x, comm, dim) if needs_autograd(x) else comm.all_gather(x, dim)
 
 
 def scatter_to_parallel(x: torch.Tensor, comm: Communicator, dim: int = -1) -> torch.Tensor:
     """Keep this rank's slice of a replicated tensor: slice forward, all-gather backward."""
     if comm.world_size == 1:
         return x
-    return _ScatterToParallel.apply(x, comm, dim) if _needs_autograd(x) else comm.shard(x, dim)
+    return _ScatterToParallel.apply(x, comm, dim) if needs_autograd(x) else comm.shard(x, dim)
 
 
 def reduce_scatter_to_sequence(x: torch.Tensor, comm: Communicator, dim: int = 1) -> torch.Tensor:
     """Sequence parallelism: sum partials and keep own sequence shard (backward: all-gather)."""
     if comm.world_size == 1:
         return x
-    return _ReduceScatterToSequence.apply(x, comm, dim) if _needs_autograd(x) else comm.reduce_scatter(x, dim)
+    return _ReduceScatterToSequence.apply(x, comm, dim) if needs_autograd(x) else comm.reduce_scatter(x, dim)
 
 
 def gather_from_sequence(x: torch.Tensor, comm: Communicator, dim: int = 1) -> torch.Tensor:
     """Sequence parallelism: rebuild the full sequence (backward: reduce-scatter)."""
     if comm.world_size == 1:
         return x
-    return _GatherFromSequence.apply(x, comm, dim) if _needs_autograd(x) else comm.all_gather(x, dim)
+    return _GatherFromSequence.apply(x, comm, dim) if needs_autograd(x) else comm.all_gather(x, dim)
 
 
 def all_reduce_sequence_parallel_grads(module: torch.nn.Module, comm: Communicator) -> int:

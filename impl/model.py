@@ -14,8 +14,9 @@ from torch import nn
 
 from .architecture import Communicator, ModelConfig, require
 from .communication import gather_from_parallel
-from .tensor_parallel import (ParallelAttention, ParallelLMHead, ParallelMLP, RMSNorm, RowParallelLinear, SequenceParallelTags, VocabParallelEmbedding,
-                              tag_sequence_parallel_grad)
+from .overlap import check_chunk_count, check_chunks
+from .tensor_parallel import (OverlapChunks, ParallelAttention, ParallelLMHead, ParallelMLP, RMSNorm, RowParallelLinear, SequenceParallelTags,
+                              VocabParallelEmbedding, tag_sequence_parallel_grad)
 
 # Names of one block's full tensors, in Hugging Face Llama naming (without the layer prefix).
 BLOCK_TENSORS = (
@@ -135,17 +136,36 @@ class LlamaModel(nn.Module):
     `sequence_parallel_grad` for that forward: a caller that runs backward through a
     sequence-parallel forward must call `impl.communication.all_reduce_sequence_parallel_grads(model, comm)`
     after backward (their per-rank grads are partial sums over this rank's tokens).
+    `overlap_chunks` (an integer >= 1, set on every sequence-parallel linear layer): a
+    sequence-parallel prefill without gradients pipelines each all-gather -> column-parallel
+    matmul and row-parallel matmul -> reduce-scatter in that many token chunks (impl/overlap.py);
+    every sequence-parallel prompt's seq/tp must be a multiple of it (TPConfigError before any
+    collective). 1: no chunking.
     """
 
     def __init__(self, config: ModelConfig, comm: Communicator, embed: VocabParallelEmbedding, layers: list[TransformerBlock], norm: RMSNorm,
-                 lm_head: ParallelLMHead, sequence_parallel: bool = False):
+                 lm_head: ParallelLMHead, sequence_parallel: bool = False, overlap_chunks: int = 1):
         super().__init__()
         self.config, self.comm, self.sequence_parallel = config, comm, sequence_parallel
         self.embed, self.layers, self.norm, self.lm_head = embed, nn.ModuleList(layers), norm, lm_head
         self._sp_active = None
+        self.overlap_chunks = overlap_chunks
+
+    @property
+    def overlap_chunks(self) -> int:
+        return self._overlap_chunks
+
+    @overlap_chunks.setter
+    def overlap_chunks(self, chunks: int) -> None:
+        check_chunk_count(chunks)
+        for module in self.modules():
+            if isinstance(module, OverlapChunks):
+                module.overlap_chunks = chunks
+        self._overlap_chunks = chunks
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping, config: ModelConfig, comm: Communicator, dtype=torch.float32, device="cpu", sequence_parallel=False) -> "LlamaModel":
+    def from_tensors(cls, tensors: Mapping, config: ModelConfig, comm: Communicator, dtype=torch.float32, device="cpu", sequence_parallel=False,
+                     overlap_chunks: int = 1) -> "LlamaModel":
         """Build rank comm.rank's model from full tensors (or lazy slices) in Hugging Face naming."""
         config.check_tp(comm.world_size)
         kw = dict(dtype=dtype, device=device)
@@ -160,7 +180,7 @@ class LlamaModel(nn.Module):
             lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, comm, tied_to=embed, **kw)
         else:
             lm_head = ParallelLMHead.from_full(tensors["lm_head.weight"], comm, **kw)
-        return cls(config, comm, embed, layers, norm, lm_head, sequence_parallel)
+        return cls(config, comm, embed, layers, norm, lm_head, sequence_parallel, overlap_chunks)
 
     def allocate_kv_cache(self, max_batch: int, max_seq_len: int) -> None:
         require(max_seq_len <= self.config.max_seq_len, "max_seq_len", max_seq_len, f"must be <= the model's max_position_embeddings={self.config.max_seq_len}")
@@ -190,6 +210,8 @@ class LlamaModel(nn.Module):
         # A tensor start_pos is bounded by the KV cache, which allocate_kv_cache checks against the window.
         require(window is None or isinstance(start_pos, torch.Tensor) or start_pos + seq <= window, "sequence length", start_pos + seq, f"must be <= sliding_window={window} (sliding-window attention is not implemented)")
         sp = self.sequence_parallel and tp > 1 and seq % tp == 0
+        if sp:  # the chunked path's constraint (for every such prompt, whether it runs chunked or not), before the embedding's reduce-scatter
+            check_chunks(self.overlap_chunks, seq // tp)
         self._use_sequence_parallel(sp)
         h = self.embed(ids)
         for layer in self.layers:
@@ -261,7 +283,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
 
 
 def random_model(config: ModelConfig, comm: Communicator, dtype=torch.bfloat16, device="cpu", seed: int = 0, std: float = 0.02,
-                 sequence_parallel: bool = False) -> LlamaModel:
+                 sequence_parallel: bool = False, overlap_chunks: int = 1) -> LlamaModel:
     """A model of `config` whose local shards are drawn directly on this rank (no full tensors
     exist anywhere): for timing and memory sweeps, where values do not matter but shapes do."""
     config.check_tp(comm.world_size)
@@ -276,7 +298,7 @@ def random_model(config: ModelConfig, comm: Communicator, dtype=torch.bfloat16, 
         layers.append(TransformerBlock(attention, mlp, RMSNorm(config.hidden_size, config.rms_norm_eps, **kw), RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)))
     norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
     lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, comm, tied_to=embed if config.tie_word_embeddings else None, **kw)
-    model = LlamaModel(config, comm, embed, layers, norm, lm_head, sequence_parallel)
+    model = LlamaModel(config, comm, embed, layers, norm, lm_head, sequence_parallel, overlap_chunks)
     generator = torch.Generator(device=device).manual_seed(seed + comm.rank)
     with torch.no_grad():
         for name, p in model.named_parameters():

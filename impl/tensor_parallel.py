@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architecture import Communicator, TPConfigError, check_kv_heads, require, require_divisible, rope_scaling_parameters
-from .communication import copy_to_parallel, gather_from_parallel, gather_from_sequence, reduce_from_parallel, reduce_scatter_to_sequence, scatter_to_parallel
+from .communication import (copy_to_parallel, gather_from_parallel, gather_from_sequence, needs_autograd, reduce_from_parallel, reduce_scatter_to_sequence,
+                            scatter_to_parallel)
 from .kernels import decode_attention as fused_decode_attention
+from .overlap import check_chunk_count, gather_linear, linear_reduce_scatter
 from .sharding import Segment, ShardSpec, columns, declare, rows, shape_of, shard, spec_of, take, unshard
 
 
@@ -89,21 +91,45 @@ class SequenceParallelTags:
             tag_sequence_parallel_grad(param, active)
 
 
+class OverlapChunks:
+    """`overlap_chunks`: with `sequence_parallel`, an inference forward (no gradient needed) at
+    tp > 1 pipelines its all-gather / reduce-scatter with the matmul in that many token chunks
+    (impl/overlap.py); 1, tp = 1, or a forward that needs a gradient runs the un-chunked
+    region pair. At forward time the local sequence length (seq/tp) must be a multiple of it
+    (TPConfigError naming overlap_chunks, before any collective)."""
+
+    @property
+    def overlap_chunks(self) -> int:
+        return self._overlap_chunks
+
+    @overlap_chunks.setter
+    def overlap_chunks(self, chunks: int) -> None:
+        check_chunk_count(chunks)
+        self._overlap_chunks = chunks
+
+    def overlapped(self, x: torch.Tensor) -> bool:
+        """Whether this forward of x takes the chunked pipeline."""
+        return self.sequence_parallel and self._overlap_chunks > 1 and self.comm.world_size > 1 and not needs_autograd(x)
+
+
 # --------------------------------------------------------------------------- linear layers
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(OverlapChunks, nn.Module):
     """y = x W^T + b with W's output features split across ranks.
 
     x: (..., in_features), replicated (or sequence-sharded if `sequence_parallel`, dim 1).
     y: (..., out_features / tp), or (..., out_features) if `gather_output`.
+    `overlap_chunks`: see OverlapChunks (all-gather pipelined with the matmul).
     """
 
-    def __init__(self, in_features, out_features, comm: Communicator, bias=False, gather_output=False, sequence_parallel=False, dtype=torch.float32, device="cpu"):
+    def __init__(self, in_features, out_features, comm: Communicator, bias=False, gather_output=False, sequence_parallel=False, dtype=torch.float32, device="cpu",
+                 overlap_chunks=1):
         super().__init__()
         tp = comm.world_size
         require_divisible("out_features", out_features, tp)
         self.comm, self.gather_output, self.sequence_parallel = comm, gather_output, sequence_parallel
+        self.overlap_chunks = overlap_chunks
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features // tp, in_features, **_factory(dtype, device)))
         self.bias = nn.Parameter(torch.zeros(out_features // tp, **_factory(dtype, device))) if bias else None
@@ -116,8 +142,11 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x):
         check_input(x, self.weight, type(self).__name__)
-        x = gather_from_sequence(x, self.comm, 1) if self.sequence_parallel else copy_to_parallel(x, self.comm)
-        y = F.linear(x, self.weight, self.bias)
+        if self.overlapped(x):
+            y = gather_linear(x, self.weight, self.bias, self.comm, self.overlap_chunks)
+        else:
+            x = gather_from_sequence(x, self.comm, 1) if self.sequence_parallel else copy_to_parallel(x, self.comm)
+            y = F.linear(x, self.weight, self.bias)
         return gather_from_parallel(y, self.comm, -1) if self.gather_output else y
 
     @classmethod
@@ -128,7 +157,7 @@ class ColumnParallelLinear(nn.Module):
         return layer
 
 
-class RowParallelLinear(SequenceParallelTags, nn.Module):
+class RowParallelLinear(OverlapChunks, SequenceParallelTags, nn.Module):
     """y = x W^T + b with W's input features split across ranks.
 
     x: (..., in_features / tp) if `input_is_parallel` else (..., in_features) replicated.
@@ -137,16 +166,19 @@ class RowParallelLinear(SequenceParallelTags, nn.Module):
     bias is added to this rank's sequence shard only, so its gradient is a per-rank partial:
     it is tagged `sequence_parallel_grad` and whoever runs backward must call
     impl.communication.all_reduce_sequence_parallel_grads after it.
+    `overlap_chunks`: see OverlapChunks (the matmul pipelined with the reduce-scatter).
     """
 
     def replicated_in_sequence_region(self):
         return [getattr(self, "bias", None)]
 
-    def __init__(self, in_features, out_features, comm: Communicator, bias=False, input_is_parallel=True, sequence_parallel=False, dtype=torch.float32, device="cpu"):
+    def __init__(self, in_features, out_features, comm: Communicator, bias=False, input_is_parallel=True, sequence_parallel=False, dtype=torch.float32, device="cpu",
+                 overlap_chunks=1):
         super().__init__()
         tp = comm.world_size
         require_divisible("in_features", in_features, tp)
         self.comm, self.input_is_parallel, self.sequence_parallel = comm, input_is_parallel, sequence_parallel
+        self.overlap_chunks = overlap_chunks
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp, **_factory(dtype, device)))
         self.bias = nn.Parameter(torch.zeros(out_features, **_factory(dtype, device))) if bias else None
@@ -157,8 +189,11 @@ class RowParallelLinear(SequenceParallelTags, nn.Module):
         check_input(x, self.weight, "RowParallelLinear")
         if not self.input_is_parallel:
             x = scatter_to_parallel(x, self.comm, -1)
-        y = F.linear(x, self.weight)
-        y = reduce_scatter_to_sequence(y, self.comm, 1) if self.sequence_parallel else reduce_from_parallel(y, self.comm)
+        if self.overlapped(x):
+            y = linear_reduce_scatter(x, self.weight, self.comm, self.overlap_chunks)
+        else:
+            y = F.linear(x, self.weight)
+            y = reduce_scatter_to_sequence(y, self.comm, 1) if self.sequence_parallel else reduce_from_parallel(y, self.comm)
         return y if self.bias is None else y + self.bias
 
     @classmethod
