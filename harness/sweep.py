@@ -28,6 +28,7 @@ import torch
 
 from impl.architecture import ModelConfig, TPConfigError, parse_dtype, require
 from impl.communication import CountingCommunicator, NullCommunicator
+from impl.low_latency import LowLatencyCommunicator
 from impl.decoding import StaticDecoder
 from impl.dtensor_peer import check_dtensor_tp, parallelize, peer_collectives, random_plain_model, shard_config, tp_mesh
 from impl.model import random_model
@@ -245,17 +246,32 @@ class BuiltModel:
 MODES = ("tp", "null", "projected")
 
 
+LOW_LATENCY_COMM = "sweep.low_latency_comm"  # RankContext.state key: one symmetric buffer per rank, built once
+
+
+def tp_communicator(ctx, all_reduce: str):
+    """The communicator a measured point's collectives run on: the rank's TP group as it is, or
+    (all_reduce = "low-latency") impl.low_latency's, built once per rank (its construction is a
+    collective over the group: every rank of a point builds it together) and kept."""
+    if all_reduce != "low-latency":
+        return ctx.comm
+    if LOW_LATENCY_COMM not in ctx.state:
+        ctx.state[LOW_LATENCY_COMM] = LowLatencyCommunicator(ctx.tp_group, device=ctx.device)
+    return ctx.state[LOW_LATENCY_COMM]
+
+
 def build_model(ctx, implementation: str, preset: str, dtype: str, mode: str, world: int, sequence_parallel: bool = False,
-                overlap_chunks: int = 1) -> BuiltModel:
+                overlap_chunks: int = 1, all_reduce: str = "nccl") -> BuiltModel:
     """This rank's model for one point. mode: "tp" (its part of the world's TP model, real
     collectives), "null" (the same shard shapes, no collectives: T_null), "projected" (rank 0's
     shard of a `world`-way model alone on this device, no collectives). `sequence_parallel`:
     the reference's prompts run with sequence parallelism (impl/model.py), each collective
-    pipelined with its matmul in `overlap_chunks` token chunks (impl/overlap.py)."""
+    pipelined with its matmul in `overlap_chunks` token chunks (impl/overlap.py). `all_reduce`:
+    a "tp" model's all-reduces on NCCL or on the low-latency communicator (tp_communicator)."""
     config, torch_dtype = PRESETS[preset], parse_dtype(dtype)
     if implementation == "reference":
         rank = ctx.comm.rank if mode == "null" else 0  # its rank inside the TP group, not in the world
-        comm = CountingCommunicator(ctx.comm if mode == "tp" else NullCommunicator(world, rank))
+        comm = CountingCommunicator(tp_communicator(ctx, all_reduce) if mode == "tp" else NullCommunicator(world, rank))
         model = random_model(config, comm, torch_dtype, ctx.device, sequence_parallel=sequence_parallel, overlap_chunks=overlap_chunks).eval()
         return BuiltModel(model, config.vocab_size, comm.reset, lambda phase: [asdict(r) for r in comm.records])
     # the peer: DTensor's collectives are invisible to a Communicator, so they are listed from its plan
@@ -406,15 +422,16 @@ def point_error(e: BaseException) -> str:
 
 def measure_on_rank(ctx, implementation: str, preset: str, phase: Phase, dtype: str, warmup: int, repeats: int, mode: str,
                     world: int | None = None, decode_path: str = "eager", prefill_path: str = "eager", sequence_parallel: bool = False,
-                    overlap_chunks: int = 1) -> dict:
-    """Time one phase on this rank (see build_model for `mode`, `sequence_parallel` and `overlap_chunks`; `world`
+                    overlap_chunks: int = 1, all_reduce: str = "nccl") -> dict:
+    """Time one phase on this rank (see build_model for `mode`, `sequence_parallel`, `overlap_chunks` and `all_reduce`; `world`
     defaults to the rank's world; `decode_path` / `prefill_path` as resolved by
     resolve_decode_path / resolve_prefill_path). A CUDA out-of-memory raises PointOutOfMemory naming
     this rank, the bytes requested and the bytes free: the point fails, the sweep goes on."""
     require(mode in MODES, "mode", mode, f"must be one of {MODES}")
     world = world or ctx.comm.world_size  # the TP group's size
     try:
-        return _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, world, decode_path, prefill_path, sequence_parallel, overlap_chunks)
+        return _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, world, decode_path, prefill_path, sequence_parallel, overlap_chunks,
+                        all_reduce)
     except torch.OutOfMemoryError as e:
         free, total = torch.cuda.mem_get_info(ctx.device) if ctx.device.type == "cuda" else (0, 0)
         raise PointOutOfMemory(describe_out_of_memory(ctx.rank, e, free, total)) from None
@@ -433,14 +450,15 @@ def release_kept_step(ctx) -> None:
     ctx.state.pop(KEPT_STEP, None)
 
 
-def _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, world, decode_path, prefill_path, sequence_parallel, overlap_chunks) -> dict:
+def _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, world, decode_path, prefill_path, sequence_parallel, overlap_chunks,
+             all_reduce) -> dict:
     ctx.state.pop(KEPT_STEP, None)  # a previous point's model must not outlive it
     threads = torch.get_num_threads()
     if mode == "projected" and ctx.device.type == "cpu":
         # a CPU rank of a `world`-rank sweep gets cores // world threads (orchestrator); the projection plays such a rank
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        built = build_model(ctx, implementation, preset, dtype, mode, world, sequence_parallel, overlap_chunks)
+        built = build_model(ctx, implementation, preset, dtype, mode, world, sequence_parallel, overlap_chunks, all_reduce)
         ids = torch.randint(0, built.vocab, (phase.batch, phase.prompt), device=ctx.device)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -468,8 +486,10 @@ def _measure(ctx, implementation, preset, phase, dtype, warmup, repeats, mode, w
     finally:
         torch.set_num_threads(threads)
     per_step = phase.steps if phase.kind == "decode" else 1
+    low_latency = ctx.state.get(LOW_LATENCY_COMM) if all_reduce == "low-latency" and mode == "tp" else None
     return {"rank": ctx.rank, "median_s": statistics.median(times), "p90_s": percentile(times, 0.90),
-            "times": times, "peak_memory": peak_memory_bytes(ctx.device), "collectives": collectives, "steps": per_step}
+            "times": times, "peak_memory": peak_memory_bytes(ctx.device), "collectives": collectives, "steps": per_step,
+            "all_reduce_fallback": getattr(low_latency, "fallback_reason", None)}
 
 
 # --------------------------------------------------------------------------- driver
@@ -515,7 +535,8 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: CostModel | None = None, 
         row["overlap_chunks"] = cfg.prefill_overlap_chunks if row["sequence_parallel"] and phase.prompt % ws == 0 else 1
         try:
             args = (impl, preset, phase, cfg.dtype, cfg.warmup, cfg.repeats)
-            kw = {"decode_path": row["decode_path"]} if decode else {"prefill_path": row["prefill_path"], "sequence_parallel": row["sequence_parallel"],
+            # the reference's measured decode all-reduces run as cfg.decode_all_reduce says (the dtensor peer's are DTensor's own)
+            kw = {"decode_path": row["decode_path"], "all_reduce": cfg.decode_all_reduce if impl == "reference" else "nccl"} if decode else {"prefill_path": row["prefill_path"], "sequence_parallel": row["sequence_parallel"],
                                                                       "overlap_chunks": row["overlap_chunks"]}
             if impl not in BUILT_IN:
                 row.update(_protocol_point(impl, preset, phase, ws, projected, cfg, world_for))
@@ -538,6 +559,9 @@ def run_sweep(cfg: SweepConfig, world_for, cost_model: CostModel | None = None, 
                 null = world.run(measure_on_rank, *args, "null", **kw)
                 row.update(_summarise(real, null, None, phase, ws, dispatch=[real_call, world.dispatch[-1]], step_dispatch=steps))
                 row["backend"] = getattr(world, "backend", "")
+                if decode and kw["all_reduce"] == "low-latency":  # what ran: symmetric memory, or the plain collective and why
+                    fallback = real[0].get("all_reduce_fallback")
+                    row["all_reduce_measured"] = f"{row['backend']} all-reduce (fallback: {fallback})" if fallback else "low-latency"
         except Exception as e:  # noqa: BLE001 - a failed point is data, the sweep goes on
             row.update(status="failed", error=point_error(e))
         rows.append(row)

@@ -368,6 +368,26 @@ def test_decode_all_reduce_setting_is_validated():
         assert e.value.argument == "decode_all_reduce"
 
 
+def test_low_latency_decode_is_measured_on_its_communicator_and_says_it_fell_back(worlds):
+    """A measured decode point with decode_all_reduce = low-latency runs on impl.low_latency's
+    communicator; on gloo it falls back, and the row says so (the same tokens come out: the
+    fallback is the plain collective). Prefill and the projection are untouched by the setting."""
+    from harness.sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig(world_sizes=(2,), phases=(Phase("decode", 1, 4, 2),), decode_all_reduce="low-latency", warmup=0, repeats=1).validate()
+    (row,) = run_sweep(cfg, lambda n: worlds[n]).to_dict("records")
+    assert row["status"] == "ok", row["error"]
+    assert row["all_reduce_measured"].startswith("gloo all-reduce (fallback: device cpu"), row["all_reduce_measured"]
+    (ctx_kind,) = set(worlds[2].run(_low_latency_kind))
+    assert ctx_kind == "LowLatencyCommunicator"  # kept on the rank: the point ran on it
+
+
+def _low_latency_kind(ctx):
+    from harness.sweep import LOW_LATENCY_COMM
+
+    return type(ctx.state[LOW_LATENCY_COMM]).__name__
+
+
 BASELINES = "reports/baselines/scaling-h200_driver580.159_torch2.11-cu130_nccl2.28.9_"
 
 
