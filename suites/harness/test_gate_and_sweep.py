@@ -386,26 +386,3 @@ def _low_latency_kind(ctx):
     from harness.sweep import LOW_LATENCY_COMM
 
     return type(ctx.state[LOW_LATENCY_COMM]).__name__
-
-
-BASELINES = "reports/baselines/scaling-h200_driver580.159_torch2.11-cu130_nccl2.28.9_"
-
-
-def test_reprice_reproduces_the_stored_projections_and_refuses_a_wrong_record_list(monkeypatch):
-    from pathlib import Path
-
-    from harness import reprice
-
-    root = Path(__file__).resolve().parents[2]
-    for name in ("compiled-decode-split-attention", "sp-compiled-prefill"):
-        for point in reprice.reprice(root / (BASELINES + name), world_size=4):
-            # the listed records, priced on NCCL without overlap, give back the sweep's own projection
-            assert point["nccl"]["latency_ms"] == pytest.approx(point["stored_ms"], rel=1e-9)
-            if point["phase"] == "decode":
-                assert point["low-latency"]["algorithms"] == {"one_shot": 65} and point["low-latency"]["speedup"] > point["stored_speedup"]
-            else:
-                overlapped = point["nccl, 4 chunks overlapped"]
-                assert overlapped["comm_ms"] < point["nccl"]["comm_ms"] < overlapped["comm_no_overlap_ms"]  # chunks pay more latency, hide more
-    monkeypatch.setattr(reprice, "PAIR_BYTES", 4)  # a record list that drifted from what the reference issues
-    with pytest.raises(TPConfigError):
-        reprice.reprice(root / (BASELINES + "compiled-decode-split-attention"), world_size=4)
