@@ -12,14 +12,11 @@ equals the un-chunked one wherever the matmul kernel's result for a row does not
 many rows the call holds (suites/correctness/test_overlapped_prefill.py says where that holds).
 
 Schedule (one transfer in flight beside one matmul):
-  gather_linear          issue AG(0), matmul(own rows); then for k: issue AG(k+1), wait AG(k),
-                         matmul(the other ranks' rows of chunk k)
+  gather_linear          AG(0); then for k: issue AG(k+1), wait AG(k), matmul(k)
   linear_reduce_scatter  for k: matmul(k), issue RS(k), wait RS(k-1); wait RS(c-1)
 Each collective is issued with `overlap_flops`, the matmul FLOPs computed while it is in flight:
-AG(0) (the fill) beside this rank's own rows (1/tp of the layer: they need no transfer),
-AG(k+1) beside chunk k's other rows, RS(k) beside matmul(k+1); RS(c-1) (the drain) is exposed
-(0): every row of it is summed across ranks. Bytes moved equal the un-chunked collective's, in c
-collectives.
+AG(k+1) beside matmul(k), RS(k) beside matmul(k+1); AG(0) (the fill) and RS(c-1) (the drain) are
+exposed (0). Bytes moved equal the un-chunked collective's, in c collectives.
 """
 from __future__ import annotations
 
@@ -49,26 +46,20 @@ def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """F.linear(all_gather(x, dim 1), weight, bias), the all-gather pipelined with the matmul.
 
     x: (batch, S/tp, in_features), this rank's sequence shard. weight: (out_local, in_features).
-    Returns (batch, S, out_local) in sequence order, contiguous.
-
-    This rank's own rows need no transfer: their matmul runs first, beside the fill AG(0), so no
-    all-gather waits on an idle rank; each gathered chunk then computes only the other ranks' rows."""
+    Returns (batch, S, out_local) in sequence order, contiguous."""
     batch, local, _ = x.shape
     check_chunks(chunks, local)
-    tp, rank, length = comm.world_size, comm.rank, local // chunks
-    others_flops = _matmul_flops(batch * (tp - 1) * length, weight)  # one chunk's matmul of the other ranks' rows
+    tp, length = comm.world_size, local // chunks
+    flops = _matmul_flops(batch * tp * length, weight)  # one chunk's matmul
     pieces = x.split(length, dim=1)
-    pending = comm.all_gather_async(pieces[0], 1, overlap_flops=_matmul_flops(batch * local, weight))
-    own = F.linear(x, weight, bias).reshape(batch, 1, chunks, length, -1)  # (batch, 1, c, L, out)
+    pending = comm.all_gather_async(pieces[0], 1, overlap_flops=0)  # the fill: nothing to compute beside it yet
     outputs = []
     for k in range(chunks):
         current = pending
         if k + 1 < chunks:
-            pending = comm.all_gather_async(pieces[k + 1], 1, overlap_flops=others_flops)
-        gathered = current.wait().reshape(batch, tp, length, -1)  # rank-major, L tokens each
-        others = torch.cat((gathered[:, :rank], gathered[:, rank + 1:]), dim=1)
-        y = F.linear(others, weight, bias)  # (batch, tp-1, L, out)
-        outputs.append(torch.cat((y[:, :rank], own[:, :, k], y[:, rank:]), dim=1))
+            pending = comm.all_gather_async(pieces[k + 1], 1, overlap_flops=flops)
+        y = F.linear(current.wait(), weight, bias)  # (batch, tp*L, out): rank-major, L tokens each
+        outputs.append(y.reshape(batch, tp, length, -1))
     # (batch, tp, c, L, out): rank r's chunk k is tokens r*S/tp + k*L + [0, L)
     return torch.stack(outputs, dim=2).reshape(batch, tp * local, -1)
 

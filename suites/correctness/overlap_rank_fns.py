@@ -104,11 +104,10 @@ def _regathers_shard(x, weight, bias, comm, chunks):
 
 
 def _fill_annotated(x, weight, bias, comm, chunks):
-    """The real pipeline, but every all-gather is recorded beside a whole chunk's matmul, own rows included
-    (counted twice: the own rows' matmul runs once, beside the fill)."""
+    """The real pipeline, but the fill all-gather is recorded as overlapped (nothing computes beside it)."""
     real_gather = comm.all_gather_async
     flops = 2 * x.shape[0] * comm.world_size * (x.shape[1] // chunks) * weight.shape[0] * weight.shape[1]
-    comm.all_gather_async = lambda t, dim=-1, overlap_flops=0: real_gather(t, dim, overlap_flops=flops)
+    comm.all_gather_async = lambda t, dim=-1, overlap_flops=0: real_gather(t, dim, overlap_flops=overlap_flops or flops)
     try:
         return REAL["gather_linear"](x, weight, bias, comm, chunks)
     finally:
@@ -188,7 +187,7 @@ def layers_chunked_vs_unchunked(ctx, chunk_counts, seed: int, delivered_on_wait:
             for c in (1, *chunk_counts):
                 layer.overlap_chunks = c
                 counting.reset()
-                runs[c] = {"y": layer(x), **_summary(counting.records), "matmul_flops": 2 * x.shape[0] * seq * layer.weight.numel(), "tp": tp}
+                runs[c] = {"y": layer(x), **_summary(counting.records), "matmul_flops": 2 * x.shape[0] * seq * layer.weight.numel()}
             out[name] = runs
     return out
 
@@ -220,9 +219,6 @@ def model_chunked_vs_unchunked(ctx, chunk_counts, batch: int, seq: int, seed: in
             counting.reset()
             out[c] = {"logits": model(ids), **_summary(counting.records)}
     shapes = {(layer.weight.shape[1], layer.weight.shape[0]) for layer in model.modules() if isinstance(layer, (ColumnParallelLinear, RowParallelLinear))}
-    # rows per call: batch * seq/c (a chunk's reduce-scatter matmul), batch * seq/tp (the own rows),
-    # batch * (tp-1) * seq/(tp*c) (a gathered chunk's other rows)
-    rows = sorted({batch * seq // c for c in (1, *chunk_counts)} | {batch * seq // tp}
-                  | {batch * (tp - 1) * seq // (tp * c) for c in chunk_counts if tp > 1})
+    rows = sorted({batch * seq // c for c in (1, *chunk_counts)})  # rows per call: batch * tp * seq/(tp*c)
     out["not_row_invariant"] = [(m, i, o) for i, o in sorted(shapes) for m in rows_invariant(rows, i, o, seed)]
     return out
