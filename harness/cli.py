@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                                       implementations=args.impl, checkpoints=args.checkpoints)
             print(f"tpgate correctness: {summary['verdict']} — {summary['n_tests']} tests, {summary['n_failed']} failed, "
                   f"{summary['n_examples']} examples; report: {summary['index']}")
+            if summary["peers"]:  # shown beside the candidate, never its verdict
+                print("  peers (not counted): " + ", ".join(f"{impl} {verdict}" for impl, verdict in summary["peers"].items()))
             return 0 if summary["verdict"] == "PASS" else 1
         if args.command == "scaling":
             return _scaling(args)

@@ -382,4 +382,5 @@ def write_correctness_report(metrics: pd.DataFrame, tests: pd.DataFrame, environ
                              "results.json": json.dumps(_json_safe(payload), indent=1, default=str, allow_nan=False),
                              "index.html": html.encode("utf-8")})
     return {"verdict": summary["verdict"], "n_tests": summary["n_tests"], "n_failed": summary["n_failed"],
-            "n_examples": summary["n_examples"], "out_dir": str(out_dir), "index": str(out_dir / "index.html")}
+            "n_examples": summary["n_examples"], "out_dir": str(out_dir), "index": str(out_dir / "index.html"),
+            "peers": {impl: summary["implementations"][impl]["verdict"] for impl in summary["peers"] if impl in summary["implementations"]}}

@@ -78,3 +78,11 @@ def test_correctness_refuses_an_unknown_impl_naming_it_and_the_known_before_anyt
     assert "tpgate correctness: error: implementations='nope': is not a known implementation" in err, err
     assert "['dtensor', 'hf-tp', 'reference']" in err, err
     assert not out.exists()
+
+
+def test_correctness_refuses_an_unknown_checkpoint_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "correctness"
+    assert cli.main(["correctness", "--checkpoints", "llama-gqa,gpt2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "tpgate correctness: error: checkpoints=('llama-gqa', 'gpt2'): must be a non-empty tuple of distinct model-suite checkpoints" in err, err
+    assert not out.exists()
