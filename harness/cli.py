@@ -26,9 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where ranks compute (cuda: ranks share GPUs via gloo when fewer GPUs than ranks)")
     c.add_argument("--out", default="reports/correctness", help="report directory, replaced as a whole: new, empty or an earlier correctness report's (default: %(default)s)")
     c.add_argument("-k", dest="keyword", default=None, help="only tests matching this pytest -k expression")
-    c.add_argument("--impl", type=_name_list, default=("reference",), metavar="NAME[,NAME]",
-                   help="implementations the model suite (suites/model/test_implementations.py) judges: built-in (reference, dtensor, hf-tp), "
-                        "a tpgate.implementations entry point, or module:object (default: reference)")
+    c.add_argument("--impl", type=_name_list, default=None, metavar="NAME[,NAME]",
+                   help="implementations the model suite (suites/model/test_implementations.py) judges, the first as the candidate "
+                        "(the verdict and exit status are its), the rest as peers shown beside it: built-in (reference, dtensor, hf-tp), "
+                        "a tpgate.implementations entry point, or module:object (default: [tool.tpgate.correctness].implementations)")
+    c.add_argument("--checkpoints", type=_name_list, default=None, metavar="NAME[,NAME]",
+                   help="model-suite checkpoints (suites/model/checkpoints.py) the candidate is judged on, peers on the first "
+                        "(default: llama-gqa,qwen2; a run without both is no evidence for the gate)")
     d = sub.add_parser("dispatch", help="measure the orchestrator's dispatch overhead for a no-op call (p50/p90/p99)")
     d.add_argument("--world-size", type=_positive_int, default=4)
     d.add_argument("--calls", type=_positive_int, default=500)
@@ -237,9 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             from harness.runner import run_correctness
 
             summary = run_correctness(args.out, args.examples, args.device, ["-k", args.keyword] if args.keyword else None,
-                                      implementations=tuple(args.impl))
+                                      implementations=args.impl, checkpoints=args.checkpoints)
             print(f"tpgate correctness: {summary['verdict']} — {summary['n_tests']} tests, {summary['n_failed']} failed, "
                   f"{summary['n_examples']} examples; report: {summary['index']}")
+            if summary["peers"]:  # shown beside the candidate, never its verdict
+                print("  peers (not counted): " + ", ".join(f"{impl} {verdict}" for impl, verdict in summary["peers"].items()))
             return 0 if summary["verdict"] == "PASS" else 1
         if args.command == "scaling":
             return _scaling(args)

@@ -7,11 +7,13 @@ every criterion PASSes on real measurements.
 
 The correctness criterion judges what the correctness report is evidence of (its "run" record,
 written by harness.runner): it PASSes only for a PASS of the full suites with the configured
-number of examples, run on a clean tree at the commit the scaling run measured (also clean).
-A report from another commit, from uncommitted changes, or with no run record says nothing
-about the measured code: INCOMPLETE, whatever its verdict. At the same commit, a FAIL is a
-failure (FAIL) even from a subset; a PASS of a -k subset or of fewer examples is INCOMPLETE.
-Each INCOMPLETE says why.
+number of examples and the model suite's required checkpoints, run on a clean tree at the
+commit the scaling run measured (also clean), with the gate workload's implementation as its
+candidate (run.implementations[0]; peers beside it are not judged by its verdict). A report
+from another commit, from uncommitted changes, about another stack, or with no run record says
+nothing about the measured code and stack: INCOMPLETE, whatever its verdict. At the same
+commit, a FAIL is a failure (FAIL) even from a subset; a PASS of a -k subset, of fewer examples
+or of fewer checkpoints is INCOMPLETE. Each INCOMPLETE says why.
 
 `evaluate_gate` is what `tpgate scaling` calls; `evaluate_reports` re-evaluates a scaling
 report's gate from the reports as they are now (`tpgate gate`).
@@ -158,10 +160,27 @@ def _selection_gap(run: dict) -> str:
         return "the correctness report records no examples count"
     if examples < required:
         return f"correctness report ran {examples} examples per property, the gate needs {required} ([tool.tpgate.correctness].examples)"
+    judged, needed = run.get("checkpoints"), run.get("checkpoints_required")
+    if not isinstance(judged, list) or not isinstance(needed, list):
+        return "the correctness report records no checkpoints judged (tpgate correctness --checkpoints)"
+    missing = [c for c in needed if c not in judged]
+    if missing:
+        return f"correctness report judged its candidate on checkpoints {judged}, without {missing} (tpgate correctness --checkpoints)"
     return ""
 
 
-def _correctness(correctness_json: Path | None, scaling: dict) -> dict:
+def _stack_gap(run: dict, implementation: str) -> str:
+    """Why the correctness run is not evidence about `implementation`, the gate workload's ("" when it is)."""
+    judged = run.get("implementations")
+    if not isinstance(judged, list) or not judged:
+        return "the correctness report records no implementations judged: rerun tpgate correctness"
+    if judged[0] != implementation:
+        return (f"correctness report judged {judged[0]!r} (its candidate; peers {judged[1:]}), the gate workload is {implementation!r}'s: "
+                f"rerun tpgate correctness --impl {implementation}")
+    return ""
+
+
+def _correctness(correctness_json: Path | None, scaling: dict, implementation: str) -> dict:
     evidence = "../correctness/index.html"
 
     def result(verdict, status, note=""):
@@ -175,8 +194,8 @@ def _correctness(correctness_json: Path | None, scaling: dict) -> dict:
     verdict, run = report.get("verdict"), report.get("run")
     if not isinstance(run, dict) or not run:
         return result(verdict, "INCOMPLETE", "the correctness report records no run (selection, examples, commit): rerun tpgate correctness")
-    gap = _provenance_gap(run, scaling)
-    if gap:
+    gap = _provenance_gap(run, scaling) or _stack_gap(run, implementation)
+    if gap:  # evidence about other code or another stack: its verdict, FAIL included, says nothing of this one
         return result(verdict, "INCOMPLETE", gap)
     if verdict != "PASS":  # a failure at this commit is a failure, whatever the selection
         return result(verdict, "FAIL", "" if verdict == "FAIL" else f"verdict {verdict!r} is not PASS")
@@ -222,7 +241,8 @@ def evaluate_gate(results: pd.DataFrame | None, cfg: GateConfig, correctness_jso
                   baseline: pd.DataFrame | None, scaling_link: str = "results.csv", *, scaling_source: dict | None = None) -> dict:
     """The gate for `results` (a scaling run's rows). `scaling_source` ({"git_commit", "git_dirty"})
     is the code the scaling run measured; None means this checkout as it is now (a fresh run)."""
-    criteria = [_correctness(correctness_json, scaling_source if scaling_source is not None else checkout_source())]
+    criteria = [_correctness(correctness_json, scaling_source if scaling_source is not None else checkout_source(),
+                             cfg.workload.get("implementation", "reference"))]
     # 2-4. the gate workload at world size 4
     row, reason = _gate_point(results, cfg, 4)
     for name, key, threshold, better in (("speedup at world size 4", "speedup", cfg.min_speedup_ws4, "ge"),

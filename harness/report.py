@@ -9,10 +9,18 @@
     (DEFAULT_IMPLEMENTATION). The matrix, the worst-tensor table and the summary's
     "implementations" are per implementation.
   tests: one row per pytest test: nodeid, outcome ("passed"/"failed"/"skipped"/"error"),
-    duration_s, message.
-  Verdict: PASS iff there is at least one test, every outcome is passed or skipped, at least
-    one passed, and every metrics row passed (a row whose `passed` is missing counts as failed).
-    An empty metrics frame does not fail the verdict by itself; the summary says so.
+    duration_s, message, implementation (the spec a test recorded judging, harness.runner;
+    missing or None for every other test).
+  Candidate and peers: run["implementations"] (--impl) names the candidate first, then its
+    peers. A peer's tests are those recording a peer's name, its metric rows those naming one
+    explicitly (rows without an implementation, the layer suites', are never a peer's, even
+    when `reference` is a peer). The verdict and the top-level counts leave peers out; every
+    implementation gets its own role, verdict, counts and findings (each failed row's or test's
+    reason) in summary["implementations"] and the "Results per implementation" table.
+  Verdict: PASS iff there is at least one (non-peer) test, every outcome is passed or skipped,
+    at least one passed, and every (non-peer) metrics row passed (a row whose `passed` is
+    missing counts as failed). An empty metrics frame does not fail the verdict by itself; the
+    summary says so. A peer's verdict is the same rule over its own tests and rows.
   run: what was run, for the gate to judge what the verdict is evidence of (harness.runner's
     run record: selection, examples, device, git commit, dirty flag and source digest); stored as results.json's
     "run", and a partial selection or reduced example count is noted on the page.
@@ -46,7 +54,7 @@ from .tolerance import UNIT_ROUNDOFF  # noqa: E402
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 METRIC_COLUMNS = ["implementation", "layer", "dtype", "seed", "batch", "seq", "params", "world_size", "case", "tensor", "max_abs", "max_rel",
                   "ulp", "err_single", "err_tp", "bound", "budget_used", "passed", "ranks_consistent", "test"]
-TEST_COLUMNS = ["nodeid", "outcome", "duration_s", "message"]
+TEST_COLUMNS = ["nodeid", "outcome", "duration_s", "message", "implementation"]
 DTYPE_ORDER = ["float32", "bfloat16", "float16"]
 BOUND_FORMULA = "2*E1 + (tp+1)*u*max S  (S: the computation on absolute values; model rows: S = sqrt(tp)*max|y*|)"
 BUDGET_FLOOR = 1e-4  # budget_used below this (including exact 0) is drawn at the floor on the log axis
@@ -56,13 +64,15 @@ REPORT_KIND = "correctness"
 DEFAULT_IMPLEMENTATION = "reference"  # the layer and model suites judge tpgate's own impl/
 
 
-def _normalise(metrics: pd.DataFrame, tests: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _normalise(metrics: pd.DataFrame, tests: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    """(metrics, tests) in the report's columns, and which metric rows named their implementation."""
     m = metrics.drop(columns=["collectives"], errors="ignore").copy()
     for col in METRIC_COLUMNS:
         if col not in m:
             m[col] = np.nan
     m = m[METRIC_COLUMNS + [c for c in m.columns if c not in METRIC_COLUMNS]]
-    m["implementation"] = m["implementation"].where(m["implementation"].notna(), DEFAULT_IMPLEMENTATION).astype(str)
+    named = m["implementation"].notna()
+    m["implementation"] = m["implementation"].where(named, DEFAULT_IMPLEMENTATION).astype(str)
     # NaN / missing `passed` must never read as a pass
     m["passed"] = m["passed"].map(lambda v: v is True or v is np.True_ or str(v).lower() in ("true", "1", "1.0"))
     for col in ["max_abs", "max_rel", "ulp", "err_single", "err_tp", "bound", "budget_used", "world_size"]:
@@ -72,7 +82,14 @@ def _normalise(metrics: pd.DataFrame, tests: pd.DataFrame) -> tuple[pd.DataFrame
         if col not in t:
             t[col] = np.nan
     t["message"] = t["message"].fillna("").astype(str)
-    return m, t
+    t["implementation"] = t["implementation"].astype(object).where(t["implementation"].notna(), None)
+    return m, t, named
+
+
+def peer_masks(m: pd.DataFrame, t: pd.DataFrame, named: pd.Series, run: dict) -> tuple[pd.Series, pd.Series]:
+    """(metric rows, tests) that are a peer's: rows naming a peer explicitly, tests recording one."""
+    peers = list(run.get("implementations") or [])[1:]
+    return named & m["implementation"].isin(peers), t["implementation"].isin(peers)
 
 
 def _dtype_order(values) -> list[str]:
@@ -91,44 +108,96 @@ def _examples(m: pd.DataFrame) -> pd.DataFrame:
              .reset_index())
 
 
-def _summary(m: pd.DataFrame, t: pd.DataFrame, ex: pd.DataFrame) -> dict:
+def _verdict(m: pd.DataFrame, t: pd.DataFrame) -> bool:
     outcomes = t["outcome"].fillna("missing").astype(str)
+    return len(t) > 0 and bool(outcomes.isin(OK_OUTCOMES).all()) and bool((outcomes == "passed").any()) and bool(m["passed"].all())
+
+
+def _summary(m: pd.DataFrame, t: pd.DataFrame, ex: pd.DataFrame, peer_rows: pd.Series, peer_tests: pd.Series, run: dict) -> dict:
+    """The candidate's verdict and counts (peers' rows and tests left out), and per implementation
+    its role, verdict, counts and findings."""
+    mine_m, mine_t = m[~peer_rows], t[~peer_tests]
+    mine_ex = ex[ex["test"].isin(set(mine_m["test"].fillna("?")))] if len(ex) else ex
+    outcomes = mine_t["outcome"].fillna("missing").astype(str)
     n_passed = int((outcomes == "passed").sum())
     n_failed = int((~outcomes.isin(OK_OUTCOMES)).sum())
-    pass_ = len(t) > 0 and n_failed == 0 and n_passed > 0 and bool(m["passed"].all())
-    budget = m["budget_used"].replace([np.inf, -np.inf], np.nan)
+    budget = mine_m["budget_used"].replace([np.inf, -np.inf], np.nan)
     notes = []
-    if len(t) == 0:
+    if len(mine_t) == 0:
         notes.append("No tests were recorded.")
     elif n_passed == 0:
         notes.append("No test passed (all skipped?).")
-    if m.empty:
+    if mine_m.empty:
         notes.append("No metric rows were recorded: the verdict rests on test outcomes alone.")
-    if not np.isfinite(m["budget_used"]).all():
+    if not np.isfinite(mine_m["budget_used"]).all():
         notes.append("Some rows have no finite budget (shape mismatch or zero bound); they count as failed.")
+    implementations = list(run.get("implementations") or [])
+    verdict = _verdict(mine_m, mine_t)
     return {
-        "verdict": "PASS" if pass_ else "FAIL",
-        "n_tests": len(t), "n_passed": n_passed, "n_failed": n_failed,
+        "verdict": "PASS" if verdict else "FAIL",
+        "candidate": implementations[0] if implementations else None, "peers": implementations[1:],
+        "n_tests": len(mine_t), "n_passed": n_passed, "n_failed": n_failed,
         "n_skipped": int((outcomes == "skipped").sum()),
-        "n_examples": len(ex), "n_examples_failed": int((~ex["passed"]).sum()) if len(ex) else 0,
-        "n_rows": len(m), "n_rows_failed": int((~m["passed"]).sum()),
+        "n_examples": len(mine_ex), "n_examples_failed": int((~mine_ex["passed"]).sum()) if len(mine_ex) else 0,
+        "n_rows": len(mine_m), "n_rows_failed": int((~mine_m["passed"]).sum()),
         "max_budget_used": None if budget.dropna().empty else float(budget.max()),  # over finite values only
-        "n_budget_nonfinite": int((~np.isfinite(m["budget_used"])).sum()),
-        "implementations": _per_implementation(m, ex),
+        "n_budget_nonfinite": int((~np.isfinite(mine_m["budget_used"])).sum()),
+        "n_peer_tests": int(peer_tests.sum()), "n_peer_tests_failed": int((~t[peer_tests]["outcome"].isin(OK_OUTCOMES)).sum()),
+        "implementations": _per_implementation(m, t, ex, peer_rows, peer_tests, implementations, verdict),
         "notes": notes,
     }
 
 
-def _per_implementation(m: pd.DataFrame, ex: pd.DataFrame) -> dict:
-    """{implementation: its examples, tensors and tests, and how many of each failed}, in the order first met."""
+def _reason(row) -> str:
+    """Why a failed metric row failed: the implementation's error (its Unsupported reason, what it
+    raised), or the comparison that failed."""
+    error = row.get("error")
+    if isinstance(error, str) and error:
+        return error
+    if pd.notna(row["err_tp"]) and pd.notna(row["bound"]) and row["err_tp"] > row["bound"]:
+        return f"{row['tensor']}: error {row['err_tp']:.3g} over its bound {row['bound']:.3g}"
+    if row["ranks_consistent"] is False:
+        return f"{row['tensor']}: ranks disagree"
+    return f"{row['tensor']}: failed"
+
+
+def _per_implementation(m: pd.DataFrame, t: pd.DataFrame, ex: pd.DataFrame, peer_rows: pd.Series, peer_tests: pd.Series,
+                        implementations: list[str], verdict: bool) -> dict:
+    """{implementation: role, verdict, its tests, examples and tensors and how many of each failed,
+    and its findings [{test, tp, reason}]}, for the run's implementations in their order, then any
+    other met in the rows. Roles: "candidate" (its verdict is the report's, over every test and
+    row that is not a peer's), "peer" (its own tests and rows), "suites" (tpgate's own stack
+    judged by the layer suites' unnamed rows when it is not named itself)."""
+    peers = implementations[1:]
     out = {}
-    for impl in dict.fromkeys(m["implementation"]):
-        rows, examples = m[m["implementation"] == impl], ex[ex["implementation"] == impl]
-        tests = rows.groupby(rows["test"].fillna("?"), sort=False)["passed"].all()
-        out[impl] = {"n_examples": len(examples), "n_examples_failed": int((~examples["passed"]).sum()),
-                     "n_rows": len(rows), "n_rows_failed": int((~rows["passed"]).sum()),
-                     "n_tests": len(tests), "n_tests_failed": int((~tests).sum())}
+    for impl in dict.fromkeys([*implementations, *m["implementation"]]):
+        is_peer = impl in peers
+        rows = m[(m["implementation"] == impl) & (peer_rows if is_peer else ~peer_rows)]
+        if is_peer:
+            tests = t[t["implementation"] == impl]
+        elif implementations and impl == implementations[0]:
+            tests = t[~peer_tests]
+        else:
+            tests = t[~peer_tests & t["nodeid"].isin(set(rows["test"]))]
+        examples = ex[(ex["implementation"] == impl) & ex["test"].isin(set(rows["test"].fillna("?")))] if len(ex) else ex
+        failed_by_rows = set(rows.loc[~rows["passed"], "test"].fillna("?"))
+        failed_tests = set(tests.loc[~tests["outcome"].isin(OK_OUTCOMES), "nodeid"]) | failed_by_rows
+        findings = [{"test": str(r["test"]), "tp": None if pd.isna(r["world_size"]) else int(r["world_size"]), "reason": _reason(r)}
+                    for _, r in rows[~rows["passed"]].iterrows()]
+        findings += [{"test": str(r["nodeid"]), "tp": None, "reason": _last_line(r["message"])} for _, r in tests.iterrows()
+                     if r["outcome"] not in OK_OUTCOMES and r["nodeid"] not in failed_by_rows]
+        role = "peer" if is_peer else "candidate" if implementations and impl == implementations[0] else "suites"
+        passed = verdict if role == "candidate" else (_verdict(rows, tests) if len(tests) else len(rows) > 0 and bool(rows["passed"].all()))
+        out[impl] = {"role": role, "verdict": "PASS" if passed else "FAIL",
+                     "n_tests": len(set(tests["nodeid"]) | set(rows["test"].fillna("?"))), "n_tests_failed": len(failed_tests),
+                     "n_examples": len(examples), "n_examples_failed": int((~examples["passed"]).sum()) if len(examples) else 0,
+                     "n_rows": len(rows), "n_rows_failed": int((~rows["passed"]).sum()), "findings": findings}
     return out
+
+
+def _last_line(message: str) -> str:
+    lines = [line for line in str(message).splitlines() if line.strip()]
+    return lines[-1][:MAX_MESSAGE] if lines else "failed"
 
 
 def _matrix(ex: pd.DataFrame) -> dict:
@@ -283,15 +352,19 @@ def _run_notes(run: dict) -> list[str]:
         notes.append(f"Partial selection: pytest {' '.join(run['pytest_args'])} — a subset of the suites, not evidence for the gate.")
     if run.get("examples") is not None and run.get("examples_required") is not None and run["examples"] < run["examples_required"]:
         notes.append(f"Reduced run: {run['examples']} examples per property, the gate needs {run['examples_required']}.")
+    missing = [c for c in run.get("checkpoints_required") or [] if c not in (run.get("checkpoints") or [])]
+    if missing:
+        notes.append(f"Candidate judged on checkpoints {', '.join(run['checkpoints'])}, without {', '.join(missing)}: not evidence for the gate.")
     return notes
 
 
 def write_correctness_report(metrics: pd.DataFrame, tests: pd.DataFrame, environment: dict, out_dir: str | Path,
                              tolerance_doc: str, run: dict | None = None) -> dict:
     out_dir = Path(out_dir).resolve()
-    m, t = _normalise(metrics, tests)
+    m, t, named = _normalise(metrics, tests)
     ex = _examples(m)
-    summary = _summary(m, t, ex)
+    peer_rows, peer_tests = peer_masks(m, t, named, run or {})
+    summary = _summary(m, t, ex, peer_rows, peer_tests, run or {})
     summary["notes"] += _run_notes(run or {})
     tpl_env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
                                  undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -300,6 +373,7 @@ def write_correctness_report(metrics: pd.DataFrame, tests: pd.DataFrame, environ
         tolerance_table=_tolerance_table(m), tolerance_doc=tolerance_doc or "", bound_formula=BOUND_FORMULA,
         worst_table=_worst_table(m), failed_tests_table=_failed_tests_table(t), env_table=_env_table(environment),
         implementations=(run or {}).get("implementations") or list(summary["implementations"]),
+        checkpoints=(run or {}).get("checkpoints") or [], peer_checkpoints=(run or {}).get("peer_checkpoints") or [],
         budget_floor=BUDGET_FLOOR)
     payload = {"kind": REPORT_KIND, "verdict": summary["verdict"], "summary": summary, "run": run or {}, "environment": environment,
                "tests": t.to_dict(orient="records"), "metrics": m.to_dict(orient="records")}
@@ -308,4 +382,5 @@ def write_correctness_report(metrics: pd.DataFrame, tests: pd.DataFrame, environ
                              "results.json": json.dumps(_json_safe(payload), indent=1, default=str, allow_nan=False),
                              "index.html": html.encode("utf-8")})
     return {"verdict": summary["verdict"], "n_tests": summary["n_tests"], "n_failed": summary["n_failed"],
-            "n_examples": summary["n_examples"], "out_dir": str(out_dir), "index": str(out_dir / "index.html")}
+            "n_examples": summary["n_examples"], "out_dir": str(out_dir), "index": str(out_dir / "index.html"),
+            "peers": {impl: summary["implementations"][impl]["verdict"] for impl in summary["peers"] if impl in summary["implementations"]}}

@@ -1,4 +1,4 @@
-"""Shared fixtures: persistent rank worlds. The suites' settings (examples per property, device)
+"""Shared fixtures: persistent rank worlds and the model suite's checkpoints. The suites' settings (examples per property, device)
 and the `metrics` sink are fixtures of a harness.suite_plugin.SuiteRun (loaded for every pytest
 run of this project by pyproject's addopts, `-p harness.suite_plugin`)."""
 from __future__ import annotations
@@ -45,3 +45,20 @@ def subgroup_worlds(worlds):
     ranks of worlds[SUBGROUP_WORLD] (suites/tp_groups.py): two more worlds of 4 would cost two
     process starts (~4 s each with the first call's imports on 2 cores) for the same groups."""
     return {layout: TPGroupsWorld(worlds[SUBGROUP_WORLD], SUBGROUP_TP, layout) for layout in TP_LAYOUTS}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(name, sharded=False) -> directory of that suites/model/checkpoints.py variant,
+    written once per session (transformers' save_pretrained: a test using it needs transformers)."""
+    from .model.checkpoints import write_checkpoint
+
+    cache = {}
+
+    def get(name: str, sharded: bool = False):
+        key = (name, sharded)
+        if key not in cache:
+            cache[key] = write_checkpoint(name, tmp_path_factory.mktemp(f"{name}{'-sharded' if sharded else ''}"), "20KB" if sharded else None)
+        return cache[key]
+
+    return get

@@ -120,15 +120,33 @@ def check_decoder(device: str, dtype: torch.dtype = torch.float32, steps: int = 
     return rows
 
 
+# Under the CPU interpreter (each program interpreted in Python, seconds per call at head_dim 128)
+# two things are left to the GPU run, neither a case only they could fail: the head_dim-128 shape in
+# bfloat16 (the bfloat16 rounding is checked at every other shape, head_dim 128 in float32), and the
+# bfloat16 mutants at 4 splits (each mutant is rejected at 4 splits in float32 and at 1 split in
+# bfloat16, so both kernels and both dtypes must reject both broken uses).
+INTERPRETER_SKIPS_BF16 = ((1, 32, 8, 128, 96, 90),)
+
+
+def cases(device: str) -> list[tuple]:
+    """(shape, dtype, splits, mutant or None) of every kernel check run on `device`."""
+    interpreted = device == "cpu"
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        reduced = interpreted and dtype == torch.bfloat16
+        for shape in SHAPES:
+            if reduced and shape in INTERPRETER_SKIPS_BF16:
+                continue
+            out += [(shape, dtype, splits, None) for splits in SPLITS]
+            if shape[-1] > 0:  # position 0 has no previous position for a mutant to misuse
+                out += [(shape, dtype, SPLITS[0] if reduced else SPLITS[-1], mutant) for mutant in MUTANTS]
+    return out
+
+
 def run_all(device: str) -> list[dict]:
     rows = check_decoder(device)
-    for dtype in (torch.float32, torch.bfloat16):
-        for i, shape in enumerate(SHAPES):
-            for splits in SPLITS:
-                rows += check_shape(shape, dtype, device, seed=100 + i, splits=splits)
-            if shape[-1] > 0:  # position 0 has no previous position for a mutant to misuse
-                for mutant in MUTANTS:
-                    rows += check_shape(shape, dtype, device, seed=100 + i, mutant=mutant, splits=SPLITS[-1])
+    for shape, dtype, splits, mutant in cases(device):
+        rows += check_shape(shape, dtype, device, seed=100 + SHAPES.index(shape), mutant=mutant, splits=splits)
     return rows
 
 

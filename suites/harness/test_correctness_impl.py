@@ -30,18 +30,25 @@ class _Collected:
 
 
 @pytest.mark.parametrize("option,expected", [
-    ([], ["reference"]),
-    (["--tpgate-impl", "reference,dtensor"], ["reference", "dtensor"]),
-    (["--tpgate-impl", "hf-tp"], ["hf-tp"]),
+    ([], [("reference", "llama-gqa"), ("reference", "qwen2")]),
+    (["--tpgate-impl", "reference,dtensor,hf-tp"], [("reference", "llama-gqa"), ("reference", "qwen2"), ("dtensor", "llama-gqa"), ("hf-tp", "llama-gqa")]),
+    (["--tpgate-impl", "hf-tp"], [("hf-tp", "llama-gqa"), ("hf-tp", "qwen2")]),
+    (["--tpgate-impl", "dtensor,reference", "--tpgate-checkpoints", "mistral,llama-attention-bias"],
+     [("dtensor", "mistral"), ("dtensor", "llama-attention-bias"), ("reference", "mistral")]),
 ])
-def test_the_model_suite_has_one_test_per_named_implementation_and_checkpoint(option, expected):
-    from suites.model.test_implementations import CHECKPOINTS
-
+def test_the_model_suite_judges_the_candidate_on_every_checkpoint_and_peers_on_the_first(option, expected):
     collected = _Collected()
     code = pytest.main([str(REPO / SUITE), "--collect-only", "-q", "-p", "no:cacheprovider", *option], plugins=[collected])
     assert code == pytest.ExitCode.OK, code
-    want = [f"{SUITE}::{TEST}[{impl}-{variant}]" for impl in expected for variant in CHECKPOINTS]
-    assert sorted(collected.ids) == sorted(want), collected.ids
+    assert collected.ids == [f"{SUITE}::{TEST}[{impl}-{variant}]" for impl, variant in expected], collected.ids
+
+
+def test_a_bad_checkpoint_is_a_usage_error_naming_it_and_the_known(capsys):
+    code = pytest.main([str(REPO / SUITE), "--collect-only", "-q", "-p", "no:cacheprovider", "--tpgate-checkpoints", "llama-gqa,gpt2"])
+    assert code == pytest.ExitCode.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert "--tpgate-checkpoints: checkpoints=('llama-gqa', 'gpt2'): must be a non-empty tuple of distinct model-suite checkpoints" in err, err
+    assert "'llama-attention-bias'" in err and "'qwen2'" in err, err
 
 
 def test_correctness_impl_judges_the_named_stack_and_fails_on_its_refusals_with_the_reason(tmp_path, capsys):
@@ -70,4 +77,12 @@ def test_correctness_refuses_an_unknown_impl_naming_it_and_the_known_before_anyt
     err = capsys.readouterr().err
     assert "tpgate correctness: error: implementations='nope': is not a known implementation" in err, err
     assert "['dtensor', 'hf-tp', 'reference']" in err, err
+    assert not out.exists()
+
+
+def test_correctness_refuses_an_unknown_checkpoint_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "correctness"
+    assert cli.main(["correctness", "--checkpoints", "llama-gqa,gpt2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "tpgate correctness: error: checkpoints=('llama-gqa', 'gpt2'): must be a non-empty tuple of distinct model-suite checkpoints" in err, err
     assert not out.exists()

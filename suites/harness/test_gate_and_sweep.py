@@ -24,9 +24,11 @@ def _row(ws, device="cuda", projected=False, speedup=3.9, comm=0.05, dispatch=0.
 
 @pytest.fixture
 def passing_inputs(tmp_path, monkeypatch):
-    # the full suites, all examples, at the (clean) commit the scaling run measured: the only correctness report that counts
+    # the full suites, all examples and checkpoints, judging the workload's stack (reference), at the (clean)
+    # commit the scaling run measured: the only correctness report that counts
     source = {"git_commit": "a" * 40, "git_dirty": False}
-    run = {"pytest_args": [], "examples": 10, "examples_required": 10, **source}
+    run = {"pytest_args": [], "examples": 10, "examples_required": 10, "implementations": ["reference", "dtensor", "hf-tp"],
+           "checkpoints": ["llama-gqa", "qwen2"], "checkpoints_required": ["llama-gqa", "qwen2"], **source}
     (tmp_path / "c.json").write_text(json.dumps({"verdict": "PASS", "run": run}))
     monkeypatch.setattr(gate_module, "checkout_source", lambda: source)
     (tmp_path / "cov.json").write_text(json.dumps({"totals": {"percent_covered": 93.0}}))

@@ -51,9 +51,11 @@ def _earlier_report(out: Path) -> dict[str, bytes]:
 
 
 def _correctness_json(path: Path, verdict="PASS", run: dict | None = None, **changes) -> Path:
-    """A correctness results.json with a run record: the full suites at COMMIT, clean, 10 of 10 examples."""
+    """A correctness results.json with a run record: the full suites at COMMIT, clean, 10 of 10 examples,
+    reference judged (hf-tp beside it) on the required checkpoints."""
     record = {"suites": list(runner.SUITES), "pytest_args": [], "selection": "the full suites", "examples": 10,
-              "examples_required": 10, "device": "cpu", **CLEAN, **changes}
+              "examples_required": 10, "device": "cpu", "implementations": ["reference", "hf-tp"],
+              "checkpoints": ["llama-gqa", "qwen2"], "checkpoints_required": ["llama-gqa", "qwen2"], **CLEAN, **changes}
     path.write_text(json.dumps({"kind": "correctness", "verdict": verdict, "run": record if run is None else run}))
     return path
 
@@ -128,6 +130,13 @@ def test_report_records_what_was_run(tmp_path, monkeypatch):
     ("PASS", {"git_dirty": True}, "INCOMPLETE", "uncommitted changes"),
     ("FAIL", {"pytest_args": ["-k", "not faults"]}, "FAIL", ""),  # a failure at this commit is a failure, subset or not
     ("FAIL", {"git_commit": "1234567890ab" + "0" * 28}, "INCOMPLETE", "from commit 1234567890ab"),  # says nothing about this code
+    ("PASS", {"checkpoints": ["llama-gqa"]}, "INCOMPLETE", "judged its candidate on checkpoints ['llama-gqa'], without ['qwen2']"),
+    ("PASS", {"checkpoints": ["qwen2", "mistral", "llama-gqa"]}, "PASS", ""),  # more than required is still the full check
+    # evidence about another stack: the workload is reference's, whatever the other's verdict
+    ("PASS", {"implementations": ["hf-tp", "reference"]}, "INCOMPLETE", "correctness report judged 'hf-tp' (its candidate; peers ['reference']), "
+     "the gate workload is 'reference''s: rerun tpgate correctness --impl reference"),
+    ("FAIL", {"implementations": ["dtensor"]}, "INCOMPLETE", "judged 'dtensor'"),
+    ("PASS", {"implementations": []}, "INCOMPLETE", "records no implementations judged"),
 ])
 def test_correctness_criterion_judges_selection_examples_and_commit(tmp_path, verdict, changes, status, needle):
     corr = _correctness_json(tmp_path / "c.json", verdict, **changes)
@@ -135,6 +144,15 @@ def test_correctness_criterion_judges_selection_examples_and_commit(tmp_path, ve
     criterion = _criterion(gate, CORRECTNESS)
     assert criterion["status"] == status, criterion
     assert needle in criterion["note"]
+
+
+def test_correctness_criterion_follows_the_workloads_implementation(tmp_path):
+    """A gate whose workload is hf-tp's needs a report with hf-tp as its candidate."""
+    hf = GateConfig(workload={"preset": "llama3-8b", "phase": "prefill", "implementation": "hf-tp"})
+    ours = _correctness_json(tmp_path / "ours.json", implementations=["hf-tp", "reference"])
+    assert _criterion(evaluate_gate(None, hf, ours, None, None, scaling_source=CLEAN), CORRECTNESS)["status"] == "PASS"
+    theirs = _criterion(evaluate_gate(None, hf, _correctness_json(tmp_path / "c.json"), None, None, scaling_source=CLEAN), CORRECTNESS)
+    assert theirs["status"] == "INCOMPLETE" and "judged 'reference'" in theirs["note"], theirs
 
 
 def test_dirty_scaling_run_or_a_report_without_run_record_is_not_evidence(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -194,4 +195,24 @@ def test_the_runner_refuses_an_unknown_implementation_before_anything_runs(tmp_p
     monkeypatch.setattr(runner, "SUITES", (str(_package(tmp_path, IMPL_SUITE.format(expected=()))),))
     with pytest.raises(TPConfigError, match=r"implementations='nope': is not a known implementation"):
         runner.run_correctness(tmp_path / "correctness", examples=RUN_EXAMPLES, implementations=("nope",))
+    assert not (tmp_path / "correctness").exists()
+
+
+def test_the_runner_judges_the_configured_implementations_without_impl():
+    assert runner.configured_implementations() == ("reference", "dtensor", "hf-tp")  # pyproject.toml: the reference and its peers
+
+
+@pytest.mark.parametrize("value,needle", [
+    ('"reference"', "must be a non-empty list of implementation names"),
+    ("[]", "must be a non-empty list of implementation names"),
+    ('["reference", 3]', "must be a non-empty list of implementation names"),
+    ('["reference", "megatron"]', "[tool.tpgate.correctness].implementations='megatron': is not a known implementation"),
+    ('["hf-tp", "hf-tp"]', "must not repeat an implementation"),
+])
+def test_a_bad_configured_implementations_value_names_the_key_before_anything_runs(value, needle, tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text(f"[tool.tpgate.correctness]\nexamples = 2\nimplementations = {value}\n")
+    monkeypatch.setattr(runner, "REPO", tmp_path)
+    with pytest.raises(TPConfigError, match=re.escape(needle)) as raised:
+        runner.run_correctness(tmp_path / "correctness", examples=RUN_EXAMPLES)
+    assert "[tool.tpgate.correctness].implementations" in str(raised.value)
     assert not (tmp_path / "correctness").exists()

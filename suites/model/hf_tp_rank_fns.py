@@ -60,3 +60,4 @@ class Unsharded:
 
 
 UNSHARDED = Unsharded()
+UNSHARDED_SPEC = f"{__name__}:UNSHARDED"

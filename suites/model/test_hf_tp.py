@@ -18,14 +18,15 @@ from torch import nn
 from harness.implementations import ImplementationError, Unsupported, load_implementation, local_parameter_count, sharding_evidence
 from harness.implementations.hf_tp import hf_config_of
 from harness.sweep import PRESETS
-from harness.verify import VerifyRequest, full_parameter_count, verify
+from harness.verify import full_parameter_count
 from impl.architecture import ModelConfig
 from impl.communication import NullCommunicator
 from impl.model_loader import read_config
 
 from . import hf_tp_rank_fns
 
-UNSHARDED = "suites.model.hf_tp_rank_fns:UNSHARDED"
+UNSHARDED = hf_tp_rank_fns.UNSHARDED_SPEC
+
 KV_REASON = "num_kv_heads=2 is not a multiple of tp=4: transformers' colwise plan splits k_proj/v_proj by output rows and cannot replicate kv heads"
 
 
@@ -54,18 +55,8 @@ def test_hf_tp_really_shards_at_tp2(checkpoint, worlds):
         assert got["local_parameters"] < full_parameter_count(config)
 
 
-@pytest.fixture(scope="module")
-def judged(checkpoint, worlds):
-    """One `verify` of llama-gqa (2 kv heads, vocabulary 101) at TP 1, 2, 4: the reference, hf-tp and
-    a stack that loads the whole model on every rank, side by side (as `tpgate verify --impl`)."""
-    directory = str(checkpoint("llama-gqa"))
-    req = VerifyRequest(directory, (1, 2, 4), new_tokens=3, implementations=("reference", "hf-tp", UNSHARDED))
-    result = verify(req, lambda n: worlds[n])
-    return result, {(r["implementation"], r["tp"]): r for r in result["rows"]}, full_parameter_count(read_config(directory))
-
-
-def test_verify_passes_hf_tp_at_tp_1_and_2(judged):
-    result, rows, full = judged
+def test_verify_passes_hf_tp_at_tp_1_and_2(side_by_side):
+    result, rows, full = side_by_side
     for tp in (1, 2):
         row = rows[("hf-tp", tp)]
         assert row["passed"] and row["error"] == "" and row["tokens_checked"], row
@@ -75,8 +66,8 @@ def test_verify_passes_hf_tp_at_tp_1_and_2(judged):
     assert all(n < full for n in rows[("hf-tp", 2)]["local_parameters"]), rows[("hf-tp", 2)]
 
 
-def test_kv_heads_below_tp_is_hf_tp_failure_with_the_reason_and_the_reference_passes(judged):
-    result, rows, full = judged
+def test_kv_heads_below_tp_is_hf_tp_failure_with_the_reason_and_the_reference_passes(side_by_side):
+    result, rows, full = side_by_side
     row = rows[("hf-tp", 4)]
     assert not row["passed"] and row["error"] == f"unsupported: {KV_REASON}", row
     assert row["local_parameters"] is None  # refused by check(): no rank ever started on it
@@ -86,10 +77,10 @@ def test_kv_heads_below_tp_is_hf_tp_failure_with_the_reason_and_the_reference_pa
     assert not result["passed"]
 
 
-def test_a_stack_holding_the_whole_model_on_every_rank_fails_by_the_evidence_check(judged):
+def test_a_stack_holding_the_whole_model_on_every_rank_fails_by_the_evidence_check(side_by_side):
     """UNSHARDED's logits are right (it passes at TP=1, where nothing need be sharded); at TP 2 and 4
     its rows fail naming its per-rank count and the full count, not its numerics."""
-    result, rows, full = judged
+    result, rows, full = side_by_side
     assert rows[(UNSHARDED, 1)]["passed"] and rows[(UNSHARDED, 1)]["local_parameters"] == [full], rows[(UNSHARDED, 1)]
     for tp in (2, 4):
         row = rows[(UNSHARDED, tp)]
@@ -99,21 +90,24 @@ def test_a_stack_holding_the_whole_model_on_every_rank_fails_by_the_evidence_che
 
 
 def test_check_states_where_transformers_crashes(checkpoint, worlds):
-    """Without check(), transformers itself fails at TP=4 on 2 kv heads: each rank's k_proj holds
-    half a head (16 rows of head_dim 8 over 4 ranks) and the attention's view(batch, seq, -1,
-    head_dim) raises. check() refuses exactly that config; at TP=2 (one kv head a rank) it does not."""
-    directory = str(checkpoint("llama-gqa"))
+    """Without check(), transformers itself fails where kv heads do not divide by tp: each rank's
+    k_proj holds part of a head and the attention's view(batch, seq, -1, head_dim) raises. Shown
+    on llama-mqa-tied (1 kv head) at TP=2, the same condition as 2 kv heads at TP=4 (a world of 2
+    has hf-tp imported already; 4 more ranks importing transformers cost seconds). check() refuses
+    exactly that config, and at TP=1 it does not."""
+    directory = str(checkpoint("llama-mqa-tied"))
     config = read_config(directory)
     impl = load_implementation("hf-tp")
     with pytest.raises(Unsupported) as refused:
-        impl.check(config, 4)
-    assert (refused.value.implementation, refused.value.reason) == ("hf-tp", KV_REASON)
-    impl.check(config, 2)
+        impl.check(config, 2)
+    assert (refused.value.implementation, refused.value.reason) == ("hf-tp", "num_kv_heads=1 is not a multiple of tp=2: transformers' colwise plan "
+                                                                     "splits k_proj/v_proj by output rows and cannot replicate kv heads")
+    impl.check(config, 1)
     ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError) as crashed:
-        worlds[4].run(hf_tp_rank_fns.unchecked_logits, directory, ids)
-    local_kv_rows = config.num_kv_heads * config.head_dim // 4
-    assert sorted(crashed.value.tracebacks) == [0, 1, 2, 3]
+        worlds[2].run(hf_tp_rank_fns.unchecked_logits, directory, ids)
+    local_kv_rows = config.num_kv_heads * config.head_dim // 2
+    assert sorted(crashed.value.tracebacks) == [0, 1]
     assert f"RuntimeError: shape '[2, 16, -1, {config.head_dim}]' is invalid for input of size {2 * 16 * local_kv_rows}" \
            in crashed.value.tracebacks[0]
 

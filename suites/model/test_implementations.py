@@ -1,36 +1,41 @@
 """The run's implementations (`tpgate correctness --impl NAME[,NAME]`, plain pytest
-`--tpgate-impl`), each judged by `verify` on a few checkpoint variants at TP 1, 2 and 4: the same
+`--tpgate-impl`), each judged by `verify` on checkpoint variants at TP 1, 2 and 4: the same
 float64 reference, bound and transformers comparison as `tpgate verify --impl`.
 
 One test per (implementation, checkpoint), parametrized by pytest_generate_tests from the
-SuiteRun registered with the session (harness.suite_plugin), so the default run (`reference`
-alone) adds two tests. Every verify row becomes a metric row naming its implementation. A row
-the implementation refused (`Unsupported`, e.g. hf-tp at TP=4 on 2 kv heads) or that failed on
-its ranks is that implementation's finding: the test fails with the reason, after the other
-TP degrees ran."""
+SuiteSettings of the SuiteRun registered with the session (harness.suite_plugin): the candidate
+(the first implementation) on every checkpoint of the run (`--checkpoints`, default llama-gqa
+and qwen2), each peer on the first only, so the default plain run (`reference` alone) adds two
+tests. Each test records its implementation in its user_properties (the runner keeps it, and the
+report leaves peers' tests out of the verdict), and every verify row becomes a metric row naming
+it. A row the implementation refused (`Unsupported`, e.g. hf-tp at TP=4 on 2 kv heads) or that
+failed on its ranks is that implementation's finding: the test fails with the reason, after the
+other TP degrees ran."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from harness.suite_plugin import DEFAULT_IMPLEMENTATIONS, registered_run
+from harness.suite_plugin import SuiteSettings, registered_run
 from harness.verify import VerifyRequest, verify
 
 from .test_hf_equivalence import metric_row
 
-CHECKPOINTS = ("llama-gqa", "qwen2")  # 2 kv heads each: TP=4 replicates kv heads in the reference
 TPS = (1, 2, 4)
 
 
-def run_implementations(config) -> tuple[str, ...]:
-    run = registered_run(config)
-    return run.settings.implementations if run is not None else DEFAULT_IMPLEMENTATIONS
+def judged_pairs(settings: SuiteSettings) -> list[tuple[str, str]]:
+    """(implementation, checkpoint) of every test: the candidate on each of the run's checkpoints,
+    then each peer on the peers' checkpoints."""
+    return [(settings.candidate, c) for c in settings.checkpoints] + [(p, c) for p in settings.peers for c in settings.peer_checkpoints]
 
 
 def pytest_generate_tests(metafunc):
     if "implementation" in metafunc.fixturenames:
-        metafunc.parametrize("implementation", run_implementations(metafunc.config))
+        run = registered_run(metafunc.config)
+        pairs = judged_pairs(run.settings if run is not None else SuiteSettings())
+        metafunc.parametrize("implementation, variant_name", pairs, ids=[f"{impl}-{variant}" for impl, variant in pairs])
 
 
 def implementation_metric_row(implementation: str, variant: str, req: VerifyRequest, row: dict) -> dict:
@@ -40,8 +45,8 @@ def implementation_metric_row(implementation: str, variant: str, req: VerifyRequ
     return {**base, "case": f"{implementation} {base['case']}", "implementation": implementation, "error": row["error"]}
 
 
-@pytest.mark.parametrize("variant_name", CHECKPOINTS)
 def test_implementation_passes_verify_at_every_tp(implementation, variant_name, checkpoint, worlds, device, metrics, request):
+    request.node.user_properties.append(("implementation", implementation))
     req = VerifyRequest(str(checkpoint(variant_name)), TPS, device, "float32", batch=2, prompt_len=8, new_tokens=3, seed=5,
                         implementations=(implementation,))
     result = verify(req, lambda n: worlds[n])

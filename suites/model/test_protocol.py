@@ -114,58 +114,27 @@ def test_builtin_adapters_compute_the_stack_they_wrap(spec, worlds, checkpoint):
         assert torch.equal(out["tokens"], per_rank[0]["tokens"])
 
 
-STACK_OUTSIDE_THE_REPO = '''
-import torch
-from harness.implementations.reference import Reference
+def test_verify_judges_stacks_named_by_module_and_object_beside_the_builtins(side_by_side, capsys):
+    """`verify` of stacks named `module:object` beside the built-ins, in one run (the shared
+    side-by-side verify, suites/model/conftest.py): the skewed stack fails its bound, the misshaped
+    one fails naming the shape, and the dtensor peer's refusal (vocabulary 101 at tp=2) is its own
+    failure row, printed with the reason. A module found on PYTHONPATH only, outside the
+    repository, is suites/harness/test_byo_example.py's."""
+    from harness.cli import _print_verify
 
-
-class Good(Reference):
-    name = "good"
-
-
-class Skewed(Reference):  # a stack with a 0.1 % error in its output scaling
-    name = "skewed"
-
-    def logits(self, model, ids):
-        return super().logits(model, ids) * 1.001
-
-
-class Misshaped(Reference):  # returns the last position only
-    name = "misshaped"
-    capabilities = frozenset()
-
-    def logits(self, model, ids):
-        return super().logits(model, ids)[:, -1]
-
-
-GOOD, SKEWED, MISSHAPED = Good(), Skewed(), Misshaped()
-'''
-
-
-def test_verify_judges_a_stack_from_outside_the_repository(checkpoint, tmp_path):
-    """`tpgate verify --impl module:object` with the module on PYTHONPATH only: the good copy
-    passes, the skewed one fails its bound, the misshaped one fails naming the shape, and the
-    dtensor peer's refusal (vocabulary 101 at tp=2) is its own failure row with the reason."""
-    import json
-    import os
-    import subprocess
-
-    (tmp_path / "outside_stack.py").write_text(STACK_OUTSIDE_THE_REPO)
-    out = tmp_path / "verify.json"
-    impls = "outside_stack:GOOD,outside_stack:SKEWED,outside_stack:MISSHAPED,dtensor"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "verify", str(checkpoint("llama-gqa")), "--tp", "1,2", "--impl", impls,
-                           "--new-tokens", "3", "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 1, done.stdout + done.stderr
-    rows = {(r["implementation"], r["tp"]): r for r in json.loads(out.read_text())["rows"]}
-    for tp in (1, 2):
-        assert rows[("outside_stack:GOOD", tp)]["passed"], rows[("outside_stack:GOOD", tp)]
-        skewed = rows[("outside_stack:SKEWED", tp)]
-        assert not skewed["passed"] and skewed["max_abs_vs_exact"] > skewed["bound"]
-        assert "logits() returned shape (2, 101), expected (batch, seq, vocab) = (2, 16, 101)" in rows[("outside_stack:MISSHAPED", tp)]["error"]
+    result, rows, _ = side_by_side
+    for tp in (1, 2, 4):
+        assert rows[("reference", tp)]["passed"], rows[("reference", tp)]
+        skewed = rows[(rank_fns.SKEWED_SPEC, tp)]
+        assert not skewed["passed"] and not skewed["error"] and skewed["max_abs_vs_exact"] > skewed["bound"], skewed
+        misshaped = rows[(rank_fns.MISSHAPED_SPEC, tp)]
+        assert not misshaped["passed"], misshaped
+        assert "logits() returned shape (2, 101), expected (batch, seq, vocab) = (2, 16, 101)" in misshaped["error"], misshaped
     assert rows[("dtensor", 1)]["passed"]
     assert rows[("dtensor", 2)]["error"].startswith("unsupported: vocab_size=101"), rows[("dtensor", 2)]
-    assert "FAIL: unsupported: vocab_size=101" in done.stdout
+    assert not result["passed"]
+    _print_verify(result)
+    assert "FAIL: unsupported: vocab_size=101" in capsys.readouterr().out
 
 
 def test_verify_refuses_an_unknown_implementation_before_any_process(checkpoint, capsys):

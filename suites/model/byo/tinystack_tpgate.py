@@ -2,6 +2,7 @@
 a TP stack that knows nothing of tpgate. Put this file and tinystack.py on PYTHONPATH, then
 
     tpgate verify CHECKPOINT_DIR --tp 1,2,4 --impl tinystack_tpgate:IMPL
+    tpgate correctness --impl tinystack_tpgate:IMPL --checkpoints llama-attention-bias
     tpgate scaling --implementations reference,tinystack_tpgate:IMPL
 """
 import os
