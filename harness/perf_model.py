@@ -378,14 +378,14 @@ def fit_cost_model(rows: list[dict], per_world_size: bool = False) -> CostModel:
     contending for cores). The alpha-beta form is NCCL's: rows of other all-reduce algorithms
     (a row's "algorithm", missing: nccl) only make their own latency tables. Raises TPConfigError
     (argument "rows" / "rows[i]") when nothing can be fitted."""
-    pooled = _fit_ops([r for r in rows if (r.get("algorithm") or "nccl") == "nccl"])  # validates the rows first
+    nccl_rows = [r for r in rows if (r.get("algorithm") or "nccl") == "nccl"]
+    pooled = _fit_ops(nccl_rows)  # validates the rows before measured_tables reads them
     tables = measured_tables(rows)
-    rows = [r for r in rows if (r.get("algorithm") or "nccl") == "nccl"]
     by_ws: dict[str, dict[int, OpCost]] = {}
     if per_world_size:
-        for ws in sorted({r["world_size"] for r in rows if r["world_size"] > 1}):
+        for ws in sorted({r["world_size"] for r in nccl_rows if r["world_size"] > 1}):
             try:
-                own = _fit_ops([r for r in rows if r["world_size"] == ws])
+                own = _fit_ops([r for r in nccl_rows if r["world_size"] == ws])
             except TPConfigError:
                 continue
             for op, p in own.items():
