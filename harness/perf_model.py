@@ -261,16 +261,6 @@ def matmul_flop_s(device: str, dtype: str) -> float:
     return MATMUL_FLOP_S[key]
 
 
-def collective_time_s(records: list[dict], world_size: int, model: CostModel) -> float:
-    """Seconds the collectives in `records` ({"kind", "nbytes": per-rank input bytes}, as the
-    communicator records them) take under `model`, one after another on NCCL (no overlap); kinds
-    the model does not price cost nothing."""
-    if world_size == 1:
-        return 0.0
-    return 1e-6 * math.fsum(model.collective_us(r["kind"], nccl_tests_bytes(r["kind"], r["nbytes"], world_size), world_size)
-                            for r in records if r["kind"] in model.ops)
-
-
 @dataclass(frozen=True)
 class CommPricing:
     """What `records` cost on one rank: `transfer_s` every transfer one after another (no overlap),
@@ -418,5 +408,5 @@ def merge_tables(base: Tables, over: Tables) -> Tables:
 
 
 __all__ = ["ALL_REDUCE_PRICINGS", "DEFAULTS", "DEFAULT_TABLES", "MATMUL_FLOP_S", "OPS", "CommPricing", "CostModel", "LatencyTable", "OpCost",
-           "busbw_factor", "collective_time_s", "fit_cost_model", "matmul_flop_s", "measured_tables", "merge_tables", "nccl_tests_bytes",
+           "busbw_factor", "fit_cost_model", "matmul_flop_s", "measured_tables", "merge_tables", "nccl_tests_bytes",
            "price_collectives", "projection_columns"]

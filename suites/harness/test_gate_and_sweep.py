@@ -9,7 +9,7 @@ import torch
 
 from harness import gate as gate_module
 from harness.gate import GateConfig, evaluate_gate
-from harness.perf_model import CostModel, collective_time_s
+from harness.perf_model import CostModel, price_collectives
 from harness.sweep import PRESETS, Phase, load_config
 from impl.architecture import TPConfigError
 
@@ -126,8 +126,8 @@ def test_tasks_measure_then_project():
 def test_cost_model_prefers_the_world_sizes_own_fit():
     model = CostModel.from_dict({"all_reduce": {"latency_us": 10.0, "busbw_GBps": 100.0, "by_world_size": {2: {"latency_us": 1.0, "busbw_GBps": 1000.0}}}})
     records = [{"kind": "all_reduce", "nbytes": 1_000_000}]
-    assert collective_time_s(records, 2, model) == pytest.approx(1e-6 + 1e6 * 1.0 / 1000e9)
-    assert collective_time_s(records, 4, model) == pytest.approx(10e-6 + 1e6 * 1.5 / 100e9)  # no fit of 4: the pooled one
+    assert price_collectives(records, 2, model, "nccl").transfer_s == pytest.approx(1e-6 + 1e6 * 1.0 / 1000e9)
+    assert price_collectives(records, 4, model, "nccl").transfer_s == pytest.approx(10e-6 + 1e6 * 1.5 / 100e9)  # no fit of 4: the pooled one
 
 
 def _bench_rows(backend, device, sizes=(1 << 10, 1 << 16, 1 << 20)):
@@ -177,8 +177,8 @@ def test_cost_model_prices_collectives_like_nccl_tests():
     model = CostModel.from_dict({"all_reduce": {"latency_us": 10.0, "busbw_GBps": 100.0}})
     records = [{"kind": "all_reduce", "nbytes": 1_000_000}]
     # ring all-reduce on 4 ranks moves 2*(n-1)/n of the buffer per rank at bus bandwidth
-    assert collective_time_s(records, 4, model) == pytest.approx(10e-6 + 1e6 * 1.5 / 100e9)
-    assert collective_time_s(records, 1, model) == 0.0
+    assert price_collectives(records, 4, model, "nccl").transfer_s == pytest.approx(10e-6 + 1e6 * 1.5 / 100e9)
+    assert price_collectives(records, 1, model, "nccl").transfer_s == 0.0
 
 
 def test_presets_shard_at_1_2_4():

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from harness import perf_model
-from harness.perf_model import DEFAULTS, CostModel, OpCost, collective_time_s, fit_cost_model
+from harness.perf_model import DEFAULTS, CostModel, OpCost, fit_cost_model, price_collectives
 
 # DEFAULTS at world size 4, by hand: all_reduce of a 1 MB tensor: 15 us + 1e6 B * 2*3/4 / 360e3 B/us = 15 + 25/6 us;
 # all_gather whose ranks each contribute 250 kB (nccl-tests size 1 MB): 12 us + 1e6 * 3/4 / 360e3 = 12 + 25/12 us.
@@ -17,8 +17,8 @@ HAND_S = 33.25e-6  # 15 + 12 + 25/6 + 25/12 = 33.25 us (broadcast: not priced)
 
 
 def _check_pricing():
-    assert collective_time_s(RECORDS, 4, DEFAULTS) == pytest.approx(HAND_S, rel=1e-12)
-    assert collective_time_s(RECORDS, 1, DEFAULTS) == 0.0
+    assert price_collectives(RECORDS, 4, DEFAULTS, "nccl").transfer_s == pytest.approx(HAND_S, rel=1e-12)
+    assert price_collectives(RECORDS, 1, DEFAULTS, "nccl").transfer_s == 0.0
     # a fitted alpha below zero (noise) is no credit: 1e6 B * 1 / 100e3 B/us = 10 us at world size 2
     assert CostModel({"all_reduce": OpCost(-5.0, 100.0)}).collective_us("all_reduce", 1_000_000, 2) == pytest.approx(10.0, rel=1e-12)
 
@@ -39,7 +39,7 @@ def test_pricing_check_rejects_mutants(name, monkeypatch):
     attr, bad = MUTANTS[name]
     if bad is None:  # units: alpha taken as ms, the drift between the two pricing copies this module replaced
         real = CostModel.collective_us
-        monkeypatch.setattr(CostModel, "collective_us", lambda self, op, nbytes, ws: real(self, op, nbytes, ws) + (
+        monkeypatch.setattr(CostModel, "collective_us", lambda self, op, nbytes, ws, algorithm="nccl": real(self, op, nbytes, ws, algorithm) + (
             999 * max(0.0, self.params(op, ws).latency_us) if ws > 1 else 0.0))
     else:
         monkeypatch.setattr(perf_model, attr, bad)
