@@ -271,8 +271,8 @@ class LlamaModel(nn.Module):
             check_chunks(self.overlap_chunks, seq // tp)
         self._use_sequence_parallel(sp)
         h = self.embed(ids)
-        if self.config.scale_embeddings:  # Gemma: times sqrt(hidden), the normaliser rounded to the hidden dtype as transformers does
-            h = h * torch.tensor(self.config.hidden_size ** 0.5, dtype=h.dtype, device=h.device)
+        if self.config.scale_embeddings:
+            h = h * embedding_normalizer(self.config, h)
         for layer in self.layers:
             h = layer(h, start_pos, use_cache)
         h = self.norm(h)
@@ -323,6 +323,12 @@ class LlamaModel(nn.Module):
         for step in range(1, max_new_tokens):
             out.append(next_token(out[-1][:, None], prompt + step - 1))
         return torch.stack(out, 1)
+
+
+def embedding_normalizer(config: ModelConfig, h: torch.Tensor) -> torch.Tensor:
+    """Gemma's embedding multiplier sqrt(hidden_size), a 0-dim tensor in h's dtype and device:
+    rounded to the hidden dtype (bfloat16 too) before the product, as transformers does."""
+    return torch.tensor(config.hidden_size ** 0.5, dtype=h.dtype, device=h.device)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator) -> torch.Tensor:

@@ -624,6 +624,14 @@ class ParallelAttention(nn.Module):
         # float64 rotary tables when the layer itself is float64 (the exact reference)
         return rotary_tables(positions, self.inv_freq, self.qkv.weight.dtype, self.rope_theta, self.rope_scaling)
 
+    def normed_rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (b, hq, s, d), k (b, hkv, s, d) at `positions` (s,) long: q_norm / k_norm per head (when
+        the layer has them), then rotary — the order Qwen3 and Gemma 3 are trained with."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rotary(positions[None])
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
     def forward(self, x, start_pos: int | torch.Tensor = 0, use_cache: bool = False):
         """`start_pos`: tokens already in the KV cache, a Python int or a 0-dim/1-element long
         tensor on x's device. With a tensor, every shape and every kernel is independent of the
@@ -647,14 +655,11 @@ class ParallelAttention(nn.Module):
         q = q.view(b, s, hq, d).transpose(1, 2)
         k = k.view(b, s, hkv, d).transpose(1, 2)
         v = v.view(b, s, hkv, d).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         require(use_cache or not static, "start_pos", "tensor", "a tensor start_pos needs use_cache=True (it addresses the static KV cache)")
         # without a cache the keys are only these s tokens: a later start would have nothing to attend to before them
         require(use_cache or start_pos == 0, "start_pos", start_pos, "must be 0 without use_cache=True (start_pos counts the tokens already in the KV cache)")
         positions = start_pos.reshape(1) + torch.arange(s, device=x.device) if static else torch.arange(start_pos, start_pos + s, device=x.device)
-        cos, sin = self.rotary(positions[None])
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.normed_rotary(q, k, positions)
         if use_cache:
             require(self.k_cache is not None, "use_cache", use_cache, "call allocate_kv_cache() first")
             # a tensor position is checked by whoever owns the decode loop (reading it here would sync)
