@@ -281,7 +281,7 @@ def hf_attention_windows(hf: dict, kind: str) -> dict:
         default = ["sliding_attention" if i >= first else "full_attention" for i in range(hf["num_hidden_layers"])]
         return {"sliding_window": window, "layer_types": hf.get("layer_types") or default}
     if kind in ("gemma2", "gemma3_text"):
-        pattern = 2 if kind == "gemma2" else hf.get("sliding_window_pattern", 6)
+        pattern = 2 if kind == "gemma2" else hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
         require(isinstance(pattern, int) and pattern >= 1, "sliding_window_pattern", pattern, "must be a positive integer")
         default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(hf["num_hidden_layers"])]
         return {"sliding_window": hf.get("sliding_window"), "layer_types": hf.get("layer_types") or default}

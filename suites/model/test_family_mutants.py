@@ -79,3 +79,15 @@ def test_cached_decode_keeps_the_window(variant, checkpoint, worlds):
         assert max(got["int"], got["tensor"]) <= 1e-10 * got["scale"], got
     for got in _decode_check(worlds[2], checkpoint(variant), "window_ignored_in_decode"):
         assert min(got["int"], got["tensor"]) > 1e-6 * got["scale"], got
+
+
+def test_mistral_beyond_its_sliding_window_matches_transformers(checkpoint, worlds):
+    """Mistral's window (32 of 64 positions) is computed, not refused: a 36-token prompt and 4
+    decoded tokens cross it, and verify (semantic check against transformers' float64 model,
+    TP=1 against tpgate's float64 model) passes; with the window one position too wide it fails."""
+    req = VerifyRequest(str(checkpoint("mistral")), (1,), "cpu", "float32", batch=2, prompt_len=36, new_tokens=4, seed=3)
+    result = verify(req, lambda n: worlds[n])
+    assert result["passed"] and result["semantic_check"]["passed"], (result["semantic_check"], result["rows"])
+    with family_rank_fns.mutated("window_off_by_one"):
+        mutant = verify(req, lambda n: family_rank_fns.MutatedWorld(worlds[n], "window_off_by_one"))
+    assert not mutant["semantic_check"]["passed"], mutant["semantic_check"]
