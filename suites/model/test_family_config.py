@@ -103,3 +103,34 @@ def test_compiled_decode_attention_computes_the_features():
     eager = softcapped_attention(q, k, v, mask, 0.3, 2.0)
     assert (decode_attention(q, k, v, mask, 0.3, 2.0).double() - eager).abs().max() <= 1e-6  # decode_attention computes in float32
     assert (decode_attention(q, k, v, mask, 0.3).double() - eager).abs().max() > 1e-2
+
+
+def _static_step_logits(model, ids, tokens, compile) -> torch.Tensor:
+    """(batch, steps, vocab): StaticDecoder steps (tensor positions) after an eager prefill of ids, fed `tokens` (batch, steps)."""
+    from impl.decoding import StaticDecoder
+
+    torch._dynamo.reset()  # trace afresh: a mutant of decode_attention must reach the graph
+    decoder = StaticDecoder(model, ids.shape[0], ids.shape[1] + tokens.shape[1], compile=compile)
+    decoder.warm_up()
+    with torch.no_grad():
+        model(ids, 0, use_cache=True, last_only=True)
+    return torch.stack([decoder.replay(tokens[:, i, None], ids.shape[1] + i).clone() for i in range(tokens.shape[1])], 1)
+
+
+def test_compiled_decode_step_computes_gemma_attention(checkpoint, monkeypatch):
+    """Traced by dynamo (aot_eager: the compiled step's graph, without code generation), the
+    static decode step runs decode_attention, which must compute Gemma 2's scale, soft-cap and
+    window as the eager step does: 8 steps past the window of 5, in float32. Both are float32
+    computations of the same function in a different order, ~1e-7 relative apart; 1e-5 is 100
+    times that and 1000 times below the effect of dropping the soft-cap, the mutant that must fail."""
+    from impl import tensor_parallel
+
+    model = DistributedCheckpointLoader(checkpoint("gemma2"), NullCommunicator(1)).load()
+    g = torch.Generator().manual_seed(2)
+    ids, tokens = torch.randint(0, model.config.vocab_size, (2, 4), generator=g), torch.randint(0, model.config.vocab_size, (2, 8), generator=g)
+    eager = _static_step_logits(model, ids, tokens, None)
+    scale = eager.abs().max().item()
+    assert (_static_step_logits(model, ids, tokens, "aot_eager") - eager).abs().max().item() <= 1e-5 * scale
+    real = tensor_parallel.decode_attention
+    monkeypatch.setattr(tensor_parallel, "decode_attention", lambda q, k, v, mask, scale=None, softcap=None: real(q, k, v, mask, scale))
+    assert (_static_step_logits(model, ids, tokens, "aot_eager") - eager).abs().max().item() > 1e-2 * scale
