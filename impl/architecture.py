@@ -152,7 +152,13 @@ def rope_scaling_parameters(scaling: dict | None, head_dim: int, max_position_em
 @dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder. Sizes are the full (unsharded) ones. `rope_scaling` is stored as
-    rope_scaling_parameters() returns it (validated, defaults resolved; None when unscaled)."""
+    rope_scaling_parameters() returns it (validated, defaults resolved; None when unscaled).
+    The fields after tie_word_embeddings switch on the features of Qwen3 and Gemma 2/3 (their
+    names are config.json's where it has one): the MLP's hidden_act; sliding_window on the
+    layers layer_types marks "sliding_attention" (None: every layer when sliding_window is set);
+    qk_norm; norm_unit_offset ((1 + w) norms in float32); sandwich_norms (four per block);
+    scale_embeddings (times sqrt(hidden)); query_pre_attn_scalar; the two soft-caps; and the
+    sliding layers' own rope (local_rope_theta / local_rope_scaling, Gemma 3)."""
 
     vocab_size: int = 1000
     hidden_size: int = 256
