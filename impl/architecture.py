@@ -38,7 +38,7 @@ def require_divisible(argument: str, value: int, tp: int) -> None:
     )
 
 
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,7 +152,13 @@ def rope_scaling_parameters(scaling: dict | None, head_dim: int, max_position_em
 @dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder. Sizes are the full (unsharded) ones. `rope_scaling` is stored as
-    rope_scaling_parameters() returns it (validated, defaults resolved; None when unscaled)."""
+    rope_scaling_parameters() returns it (validated, defaults resolved; None when unscaled).
+    The fields after tie_word_embeddings switch on the features of Qwen3 and Gemma 2/3 (their
+    names are config.json's where it has one): the MLP's hidden_act; sliding_window on the
+    layers layer_types marks "sliding_attention" (None: every layer when sliding_window is set);
+    qk_norm; norm_unit_offset ((1 + w) norms in float32); sandwich_norms (four per block);
+    scale_embeddings (times sqrt(hidden)); query_pre_attn_scalar; the two soft-caps; and the
+    sliding layers' own rope (local_rope_theta / local_rope_scaling, Gemma 3)."""
 
     vocab_size: int = 1000
     hidden_size: int = 256
@@ -168,6 +174,19 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     tie_word_embeddings: bool = False
+    # Qwen3 / Gemma features (parsed by impl/families.py); the defaults are the Llama family's
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    qk_norm: bool = False
+    norm_unit_offset: bool = False
+    sandwich_norms: bool = False
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -183,13 +202,19 @@ class ModelConfig:
         require(isinstance(theta, (int, float)) and not isinstance(theta, bool) and math.isfinite(theta) and theta > 0, "rope_theta", theta, "must be a finite number > 0")
         object.__setattr__(self, "rope_theta", float(theta))
         object.__setattr__(self, "rope_scaling", rope_scaling_parameters(self.rope_scaling, self.head_dim, self.max_seq_len, self.rope_theta))
+        check_family_features(self)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         """From a Hugging Face config.json dict (transformers 4.x `rope_theta`/`rope_scaling`
-        or 5.x `rope_parameters`). Supported model_type: llama, mistral, qwen2."""
+        or 5.x `rope_parameters`). Supported model_type: HF_MODEL_TYPES (qwen3, gemma2 and
+        gemma3_text through impl.families.config_from_hf)."""
         kind = hf.get("model_type")
         require(kind in HF_MODEL_TYPES, "model_type", kind, f"must be one of {HF_MODEL_TYPES}")
+        if kind in FAMILY_MODEL_TYPES:
+            from .families import config_from_hf
+
+            return config_from_hf(cls, hf)
         require(hf.get("hidden_act", "silu") == "silu", "hidden_act", hf.get("hidden_act"), "must be silu (SwiGLU MLP)")
         require(not hf.get("mlp_bias", False), "mlp_bias", hf.get("mlp_bias"), "MLP biases are not supported")
         # transformers 5.x: `rope_scaling` (4.x) wins over `rope_parameters`, and a rope_theta inside it over the top-level one
@@ -207,7 +232,31 @@ class ModelConfig:
             max_seq_len=hf.get("max_position_embeddings", 2048), qkv_bias=kind == "qwen2" or attention_bias,
             o_bias=kind != "qwen2" and attention_bias, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             extra={"model_type": kind, "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None},
+            **hf_attention_windows(hf, kind),
         )
+
+    def layer_type(self, layer: int) -> str:
+        """"sliding_attention" or "full_attention": layer_types[layer], else every layer slides when sliding_window is set."""
+        if self.layer_types is not None:
+            return self.layer_types[layer]
+        return "sliding_attention" if self.sliding_window is not None else "full_attention"
+
+    def layer_window(self, layer: int) -> int | None:
+        """The key positions a query of this layer sees (itself included), None: all before it."""
+        return self.sliding_window if self.layer_type(layer) == "sliding_attention" else None
+
+    def layer_rope(self, layer: int) -> tuple[float, dict | None]:
+        """(rope_theta, rope_scaling) of this layer: the local pair on sliding layers when one is set (Gemma 3)."""
+        if self.local_rope_theta is not None and self.layer_type(layer) == "sliding_attention":
+            return self.local_rope_theta, self.local_rope_scaling
+        return self.rope_theta, self.rope_scaling
+
+    def non_llama_features(self) -> list[str]:
+        """The features of this config beyond the Llama family's (Llama, Mistral, Qwen2), by field name."""
+        flags = ("qk_norm", "norm_unit_offset", "sandwich_norms", "scale_embeddings")
+        values = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "local_rope_theta")
+        out = [name for name in flags if getattr(self, name)] + [name for name in values if getattr(self, name) is not None]
+        return out + ([f"hidden_act={self.hidden_act}"] if self.hidden_act != "silu" else [])
 
     def check_tp(self, tp: int) -> None:
         """Raise TPConfigError if this model cannot be sharded `tp` ways."""
@@ -215,6 +264,63 @@ class ModelConfig:
         require_divisible("num_heads", self.num_heads, tp)
         check_kv_heads(self.num_kv_heads, tp)
         require_divisible("intermediate_size", self.intermediate_size, tp)
+
+
+FAMILY_MODEL_TYPES = ("qwen3", "gemma2", "gemma3_text")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU, GeGLU (gelu's tanh approximation)
+
+
+def hf_attention_windows(hf: dict, kind: str) -> dict:
+    """{"sliding_window", "layer_types"} of a config.json as transformers 5.x reads it: Mistral slides
+    on every layer when sliding_window is set; Qwen2/Qwen3 only with use_sliding_window, on the
+    layers layer_types marks (default: from max_window_layers on); Gemma on the layers layer_types
+    marks (default: Gemma 2 every other layer from the first, Gemma 3 all but every
+    sliding_window_pattern-th)."""
+    if kind == "mistral":
+        return {"sliding_window": hf.get("sliding_window"), "layer_types": None}
+    if kind in ("qwen2", "qwen3"):
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+        if window is None:  # transformers then gives every layer full attention, whatever layer_types says
+            return {"sliding_window": None, "layer_types": None}
+        first = hf.get("max_window_layers", 28)
+        default = ["sliding_attention" if i >= first else "full_attention" for i in range(hf["num_hidden_layers"])]
+        return {"sliding_window": window, "layer_types": hf.get("layer_types") or default}
+    if kind in ("gemma2", "gemma3_text"):
+        pattern = 2 if kind == "gemma2" else hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        require(isinstance(pattern, int) and pattern >= 1, "sliding_window_pattern", pattern, "must be a positive integer")
+        default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(hf["num_hidden_layers"])]
+        return {"sliding_window": hf.get("sliding_window"), "layer_types": hf.get("layer_types") or default}
+    return {"sliding_window": None, "layer_types": None}
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_family_features(config: "ModelConfig") -> None:
+    """Validate (and normalise: layer_types to a tuple) the fields beyond the Llama family's."""
+    require(config.hidden_act in HIDDEN_ACTS, "hidden_act", config.hidden_act, f"must be one of {HIDDEN_ACTS}")
+    window = config.sliding_window
+    require(window is None or (isinstance(window, int) and not isinstance(window, bool) and window >= 1), "sliding_window", window,
+            "must be a positive integer (or null)")
+    if config.layer_types is not None:
+        types = config.layer_types
+        require(isinstance(types, (list, tuple)) and len(types) == config.num_layers, "layer_types", types,
+                f"must list one attention type per layer (num_hidden_layers={config.num_layers})")
+        for i, kind in enumerate(types):
+            require(kind in LAYER_TYPES, f"layer_types[{i}]", kind, f"must be one of {LAYER_TYPES}")
+        require(window is not None or "sliding_attention" not in types, "sliding_window", window,
+                "must be a positive integer when layer_types marks a layer sliding_attention")
+        object.__setattr__(config, "layer_types", tuple(types))
+    for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "local_rope_theta"):
+        value = getattr(config, name)
+        require(value is None or _positive_number(value), name, value, "must be a finite number > 0 (or null)")
+        if value is not None:
+            object.__setattr__(config, name, float(value))
+    if config.local_rope_theta is not None:
+        object.__setattr__(config, "local_rope_scaling",
+                           rope_scaling_parameters(config.local_rope_scaling, config.head_dim, config.max_seq_len, config.local_rope_theta))
 
 
 def check_kv_heads(num_kv_heads: int, tp: int) -> None:

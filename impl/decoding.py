@@ -46,7 +46,9 @@ class StaticDecoder:
     logits gathered); a "tokens" decoder generates greedily only.
     attention_kernel: "triton" runs each layer's rotary, cache writes and attention as one fused
     kernel (impl/kernels.py), "torch" as PyTorch ops; "auto": triton on a CUDA device where Triton
-    is installed and the model is not float64, else torch. The model's attention layers keep the choice until changed.
+    is installed, the model is not float64 and its attention has no feature the kernel lacks
+    (ParallelAttention.unfused_features: q/k norms, soft-capping, sliding windows, a custom scale),
+    else torch; "triton" with such a feature is a TPConfigError naming it. The model's attention layers keep the choice until changed.
     Timings of the first call (compile) and of the capture are kept in `self.setup_s`.
     """
 
@@ -61,8 +63,10 @@ class StaticDecoder:
         # torch.compile's own cudagraph modes would capture a second time, around our capture
         require(compile_mode in GRAPH_FREE_COMPILE_MODES, "compile_mode", compile_mode, f"must be one of {GRAPH_FREE_COMPILE_MODES} (the graph is captured by cuda_graph=True)")
         dtype = next(model.parameters()).dtype
+        unfused = sorted({f for layer in model.layers for f in layer.attention.unfused_features()})
         if attention_kernel == "auto":
-            attention_kernel = "triton" if device.type == "cuda" and kernels.available(device, dtype) else "torch"
+            attention_kernel = "triton" if device.type == "cuda" and kernels.available(device, dtype) and not unfused else "torch"
+        require(attention_kernel == "torch" or not unfused, "attention_kernel", attention_kernel, f"the fused decode kernel does not implement {unfused}: use torch")
         require(attention_kernel == "torch" or kernels.available(device, dtype), "attention_kernel", attention_kernel,
                 f"needs Triton, a CUDA device (or TRITON_INTERPRET=1 on the CPU) and a model in one of {kernels.KERNEL_DTYPES}; "
                 f"found {dtype} on {device}, Triton {'present' if kernels.triton else 'absent'}")

@@ -15,8 +15,9 @@ norm numerics are identical by construction.
 
 Scope: the peer shards kv heads and vocabulary rows and never replicates or pads them, so
 num_kv_heads and vocab_size must be multiples of tp (`check_dtensor_tp`, TPConfigError
-otherwise, raised before any tensor is read or collective entered). No sliding-window
-attention (same guard as tpgate), no sequence parallelism.
+otherwise, raised before any tensor is read or collective entered). The Llama family only
+(a config with Qwen3 / Gemma features, ModelConfig.non_llama_features, is refused the same way).
+No sliding-window attention (a sequence beyond the window is refused), no sequence parallelism.
 """
 from __future__ import annotations
 
@@ -224,6 +225,8 @@ class PlainLlama(nn.Module):
 def check_dtensor_tp(config: ModelConfig, tp: int) -> None:
     """Raise TPConfigError if the dtensor peer cannot shard this model `tp` ways."""
     require(isinstance(tp, int) and tp >= 1, "tp", tp, "must be an integer >= 1")
+    features = config.non_llama_features()
+    require(not features, "model_type", config.extra.get("model_type"), f"the dtensor peer computes the Llama family (llama, mistral, qwen2) only; this config needs {features}")
     require_divisible("num_heads", config.num_heads, tp)
     require(config.num_kv_heads % tp == 0, "num_kv_heads", config.num_kv_heads,
             f"must be a multiple of tp={tp}: the dtensor peer shards kv heads and does not replicate them")

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 1/2/3, Mistral, Qwen2) built from `impl.tensor_parallel` layers.
+"""Llama-family decoder (Llama 1/2/3, Mistral, Qwen2; Qwen3, Gemma 2, Gemma 3 text through the
+family switches of ModelConfig) built from `impl.tensor_parallel` layers.
 
 Tensor names follow Hugging Face's Llama layout (`model.layers.{i}.self_attn.q_proj.weight`, ...);
 `LlamaModel.from_tensors` takes any mapping from those names to tensors or safetensors lazy
@@ -16,7 +17,7 @@ from .architecture import Communicator, ModelConfig, require
 from .communication import gather_from_parallel
 from .overlap import check_chunk_count, check_chunks
 from .tensor_parallel import (OverlapChunks, ParallelAttention, ParallelLMHead, ParallelMLP, RMSNorm, RowParallelLinear, SequenceParallelTags,
-                              VocabParallelEmbedding, tag_sequence_parallel_grad)
+                              UnitOffsetRMSNorm, VocabParallelEmbedding, tag_sequence_parallel_grad)
 
 # Names of one block's full tensors, in Hugging Face Llama naming (without the layer prefix).
 BLOCK_TENSORS = (
@@ -61,8 +62,9 @@ class TransformerBlock(SequenceParallelTags, nn.Module):
         return h + self.mlp(self.post_attention_norm(h))
 
     @classmethod
-    def from_full(cls, tensors: dict, config: ModelConfig, comm: Communicator, dtype=torch.float32, device="cpu", sequence_parallel=False):
-        """Build rank `comm.rank`'s shard from one block's full tensors (names: BLOCK_TENSORS).
+    def from_full(cls, tensors: dict, config: ModelConfig, comm: Communicator, dtype=torch.float32, device="cpu", sequence_parallel=False, layer: int = 0):
+        """Build rank `comm.rank`'s shard of block `layer` (its window and rope) from one block's
+        full tensors (names: block_shapes(config)).
 
         With `sequence_parallel`, x and the output are (batch, seq/tp, hidden) shards of the
         sequence: norms and residuals run on 1/tp of the tokens, and each all-reduce becomes
@@ -70,15 +72,66 @@ class TransformerBlock(SequenceParallelTags, nn.Module):
         """
         kw = dict(dtype=dtype, device=device)
         t = tensors
-        biases = {n.split(".")[1][0] + "_bias": t[n] for n in (*QKV_BIASES, O_BIAS) if n in t}
-        attention = ParallelAttention.from_full(
-            t["self_attn.q_proj.weight"], t["self_attn.k_proj.weight"], t["self_attn.v_proj.weight"], t["self_attn.o_proj.weight"],
-            comm, head_dim=config.head_dim, rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, sequence_parallel=sequence_parallel, **biases, **kw,
-        )
-        mlp = ParallelMLP.from_full(t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"], t["mlp.down_proj.weight"], comm, sequence_parallel=sequence_parallel, **kw)
-        norm1 = RMSNorm.from_full(t["input_layernorm.weight"], eps=config.rms_norm_eps, **kw)
-        norm2 = RMSNorm.from_full(t["post_attention_layernorm.weight"], eps=config.rms_norm_eps, **kw)
-        return cls(attention, mlp, norm1, norm2)
+        attention = block_attention(t, config, comm, layer, sequence_parallel, **kw)
+        mlp = ParallelMLP.from_full(t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"], t["mlp.down_proj.weight"], comm, sequence_parallel=sequence_parallel,
+                                    activation=config.hidden_act, **kw)
+        norms = [norm_class(config).from_full(t[f"{name}.weight"], eps=config.rms_norm_eps, **kw) for name in block_norms(config)]
+        return cls(attention, mlp, *norms)
+
+
+class SandwichNormBlock(TransformerBlock):
+    """Gemma 2/3: h = x + post_attention_norm(attn(input_norm(x))), then
+    h + post_feedforward_norm(mlp(pre_feedforward_norm(h))). Norm names as in Hugging Face's
+    checkpoint (Gemma's post_attention_layernorm normalises the attention output). Shapes and
+    communication as TransformerBlock's; with sequence_parallel all four norms run on sequence
+    shards and are tagged sequence_parallel_grad."""
+
+    def __init__(self, attention: ParallelAttention, mlp: ParallelMLP, input_norm: RMSNorm, post_attention_norm: RMSNorm, pre_feedforward_norm: RMSNorm,
+                 post_feedforward_norm: RMSNorm):
+        super().__init__(attention, mlp, input_norm, post_attention_norm)
+        self.pre_feedforward_norm, self.post_feedforward_norm = pre_feedforward_norm, post_feedforward_norm
+        self.sequence_parallel = self.sequence_parallel  # tags the two norms set after TransformerBlock's tagging
+
+    def replicated_in_sequence_region(self):
+        later = [getattr(self, name, None) for name in ("pre_feedforward_norm", "post_feedforward_norm")]
+        return super().replicated_in_sequence_region() + [norm.weight for norm in later if norm is not None]
+
+    def forward(self, x, start_pos: int | torch.Tensor = 0, use_cache: bool = False):
+        h = x + self.post_attention_norm(self.attention(self.input_norm(x), start_pos, use_cache))
+        return h + self.post_feedforward_norm(self.mlp(self.pre_feedforward_norm(h)))
+
+
+SANDWICH_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+
+
+def block_class(config: ModelConfig) -> type[TransformerBlock]:
+    return SandwichNormBlock if config.sandwich_norms else TransformerBlock
+
+
+def norm_class(config: ModelConfig) -> type[RMSNorm]:
+    """Gemma's (1 + w) norm in float32, or Llama's w * norm(x)."""
+    return UnitOffsetRMSNorm if config.norm_unit_offset else RMSNorm
+
+
+def block_norms(config: ModelConfig) -> tuple[str, ...]:
+    """A block's hidden-size norms, in the order its class takes them."""
+    return SANDWICH_NORMS if config.sandwich_norms else ("input_layernorm", "post_attention_layernorm")
+
+
+def block_attention(t: Mapping, config: ModelConfig, comm: Communicator, layer: int, sequence_parallel: bool, dtype=torch.float32, device="cpu") -> ParallelAttention:
+    """Rank comm.rank's attention of block `layer` from its full tensors `t` (block names), with
+    the layer's rope (ModelConfig.layer_rope), window (layer_window) and the family's features."""
+    kw = dict(dtype=dtype, device=device)
+    biases = {n.split(".")[1][0] + "_bias": t[n] for n in (*QKV_BIASES, O_BIAS) if n in t}
+    features = {"sliding_window": config.layer_window(layer), "softcap": config.attn_logit_softcapping,
+                "scale": None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar ** -0.5}
+    if config.qk_norm:
+        features["q_norm"], features["k_norm"] = (norm_class(config).from_full(t[name], eps=config.rms_norm_eps, **kw) for name in QK_NORMS)
+    theta, scaling = config.layer_rope(layer)
+    return ParallelAttention.from_full(t["self_attn.q_proj.weight"], t["self_attn.k_proj.weight"], t["self_attn.v_proj.weight"], t["self_attn.o_proj.weight"],
+                                       comm, head_dim=config.head_dim, rope_theta=theta, rope_scaling=scaling, sequence_parallel=sequence_parallel,
+                                       **biases, **kw, **features)
 
 
 def block_shapes(config: ModelConfig) -> dict[str, tuple]:
@@ -100,6 +153,15 @@ def block_shapes(config: ModelConfig) -> dict[str, tuple]:
         shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
     if config.o_bias:
         shapes[O_BIAS] = (h,)
+    shapes.update(family_block_shapes(config))
+    return shapes
+
+
+def family_block_shapes(config: ModelConfig) -> dict[str, tuple]:
+    """The block tensors of Qwen3 / Gemma beyond the Llama family's."""
+    shapes = {name: (config.head_dim,) for name in QK_NORMS} if config.qk_norm else {}
+    if config.sandwich_norms:
+        shapes.update({f"{name}.weight": (config.hidden_size,) for name in SANDWICH_NORMS[2:]})
     return shapes
 
 
@@ -117,7 +179,7 @@ def random_block_tensors(config: ModelConfig, generator: torch.Generator, std: f
     """Full float32 tensors for one block, Llama-shaped, drawn from `generator`."""
     out = {}
     for name, shape in block_shapes(config).items():
-        if name.endswith("layernorm.weight"):
+        if name.endswith("norm.weight"):
             out[name] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         else:
             out[name] = std * torch.randn(shape, generator=generator)
@@ -174,18 +236,17 @@ class LlamaModel(nn.Module):
         for i in range(config.num_layers):
             prefix = f"model.layers.{i}."
             block = {name: tensors[prefix + name] for name in block_shapes(config)}
-            layers.append(TransformerBlock.from_full(block, config, comm, **kw))
-        norm = RMSNorm.from_full(tensors["model.norm.weight"], eps=config.rms_norm_eps, **kw)
+            layers.append(block_class(config).from_full(block, config, comm, layer=i, **kw))
+        norm = norm_class(config).from_full(tensors["model.norm.weight"], eps=config.rms_norm_eps, **kw)
+        cap = config.final_logit_softcapping
         if config.tie_word_embeddings:
-            lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, comm, tied_to=embed, **kw)
+            lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, comm, tied_to=embed, softcap=cap, **kw)
         else:
-            lm_head = ParallelLMHead.from_full(tensors["lm_head.weight"], comm, **kw)
+            lm_head = ParallelLMHead.from_full(tensors["lm_head.weight"], comm, softcap=cap, **kw)
         return cls(config, comm, embed, layers, norm, lm_head, sequence_parallel, overlap_chunks)
 
     def allocate_kv_cache(self, max_batch: int, max_seq_len: int) -> None:
         require(max_seq_len <= self.config.max_seq_len, "max_seq_len", max_seq_len, f"must be <= the model's max_position_embeddings={self.config.max_seq_len}")
-        window = self.config.extra.get("sliding_window")
-        require(window is None or max_seq_len <= window, "max_seq_len", max_seq_len, f"must be <= sliding_window={window} (sliding-window attention is not implemented)")
         for layer in self.layers:
             layer.attention.allocate_kv_cache(max_batch, max_seq_len)
 
@@ -205,15 +266,13 @@ class LlamaModel(nn.Module):
         each shard's last token is all-gathered (the last rank's is the sequence's last), not
         the whole (batch, seq, hidden) hidden state."""
         tp, seq = self.comm.world_size, ids.shape[1]
-        window = self.config.extra.get("sliding_window")
-        # sliding-window attention is not implemented; within the window full attention is identical.
-        # A tensor start_pos is bounded by the KV cache, which allocate_kv_cache checks against the window.
-        require(window is None or isinstance(start_pos, torch.Tensor) or start_pos + seq <= window, "sequence length", start_pos + seq, f"must be <= sliding_window={window} (sliding-window attention is not implemented)")
         sp = self.sequence_parallel and tp > 1 and seq % tp == 0
         if sp:  # the chunked path's constraint (for every such prompt, whether it runs chunked or not), before the embedding's reduce-scatter
             check_chunks(self.overlap_chunks, seq // tp)
         self._use_sequence_parallel(sp)
         h = self.embed(ids)
+        if self.config.scale_embeddings:
+            h = h * embedding_normalizer(self.config, h)
         for layer in self.layers:
             h = layer(h, start_pos, use_cache)
         h = self.norm(h)
@@ -266,6 +325,12 @@ class LlamaModel(nn.Module):
         return torch.stack(out, 1)
 
 
+def embedding_normalizer(config: ModelConfig, h: torch.Tensor) -> torch.Tensor:
+    """Gemma's embedding multiplier sqrt(hidden_size), a 0-dim tensor in h's dtype and device:
+    rounded to the hidden dtype (bfloat16 too) before the product, as transformers does."""
+    return torch.tensor(config.hidden_size ** 0.5, dtype=h.dtype, device=h.device)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator) -> torch.Tensor:
     """Next token per row of logits (batch, vocab): greedy at temperature 0, else top-k/top-p sampling."""
     if temperature == 0:
@@ -285,8 +350,11 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
 def random_model(config: ModelConfig, comm: Communicator, dtype=torch.bfloat16, device="cpu", seed: int = 0, std: float = 0.02,
                  sequence_parallel: bool = False, overlap_chunks: int = 1) -> LlamaModel:
     """A model of `config` whose local shards are drawn directly on this rank (no full tensors
-    exist anywhere): for timing and memory sweeps, where values do not matter but shapes do."""
+    exist anywhere): for timing and memory sweeps, where values do not matter but shapes do.
+    Llama-family blocks only: TPConfigError for a config with Qwen3 / Gemma features."""
     config.check_tp(comm.world_size)
+    features = config.non_llama_features()
+    require(not features, "model_type", config.extra.get("model_type"), f"random_model builds Llama-family blocks only; this config needs {features}")
     kw = dict(dtype=dtype, device=device)
     embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, comm, **kw)
     layers = []

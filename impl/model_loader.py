@@ -259,7 +259,9 @@ class ShardCheckpoint(Mapping):
         module, leaf = rest.rsplit(".", 1)
         fused = {"self_attn.q_proj": ("attention.qkv", 0), "self_attn.k_proj": ("attention.qkv", 1), "self_attn.v_proj": ("attention.qkv", 2),
                  "mlp.gate_proj": ("mlp.gate_up", 0), "mlp.up_proj": ("mlp.gate_up", 1), "self_attn.o_proj": ("attention.o_proj", 0),
-                 "mlp.down_proj": ("mlp.down", 0), "input_layernorm": ("input_norm", 0), "post_attention_layernorm": ("post_attention_norm", 0)}
+                 "mlp.down_proj": ("mlp.down", 0), "input_layernorm": ("input_norm", 0), "post_attention_layernorm": ("post_attention_norm", 0),
+                 "self_attn.q_norm": ("attention.q_norm", 0), "self_attn.k_norm": ("attention.k_norm", 0),
+                 "pre_feedforward_layernorm": ("pre_feedforward_norm", 0), "post_feedforward_layernorm": ("post_feedforward_norm", 0)}
         if module not in fused:
             raise KeyError(name)
         local, segment = fused[module]

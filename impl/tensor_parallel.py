@@ -319,12 +319,16 @@ class ParallelLMHead(nn.Module):
 
     x: (..., hidden) replicated. forward returns (..., vocab_size) logits, gathered and with
     padding stripped; `local_logits` returns (..., V_padded/tp) with padded columns at -inf
-    so they can never win an argmax or carry probability.
+    so they can never win an argmax or carry probability. `softcap` (Gemma's
+    final_logit_softcapping): every logit is cap * tanh(logit / cap), on the shards, so forward
+    and greedy both see capped logits.
     """
 
-    def __init__(self, hidden_size, vocab_size, comm: Communicator, dtype=torch.float32, device="cpu", tied_to: VocabParallelEmbedding | None = None):
+    def __init__(self, hidden_size, vocab_size, comm: Communicator, dtype=torch.float32, device="cpu", tied_to: VocabParallelEmbedding | None = None,
+                 softcap: float | None = None):
         super().__init__()
         self.comm, self.vocab_size = comm, vocab_size
+        self.softcap = softcap  # final-logit soft-capping (Gemma): cap * tanh(logits / cap), elementwise on each shard
         self.rows = padded_vocab(vocab_size, comm.world_size) // comm.world_size
         self.start = comm.rank * self.rows
         if tied_to is not None:
@@ -336,6 +340,8 @@ class ParallelLMHead(nn.Module):
 
     def local_logits(self, x):
         logits = F.linear(copy_to_parallel(x, self.comm), self.weight)
+        if self.softcap is not None:  # before the padding mask: tanh would turn -inf into -cap
+            logits = soft_cap(logits, self.softcap)
         if self.num_padding:
             pad = torch.zeros(self.rows, dtype=torch.bool, device=logits.device)
             pad[self.rows - self.num_padding:] = True
@@ -372,6 +378,12 @@ class ParallelLMHead(nn.Module):
         return layer
 
 
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma's logit soft-capping), in x's dtype widened to float32, cast back."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return (torch.tanh(x.to(wide) / cap) * cap).to(x.dtype)
+
+
 # --------------------------------------------------------------------------- norm, rotary, attention, MLP
 
 
@@ -393,6 +405,22 @@ class RMSNorm(nn.Module):
         layer = cls(shape_of(weight)[0], eps=eps, **kw)
         _copy_into(layer.weight, shard([weight], spec_of(layer.weight), 0, 1), "weight")  # replicated: declares nothing
         return layer
+
+
+class UnitOffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), the product in float32 (float64 for a float64
+    input) and cast back once; `weight` is the checkpoint's (about 0 when trained), 0 when built empty."""
+
+    def __init__(self, hidden_size, eps=1e-6, dtype=torch.float32, device="cpu"):
+        super().__init__(hidden_size, eps, dtype, device)
+        with torch.no_grad():
+            self.weight.zero_()
+
+    def forward(self, x):
+        wide = torch.promote_types(x.dtype, torch.float32)
+        x32 = x.to(wide)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.to(wide))).to(x.dtype)
 
 
 def rotary_exponents(head_dim: int, device=None) -> torch.Tensor:
@@ -502,19 +530,47 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.to(wide) * cos + rotated.to(wide) * sin).to(x.dtype)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """One query token against the whole cache, written as broadcast products and sums so that
     torch.compile fuses it into a few reduction kernels (a library attention kernel costs more
     in launch and set-up than the ~1 MB it reads per layer at decode). Compiled decode only:
     eagerly it would materialise (batch, heads, cache, head_dim) products.
-    q: (b, hq, 1, d); k, v: (b, hkv, S, d) with hq a multiple of hkv (GQA); mask: (1, S) bool."""
+    q: (b, hq, 1, d); k, v: (b, hkv, S, d) with hq a multiple of hkv (GQA); mask: (1, S) bool
+    (causal and, on a sliding layer, windowed: attention_mask). scale: None for d**-0.5;
+    softcap: scores -> softcap * tanh(scores / softcap) before the mask (None: none)."""
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, 1, d).float()
-    scores = (qg * k.float()[:, :, None]).sum(-1) * d**-0.5  # (b, hkv, group, S)
+    scores = (qg * k.float()[:, :, None]).sum(-1) * (d**-0.5 if scale is None else scale)  # (b, hkv, group, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     out = (probs[..., None] * v.float()[:, :, None]).sum(-2)  # (b, hkv, group, d)
     return out.reshape(b, hq, 1, d).to(q.dtype)
+
+
+def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None = None) -> torch.Tensor:
+    """(s, kv_len) bool: query at positions[i] (absolute, (s,) long) sees key slot j when j <= positions[i]
+    and, with a sliding `window`, j > positions[i] - window: the window counts the query itself
+    (transformers' sliding_window_overlay: a query sees its `window` latest positions)."""
+    keys = torch.arange(kv_len, device=positions.device)[None, :]
+    mask = keys <= positions[:, None]
+    return mask if window is None else mask & (keys > positions[:, None] - window)
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """softmax(mask(softcap * tanh(q·Kᵀ·scale / softcap)))·V (Gemma 2: the cap before the mask),
+    in q's dtype widened to float32. q: (b, hq, s, d); k, v: (b, hkv, S, d), query head j using
+    kv head j // (hq/hkv) (GQA); mask: (s, S) bool. -> (b, hq, s, d) in q's dtype."""
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    wide = torch.promote_types(q.dtype, torch.float32)
+    qg = q.reshape(b, hkv, hq // hkv, s, d).to(wide)
+    scores = qg @ k.to(wide)[:, :, None].transpose(-1, -2) * scale  # (b, hkv, group, s, S)
+    scores = torch.tanh(scores / softcap) * softcap
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (probs @ v.to(wide)[:, :, None]).reshape(b, hq, s, d).to(q.dtype)
 
 
 class ParallelAttention(nn.Module):
@@ -525,10 +581,20 @@ class ParallelAttention(nn.Module):
     reduce-scattered after o_proj).
     Each rank attends with its num_heads/tp query heads and their kv heads.
     KV cache per rank: (max_batch, local_kv_heads, max_seq_len, head_dim) for k and v.
+    Family features (None / off: Llama's attention): `q_norm`, `k_norm`, replicated norms over
+    head_dim applied to each query / key head before rotary (Qwen3, Gemma 3); `scale`, the score
+    scale (None: head_dim**-0.5); `softcap`, scores -> softcap * tanh(scores / softcap) before the
+    mask (Gemma 2); `sliding_window`, each query sees only its `sliding_window` latest positions,
+    itself included (attention_mask), in prefill and in cached decode (the cache keeps every
+    position; older ones are masked).
     """
 
-    def __init__(self, hidden_size, num_heads, num_kv_heads, comm: Communicator, head_dim=None, qkv_bias=False, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu", qkv=None, o_proj=None):
+    def __init__(self, hidden_size, num_heads, num_kv_heads, comm: Communicator, head_dim=None, qkv_bias=False, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu", qkv=None, o_proj=None,
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, scale: float | None = None, softcap: float | None = None,
+                 sliding_window: int | None = None):
         super().__init__()
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.scale, self.softcap, self.sliding_window = scale, softcap, sliding_window
         head_dim = head_dim or hidden_size // num_heads
         self.comm, self.head_dim = comm, head_dim
         # from_full passes prebuilt shards so no throwaway parameters are allocated
@@ -542,6 +608,12 @@ class ParallelAttention(nn.Module):
         # (impl/kernels.py). Set by whoever owns the decode loop (impl/decoding.py StaticDecoder).
         self.decode_kernel = "torch"
 
+    def unfused_features(self) -> list[str]:
+        """The features of this layer the fused decode kernel (impl/kernels.py) does not compute."""
+        present = {"q_norm/k_norm": self.q_norm is not None or self.k_norm is not None, "scale (query_pre_attn_scalar)": self.scale is not None,
+                   "attn_logit_softcapping": self.softcap is not None, "sliding_window": self.sliding_window is not None}
+        return [name for name, on in present.items() if on]
+
     def allocate_kv_cache(self, max_batch: int, max_seq_len: int):
         shape = (max_batch, self.qkv.local_kv_heads, max_seq_len, self.head_dim)
         w = self.qkv.weight
@@ -551,6 +623,14 @@ class ParallelAttention(nn.Module):
     def rotary(self, positions: torch.Tensor):
         # float64 rotary tables when the layer itself is float64 (the exact reference)
         return rotary_tables(positions, self.inv_freq, self.qkv.weight.dtype, self.rope_theta, self.rope_scaling)
+
+    def normed_rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (b, hq, s, d), k (b, hkv, s, d) at `positions` (s,) long: q_norm / k_norm per head (when
+        the layer has them), then rotary — the order Qwen3 and Gemma 3 are trained with."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rotary(positions[None])
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def forward(self, x, start_pos: int | torch.Tensor = 0, use_cache: bool = False):
         """`start_pos`: tokens already in the KV cache, a Python int or a 0-dim/1-element long
@@ -565,6 +645,7 @@ class ParallelAttention(nn.Module):
         d, hq, hkv = self.head_dim, self.qkv.local_heads, self.qkv.local_kv_heads
         static = isinstance(start_pos, torch.Tensor)
         if static and s == 1 and self.decode_kernel == "triton":
+            require(not self.unfused_features(), "decode_kernel", "triton", f"the fused decode kernel does not implement {self.unfused_features()}: use the torch kernel")
             require(use_cache and self.k_cache is not None and b <= self.k_cache.shape[0], "use_cache", use_cache, "the fused decode step needs allocate_kv_cache() first, for at least this batch")
             positions = start_pos.reshape(1)
             cos, sin = self.rotary(positions[None])
@@ -578,8 +659,7 @@ class ParallelAttention(nn.Module):
         # without a cache the keys are only these s tokens: a later start would have nothing to attend to before them
         require(use_cache or start_pos == 0, "start_pos", start_pos, "must be 0 without use_cache=True (start_pos counts the tokens already in the KV cache)")
         positions = start_pos.reshape(1) + torch.arange(s, device=x.device) if static else torch.arange(start_pos, start_pos + s, device=x.device)
-        cos, sin = self.rotary(positions[None])
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.normed_rotary(q, k, positions)
         if use_cache:
             require(self.k_cache is not None, "use_cache", use_cache, "call allocate_kv_cache() first")
             # a tensor position is checked by whoever owns the decode loop (reading it here would sync)
@@ -590,44 +670,63 @@ class ParallelAttention(nn.Module):
                 # attend over the whole static cache; later slots are masked out (exp(-inf) = 0 exactly)
                 k, v = self.k_cache[:b], self.v_cache[:b]
         gqa = dict(enable_gqa=True) if hkv != hq else {}
-        if not static and start_pos == 0:
+        if self.scale is not None:
+            gqa["scale"] = self.scale
+        if not static and start_pos == 0 and self.sliding_window is None and self.softcap is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         else:
-            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= positions[:, None]
+            mask = attention_mask(positions, k.shape[2], self.sliding_window)
             if s == 1 and torch.compiler.is_compiling():
-                out = decode_attention(q, k, v, mask)
+                out = decode_attention(q, k, v, mask, self.scale, self.softcap)
+            elif self.softcap is not None:
+                out = softcapped_attention(q, k, v, mask, d**-0.5 if self.scale is None else self.scale, self.softcap)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, hq * d))
 
     @classmethod
-    def from_full(cls, q, k, v, o, comm: Communicator, head_dim: int, q_bias=None, k_bias=None, v_bias=None, o_bias=None, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu"):
+    def from_full(cls, q, k, v, o, comm: Communicator, head_dim: int, q_bias=None, k_bias=None, v_bias=None, o_bias=None, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu",
+                  **features):
+        """`features`: q_norm, k_norm (built modules), scale, softcap, sliding_window (see the class)."""
         kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         qkv = QKVParallelLinear.from_full(q, k, v, comm, head_dim, q_bias, k_bias, v_bias, **kw)
         o_proj = RowParallelLinear.from_full(o, comm, bias=o_bias, **kw)
-        return cls(shape_of(q)[1], shape_of(q)[0] // head_dim, shape_of(k)[0] // head_dim, comm, head_dim=head_dim, rope_theta=rope_theta, rope_scaling=rope_scaling, qkv=qkv, o_proj=o_proj, **kw)
+        return cls(shape_of(q)[1], shape_of(q)[0] // head_dim, shape_of(k)[0] // head_dim, comm, head_dim=head_dim, rope_theta=rope_theta, rope_scaling=rope_scaling, qkv=qkv, o_proj=o_proj, **kw,
+                   **features)
 
 
 class ParallelMLP(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)), gate/up column-parallel and fused, down row-parallel.
+    """Gated MLP: down(act(gate(x)) * up(x)), gate/up column-parallel and fused, down row-parallel;
+    act: silu (SwiGLU) or gelu's tanh approximation (GeGLU), MLP_ACTIVATIONS[activation].
 
     x: (..., hidden) replicated -> (..., hidden) replicated; intermediate is sharded (.., inter/tp).
     With sequence_parallel, x and the output are (batch, seq/tp, hidden), sharded on dim 1.
     """
 
-    def __init__(self, hidden_size, intermediate_size, comm: Communicator, sequence_parallel=False, dtype=torch.float32, device="cpu", gate_up=None, down=None):
+    def __init__(self, hidden_size, intermediate_size, comm: Communicator, sequence_parallel=False, dtype=torch.float32, device="cpu", gate_up=None, down=None,
+                 activation: str = "silu"):
         super().__init__()
+        require(activation in MLP_ACTIVATIONS, "hidden_act", activation, f"must be one of {tuple(MLP_ACTIVATIONS)}")
+        self.activation = MLP_ACTIVATIONS[activation]
         kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         self.gate_up = gate_up or MergedColumnParallelLinear(hidden_size, [intermediate_size, intermediate_size], comm, **kw)
         self.down = down or RowParallelLinear(intermediate_size, hidden_size, comm, **kw)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(self.activation(gate) * up)
 
     @classmethod
-    def from_full(cls, gate, up, down, comm: Communicator, sequence_parallel=False, dtype=torch.float32, device="cpu"):
+    def from_full(cls, gate, up, down, comm: Communicator, sequence_parallel=False, dtype=torch.float32, device="cpu", activation: str = "silu"):
         kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         gate_up = MergedColumnParallelLinear.from_full([gate, up], comm, **kw)
         down_proj = RowParallelLinear.from_full(down, comm, **kw)
-        return cls(shape_of(gate)[1], shape_of(gate)[0], comm, gate_up=gate_up, down=down_proj, **kw)
+        return cls(shape_of(gate)[1], shape_of(gate)[0], comm, gate_up=gate_up, down=down_proj, activation=activation, **kw)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# hidden_act -> the gate's activation: SwiGLU (Llama, Qwen) and GeGLU with gelu's tanh approximation (Gemma)
+MLP_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": gelu_tanh}

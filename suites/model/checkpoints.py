@@ -9,6 +9,8 @@ import torch
 ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, max_position_embeddings=64, rms_norm_eps=1e-5)
 
+GEMMA_INIT, GEMMA2_ATTN_SOFTCAP, GEMMA2_FINAL_SOFTCAP, GEMMA3_FINAL_SOFTCAP = 0.1, 2.0, 4.0, 4.0
+
 VARIANTS = {
     # name: (config class name, kwargs)
     "llama-gqa": ("LlamaConfig", dict(BASE, vocab_size=101, num_key_value_heads=2)),
@@ -17,6 +19,19 @@ VARIANTS = {
     "llama-attention-bias": ("LlamaConfig", dict(BASE, vocab_size=96, num_key_value_heads=8, attention_bias=True)),
     "mistral": ("MistralConfig", dict(BASE, vocab_size=99, num_key_value_heads=2, sliding_window=32)),
     "qwen2": ("Qwen2Config", dict(BASE, vocab_size=103, num_key_value_heads=2)),
+    # head_dim 16 != hidden / heads = 8
+    "qwen3": ("Qwen3Config", dict(BASE, vocab_size=107, num_key_value_heads=2, head_dim=16)),
+    # a window of 5 that the suites' prompts (12 tokens + 6 generated) cross on the sliding layer;
+    # soft-caps near the scores' and logits' own scale, so that the cap bends them
+    "gemma2": ("Gemma2Config", dict(BASE, vocab_size=93, num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                                    layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=GEMMA2_ATTN_SOFTCAP,
+                                    final_logit_softcapping=GEMMA2_FINAL_SOFTCAP, initializer_range=GEMMA_INIT)),
+    # one kv head: replicated at TP 2 and 4; local and global rope bases differ, the global layers scaled
+    "gemma3": ("Gemma3TextConfig", dict(BASE, vocab_size=90, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                                        layer_types=["full_attention", "sliding_attention"], final_logit_softcapping=GEMMA3_FINAL_SOFTCAP,
+                                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                                                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
+                                        initializer_range=GEMMA_INIT)),
 }
 
 

@@ -9,7 +9,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from harness.verify import VerifyRequest, check_request
@@ -67,8 +66,17 @@ def test_error_on_ranks_reaches_the_driver_with_the_file_name(ckpt, worlds):
         worlds[2].run(rank_fns.load_error, str(ckpt))
 
 
-def test_sequence_beyond_sliding_window_is_refused(checkpoint):
-    model = _load(checkpoint("mistral"))
-    assert model.config.extra["sliding_window"] == 32
-    with pytest.raises(TPConfigError, match="sliding_window=32"):
-        model(torch.zeros(1, 33, dtype=torch.long))
+@pytest.mark.parametrize("edit,match", [
+    ({"hidden_activation": "gelu"}, "hidden_activation='gelu'"),
+    ({"layer_types": ["sliding_attention"]}, "layer_types=.*num_hidden_layers=2"),
+    ({"final_logit_softcapping": 0}, "final_logit_softcapping=0"),
+])
+def test_bad_gemma_config_is_refused_before_processes(checkpoint, tmp_path, edit, match):
+    d = tmp_path / "gemma2"
+    shutil.copytree(checkpoint("gemma2"), d)
+    path = d / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(TPConfigError, match=match):
+        check_request(VerifyRequest(str(d), (1, 2)))
+    with pytest.raises(TPConfigError, match=match):
+        _load(d)
