@@ -38,7 +38,7 @@ def require_divisible(argument: str, value: int, tp: int) -> None:
     )
 
 
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "mixtral")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,7 +152,18 @@ def rope_scaling_parameters(scaling: dict | None, head_dim: int, max_position_em
 @dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder. Sizes are the full (unsharded) ones. `rope_scaling` is stored as
-    rope_scaling_parameters() returns it (validated, defaults resolved; None when unscaled)."""
+    rope_scaling_parameters() returns it (validated, defaults resolved; None when unscaled).
+
+    Family features (impl/hf_families.py reads them from a config.json):
+      rotary_dim            the leading dims of each head that rotary embeddings rotate, with
+                            frequencies over rotary_dim (Phi-3's partial_rotary_factor); the rest
+                            pass through. None: the whole head.
+      fused_projections     the checkpoint stores q|k|v as one `self_attn.qkv_proj` and gate|up as
+                            one `mlp.gate_up_proj` (Phi-3); the model is the same.
+      num_experts           > 0: every block's MLP is a mixture of that many SwiGLU experts of
+                            intermediate_size each (Mixtral, impl/moe.py), num_experts_per_tok
+                            of them per token. 0: a dense MLP.
+    """
 
     vocab_size: int = 1000
     hidden_size: int = 256
@@ -168,6 +179,10 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     tie_word_embeddings: bool = False
+    rotary_dim: int | None = None
+    fused_projections: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -183,11 +198,15 @@ class ModelConfig:
         require(isinstance(theta, (int, float)) and not isinstance(theta, bool) and math.isfinite(theta) and theta > 0, "rope_theta", theta, "must be a finite number > 0")
         object.__setattr__(self, "rope_theta", float(theta))
         object.__setattr__(self, "rope_scaling", rope_scaling_parameters(self.rope_scaling, self.head_dim, self.max_seq_len, self.rope_theta))
+        check_family_features(self)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         """From a Hugging Face config.json dict (transformers 4.x `rope_theta`/`rope_scaling`
-        or 5.x `rope_parameters`). Supported model_type: llama, mistral, qwen2."""
+        or 5.x `rope_parameters`). Supported model_type: llama, mistral, qwen2, phi3, mixtral
+        (the last two's own fields: impl/hf_families.py)."""
+        from .hf_families import FAMILY_FIELDS
+
         kind = hf.get("model_type")
         require(kind in HF_MODEL_TYPES, "model_type", kind, f"must be one of {HF_MODEL_TYPES}")
         require(hf.get("hidden_act", "silu") == "silu", "hidden_act", hf.get("hidden_act"), "must be silu (SwiGLU MLP)")
@@ -200,7 +219,7 @@ class ModelConfig:
         scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
         heads = hf["num_attention_heads"]
         attention_bias = bool(hf.get("attention_bias", False))
-        return cls(
+        fields = dict(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
@@ -208,6 +227,7 @@ class ModelConfig:
             o_bias=kind != "qwen2" and attention_bias, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             extra={"model_type": kind, "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None},
         )
+        return cls(**(FAMILY_FIELDS[kind](hf, fields) if kind in FAMILY_FIELDS else fields))
 
     def check_tp(self, tp: int) -> None:
         """Raise TPConfigError if this model cannot be sharded `tp` ways."""
@@ -215,6 +235,19 @@ class ModelConfig:
         require_divisible("num_heads", self.num_heads, tp)
         check_kv_heads(self.num_kv_heads, tp)
         require_divisible("intermediate_size", self.intermediate_size, tp)
+
+
+def check_family_features(config: "ModelConfig") -> None:
+    """ModelConfig's family fields (rotary_dim, num_experts, num_experts_per_tok) in range."""
+    rd = config.rotary_dim
+    if rd is not None:
+        require(isinstance(rd, int) and 2 <= rd <= config.head_dim and rd % 2 == 0, "rotary_dim", rd,
+                f"must be an even integer in [2, head_dim={config.head_dim}] (rotary embeddings rotate pairs)")
+        require(config.rope_scaling is None, "rotary_dim", rd, f"partial rotary needs the unscaled rope, not rope_scaling={config.rope_scaling}")
+    experts, top_k = config.num_experts, config.num_experts_per_tok
+    require(isinstance(experts, int) and experts >= 0, "num_experts", experts, "must be an integer >= 0 (0: a dense MLP)")
+    if experts:
+        require(isinstance(top_k, int) and 1 <= top_k <= experts, "num_experts_per_tok", top_k, f"must be an integer in [1, num_experts={experts}]")
 
 
 def check_kv_heads(num_kv_heads: int, tp: int) -> None:

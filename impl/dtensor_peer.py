@@ -224,6 +224,10 @@ class PlainLlama(nn.Module):
 def check_dtensor_tp(config: ModelConfig, tp: int) -> None:
     """Raise TPConfigError if the dtensor peer cannot shard this model `tp` ways."""
     require(isinstance(tp, int) and tp >= 1, "tp", tp, "must be an integer >= 1")
+    # the peer's plain model is a Llama with separate q/k/v and gate/up tensors and whole-head rope
+    require(not config.num_experts, "num_experts", config.num_experts, "must be 0: the dtensor peer has no mixture-of-experts layer")
+    require(not config.fused_projections, "fused_projections", True, "the dtensor peer loads separate q/k/v and gate/up tensors, not Phi-3's fused qkv_proj/gate_up_proj")
+    require(config.rotary_dim is None, "rotary_dim", config.rotary_dim, "the dtensor peer rotates whole heads (no partial rotary)")
     require_divisible("num_heads", config.num_heads, tp)
     require(config.num_kv_heads % tp == 0, "num_kv_heads", config.num_kv_heads,
             f"must be a multiple of tp={tp}: the dtensor peer shards kv heads and does not replicate them")

@@ -494,7 +494,12 @@ def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos/sin: (batch or 1, seq, head_dim). Half-split pairing."""
+    """x: (batch, heads, seq, head_dim); cos/sin: (batch or 1, seq, rotary_dim). Half-split pairing
+    within the first rotary_dim dims of each head; the dims past rotary_dim pass through
+    (partial rotary, as transformers' Phi-3 applies it)."""
+    if cos.shape[-1] < x.shape[-1]:
+        width = cos.shape[-1]
+        return torch.cat([apply_rotary(x[..., :width], cos, sin), x[..., width:]], dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
@@ -525,9 +530,12 @@ class ParallelAttention(nn.Module):
     reduce-scattered after o_proj).
     Each rank attends with its num_heads/tp query heads and their kv heads.
     KV cache per rank: (max_batch, local_kv_heads, max_seq_len, head_dim) for k and v.
+    `rotary_dim` (even, <= head_dim; None: head_dim): rotary embeddings rotate the first
+    rotary_dim dims of each head with frequencies over rotary_dim, the rest pass through.
     """
 
-    def __init__(self, hidden_size, num_heads, num_kv_heads, comm: Communicator, head_dim=None, qkv_bias=False, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu", qkv=None, o_proj=None):
+    def __init__(self, hidden_size, num_heads, num_kv_heads, comm: Communicator, head_dim=None, qkv_bias=False, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu", qkv=None, o_proj=None,
+                 rotary_dim=None):
         super().__init__()
         head_dim = head_dim or hidden_size // num_heads
         self.comm, self.head_dim = comm, head_dim
@@ -535,7 +543,8 @@ class ParallelAttention(nn.Module):
         self.qkv = qkv or QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, comm, bias=qkv_bias, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         self.o_proj = o_proj or RowParallelLinear(num_heads * head_dim, hidden_size, comm, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         self.rope_theta, self.rope_scaling = rope_theta, rope_scaling_parameters(rope_scaling, head_dim, None, rope_theta)
-        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, rope_theta, self.rope_scaling).to(device), persistent=False)
+        self.rotary_dim = rotary_dim or head_dim
+        self.register_buffer("inv_freq", rotary_inv_freq(self.rotary_dim, rope_theta, self.rope_scaling).to(device), persistent=False)
         self.k_cache = self.v_cache = None
         # "torch": rotary, cache writes and attention as separate PyTorch ops (any device; the reference);
         # "triton": a static decode step (one token, tensor start_pos) runs them as one fused kernel
@@ -564,7 +573,7 @@ class ParallelAttention(nn.Module):
         s = qkv.shape[1]
         d, hq, hkv = self.head_dim, self.qkv.local_heads, self.qkv.local_kv_heads
         static = isinstance(start_pos, torch.Tensor)
-        if static and s == 1 and self.decode_kernel == "triton":
+        if static and s == 1 and self.decode_kernel == "triton" and self.rotary_dim == d:  # the fused kernel rotates whole heads
             require(use_cache and self.k_cache is not None and b <= self.k_cache.shape[0], "use_cache", use_cache, "the fused decode step needs allocate_kv_cache() first, for at least this batch")
             positions = start_pos.reshape(1)
             cos, sin = self.rotary(positions[None])
@@ -601,11 +610,13 @@ class ParallelAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, hq * d))
 
     @classmethod
-    def from_full(cls, q, k, v, o, comm: Communicator, head_dim: int, q_bias=None, k_bias=None, v_bias=None, o_bias=None, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu"):
+    def from_full(cls, q, k, v, o, comm: Communicator, head_dim: int, q_bias=None, k_bias=None, v_bias=None, o_bias=None, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu",
+                  rotary_dim=None):
         kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         qkv = QKVParallelLinear.from_full(q, k, v, comm, head_dim, q_bias, k_bias, v_bias, **kw)
         o_proj = RowParallelLinear.from_full(o, comm, bias=o_bias, **kw)
-        return cls(shape_of(q)[1], shape_of(q)[0] // head_dim, shape_of(k)[0] // head_dim, comm, head_dim=head_dim, rope_theta=rope_theta, rope_scaling=rope_scaling, qkv=qkv, o_proj=o_proj, **kw)
+        return cls(shape_of(q)[1], shape_of(q)[0] // head_dim, shape_of(k)[0] // head_dim, comm, head_dim=head_dim, rope_theta=rope_theta, rope_scaling=rope_scaling, qkv=qkv, o_proj=o_proj,
+                   rotary_dim=rotary_dim, **kw)
 
 
 class ParallelMLP(nn.Module):
