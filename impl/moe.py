@@ -87,10 +87,14 @@ class ParallelMoE(nn.Module):
     def sequence_parallel(self, active: bool) -> None:
         require(not active, "sequence_parallel", active, "is not supported for mixture-of-experts models")
 
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """flat: (tokens, hidden), replicated -> route()'s (weights, experts), the same on every rank."""
+        return route(flat, self.router.weight, self.top_k)
+
     def forward(self, x):
         check_input(x, self.router.weight, "ParallelMoE")
         flat = x.reshape(-1, x.shape[-1])
-        weights, chosen = route(flat, self.router.weight, self.top_k)
+        weights, chosen = self.route(flat)
         self.last_routing = (weights.detach(), chosen)
         # the experts' partial outputs depend on x and on the weights: both enter the TP region
         # replicated (identity forward, all-reduce of their rank-partial gradients backward)
@@ -101,7 +105,7 @@ class ParallelMoE(nn.Module):
             if token.numel():
                 partial = expert.partial(xin[token])  # this rank's share of expert e's output
                 out = out.index_add(0, token, partial * weights[token, slot, None])
-        return reduce_from_parallel(out.to(x.dtype), self.comm).view_as(x)
+        return reduce_from_parallel(out.to(x.dtype).view_as(x), self.comm)
 
     @classmethod
     def from_full(cls, tensors: dict, config: ModelConfig, comm: Communicator, sequence_parallel=False, dtype=torch.float32, device="cpu"):
