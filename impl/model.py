@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 1/2/3, Mistral, Qwen2) built from `impl.tensor_parallel` layers.
+"""Llama-family decoder (Llama 1/2/3, Mistral, Qwen2, Phi-3, Mixtral) built from `impl.tensor_parallel`
+layers (Mixtral's mixture-of-experts MLP: `impl.moe`).
 
 Tensor names follow Hugging Face's Llama layout (`model.layers.{i}.self_attn.q_proj.weight`, ...);
 `LlamaModel.from_tensors` takes any mapping from those names to tensors or safetensors lazy
@@ -65,7 +66,8 @@ class TransformerBlock(SequenceParallelTags, nn.Module):
 
     @classmethod
     def from_full(cls, tensors: dict, config: ModelConfig, comm: Communicator, dtype=torch.float32, device="cpu", sequence_parallel=False):
-        """Build rank `comm.rank`'s shard from one block's full tensors (names: BLOCK_TENSORS).
+        """Build rank `comm.rank`'s shard from one block's full tensors (names: block_shapes(config):
+        BLOCK_TENSORS, with Phi-3's fused tensors or Mixtral's router and experts where the config says so).
 
         With `sequence_parallel`, x and the output are (batch, seq/tp, hidden) shards of the
         sequence: norms and residuals run on 1/tp of the tokens, and each all-reduce becomes
