@@ -38,7 +38,7 @@ def require_divisible(argument: str, value: int, tp: int) -> None:
     )
 
 
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -158,7 +158,17 @@ class ModelConfig:
     layers layer_types marks "sliding_attention" (None: every layer when sliding_window is set);
     qk_norm; norm_unit_offset ((1 + w) norms in float32); sandwich_norms (four per block);
     scale_embeddings (times sqrt(hidden)); query_pre_attn_scalar; the two soft-caps; and the
-    sliding layers' own rope (local_rope_theta / local_rope_scaling, Gemma 3)."""
+    sliding layers' own rope (local_rope_theta / local_rope_scaling, Gemma 3).
+    The next fields (impl/families.py reads them for phi3 and mixtral):
+      rotary_dim            the leading dims of each head that rotary embeddings rotate, with
+                            frequencies over rotary_dim (Phi-3's partial_rotary_factor); the rest
+                            pass through. None: the whole head.
+      fused_projections     the checkpoint stores q|k|v as one `self_attn.qkv_proj` and gate|up as
+                            one `mlp.gate_up_proj` (Phi-3); the model is the same.
+      num_experts           > 0: every block's MLP is a mixture of that many SwiGLU experts of
+                            intermediate_size each (Mixtral, impl/moe.py), num_experts_per_tok
+                            of them per token. 0: a dense MLP.
+    """
 
     vocab_size: int = 1000
     hidden_size: int = 256
@@ -187,6 +197,10 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
     local_rope_theta: float | None = None
     local_rope_scaling: dict | None = None
+    rotary_dim: int | None = None
+    fused_projections: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -207,8 +221,10 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         """From a Hugging Face config.json dict (transformers 4.x `rope_theta`/`rope_scaling`
-        or 5.x `rope_parameters`). Supported model_type: HF_MODEL_TYPES (qwen3, gemma2 and
-        gemma3_text through impl.families.config_from_hf)."""
+        or 5.x `rope_parameters`). Supported model_type: HF_MODEL_TYPES; impl/families.py reads what
+        qwen3, gemma2, gemma3_text (config_from_hf), phi3 and mixtral (FAMILY_FIELDS) add."""
+        from .families import FAMILY_FIELDS
+
         kind = hf.get("model_type")
         require(kind in HF_MODEL_TYPES, "model_type", kind, f"must be one of {HF_MODEL_TYPES}")
         if kind in FAMILY_MODEL_TYPES:
@@ -225,7 +241,7 @@ class ModelConfig:
         scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
         heads = hf["num_attention_heads"]
         attention_bias = bool(hf.get("attention_bias", False))
-        return cls(
+        fields = dict(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
@@ -234,6 +250,7 @@ class ModelConfig:
             extra={"model_type": kind, "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None},
             **hf_attention_windows(hf, kind),
         )
+        return cls(**(FAMILY_FIELDS[kind](hf, fields) if kind in FAMILY_FIELDS else fields))
 
     def layer_type(self, layer: int) -> str:
         """"sliding_attention" or "full_attention": layer_types[layer], else every layer slides when sliding_window is set."""
@@ -252,9 +269,12 @@ class ModelConfig:
         return self.rope_theta, self.rope_scaling
 
     def non_llama_features(self) -> list[str]:
-        """The features of this config beyond the Llama family's (Llama, Mistral, Qwen2), by field name."""
+        """The features of this config beyond the Llama family's (Llama, Mistral, Qwen2), by field name
+        (the Qwen3 / Gemma switches, then Phi-3's and Mixtral's)."""
         flags = ("qk_norm", "norm_unit_offset", "sandwich_norms", "scale_embeddings")
         values = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "local_rope_theta")
+        flags += ("fused_projections", "num_experts")
+        values += ("rotary_dim",)
         out = [name for name in flags if getattr(self, name)] + [name for name in values if getattr(self, name) is not None]
         return out + ([f"hidden_act={self.hidden_act}"] if self.hidden_act != "silu" else [])
 
@@ -272,12 +292,12 @@ HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU, GeGLU (gelu's tanh approx
 
 
 def hf_attention_windows(hf: dict, kind: str) -> dict:
-    """{"sliding_window", "layer_types"} of a config.json as transformers 5.x reads it: Mistral slides
+    """{"sliding_window", "layer_types"} of a config.json as transformers 5.x reads it: Mistral, Phi-3 and Mixtral slide
     on every layer when sliding_window is set; Qwen2/Qwen3 only with use_sliding_window, on the
     layers layer_types marks (default: from max_window_layers on); Gemma on the layers layer_types
     marks (default: Gemma 2 every other layer from the first, Gemma 3 all but every
     sliding_window_pattern-th)."""
-    if kind == "mistral":
+    if kind in ("mistral", "phi3", "mixtral"):
         return {"sliding_window": hf.get("sliding_window"), "layer_types": None}
     if kind in ("qwen2", "qwen3"):
         window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
@@ -321,6 +341,16 @@ def check_family_features(config: "ModelConfig") -> None:
     if config.local_rope_theta is not None:
         object.__setattr__(config, "local_rope_scaling",
                            rope_scaling_parameters(config.local_rope_scaling, config.head_dim, config.max_seq_len, config.local_rope_theta))
+
+    rd = config.rotary_dim
+    if rd is not None:
+        require(isinstance(rd, int) and 2 <= rd <= config.head_dim and rd % 2 == 0, "rotary_dim", rd,
+                f"must be an even integer in [2, head_dim={config.head_dim}] (rotary embeddings rotate pairs)")
+        require(config.rope_scaling is None, "rotary_dim", rd, f"partial rotary needs the unscaled rope, not rope_scaling={config.rope_scaling}")
+    experts, top_k = config.num_experts, config.num_experts_per_tok
+    require(isinstance(experts, int) and experts >= 0, "num_experts", experts, "must be an integer >= 0 (0: a dense MLP)")
+    if experts:
+        require(isinstance(top_k, int) and 1 <= top_k <= experts, "num_experts_per_tok", top_k, f"must be an integer in [1, num_experts={experts}]")
 
 
 def check_kv_heads(num_kv_heads: int, tp: int) -> None:

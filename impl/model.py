@@ -1,5 +1,6 @@
-"""Llama-family decoder (Llama 1/2/3, Mistral, Qwen2; Qwen3, Gemma 2, Gemma 3 text through the
-family switches of ModelConfig) built from `impl.tensor_parallel` layers.
+"""Llama-family decoder (Llama 1/2/3, Mistral, Qwen2; Qwen3, Gemma 2, Gemma 3 text, Phi-3 and Mixtral
+through the family fields of ModelConfig) built from `impl.tensor_parallel` layers (Mixtral's
+mixture-of-experts MLP: `impl.moe`).
 
 Tensor names follow Hugging Face's Llama layout (`model.layers.{i}.self_attn.q_proj.weight`, ...);
 `LlamaModel.from_tensors` takes any mapping from those names to tensors or safetensors lazy
@@ -8,6 +9,7 @@ build the model through the layers' one `from_full` path.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -15,6 +17,8 @@ from torch import nn
 
 from .architecture import Communicator, ModelConfig, require
 from .communication import gather_from_parallel
+from .fused_rows import split_rows
+from .moe import ParallelMoE, moe_block_shapes
 from .overlap import check_chunk_count, check_chunks
 from .tensor_parallel import (OverlapChunks, ParallelAttention, ParallelLMHead, ParallelMLP, RMSNorm, RowParallelLinear, SequenceParallelTags,
                               UnitOffsetRMSNorm, VocabParallelEmbedding, tag_sequence_parallel_grad)
@@ -64,17 +68,21 @@ class TransformerBlock(SequenceParallelTags, nn.Module):
     @classmethod
     def from_full(cls, tensors: dict, config: ModelConfig, comm: Communicator, dtype=torch.float32, device="cpu", sequence_parallel=False, layer: int = 0):
         """Build rank `comm.rank`'s shard of block `layer` (its window and rope) from one block's
-        full tensors (names: block_shapes(config)).
+        full tensors (names: block_shapes(config): BLOCK_TENSORS, with Phi-3's fused tensors or
+        Mixtral's router and experts where the config says so).
 
         With `sequence_parallel`, x and the output are (batch, seq/tp, hidden) shards of the
         sequence: norms and residuals run on 1/tp of the tokens, and each all-reduce becomes
         an all-gather before the column-parallel input and a reduce-scatter after the row-parallel output.
         """
         kw = dict(dtype=dtype, device=device)
-        t = tensors
+        t = unfused_block_tensors(tensors, config) if config.fused_projections else tensors
         attention = block_attention(t, config, comm, layer, sequence_parallel, **kw)
-        mlp = ParallelMLP.from_full(t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"], t["mlp.down_proj.weight"], comm, sequence_parallel=sequence_parallel,
-                                    activation=config.hidden_act, **kw)
+        if config.num_experts:
+            mlp = ParallelMoE.from_full(t, config, comm, sequence_parallel=sequence_parallel, **kw)
+        else:
+            mlp = ParallelMLP.from_full(t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"], t["mlp.down_proj.weight"], comm, sequence_parallel=sequence_parallel,
+                                        activation=config.hidden_act, **kw)
         norms = [norm_class(config).from_full(t[f"{name}.weight"], eps=config.rms_norm_eps, **kw) for name in block_norms(config)]
         return cls(attention, mlp, *norms)
 
@@ -124,7 +132,7 @@ def block_attention(t: Mapping, config: ModelConfig, comm: Communicator, layer: 
     the layer's rope (ModelConfig.layer_rope), window (layer_window) and the family's features."""
     kw = dict(dtype=dtype, device=device)
     biases = {n.split(".")[1][0] + "_bias": t[n] for n in (*QKV_BIASES, O_BIAS) if n in t}
-    features = {"sliding_window": config.layer_window(layer), "softcap": config.attn_logit_softcapping,
+    features = {"sliding_window": config.layer_window(layer), "softcap": config.attn_logit_softcapping, "rotary_dim": config.rotary_dim,
                 "scale": None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar ** -0.5}
     if config.qk_norm:
         features["q_norm"], features["k_norm"] = (norm_class(config).from_full(t[name], eps=config.rms_norm_eps, **kw) for name in QK_NORMS)
@@ -149,6 +157,10 @@ def block_shapes(config: ModelConfig) -> dict[str, tuple]:
         "mlp.up_proj.weight": (i, h),
         "mlp.down_proj.weight": (h, i),
     }
+    if config.fused_projections:
+        shapes = fused_block_shapes(shapes)
+    if config.num_experts:
+        shapes = {**{n: v for n, v in shapes.items() if not n.startswith("mlp.")}, **moe_block_shapes(config)}
     if config.qkv_bias:
         shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
     if config.o_bias:
@@ -165,6 +177,32 @@ def family_block_shapes(config: ModelConfig) -> dict[str, tuple]:
     return shapes
 
 
+FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+         "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+
+def fused_block_shapes(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """A block's shapes with each FUSED group replaced by its fused tensor (rows laid end to end), in place of its first part."""
+    parts = {part: fused for fused, group in FUSED.items() for part in group}
+    out = {}
+    for name, shape in shapes.items():
+        if name not in parts:
+            out[name] = shape
+        elif name == FUSED[parts[name]][0]:
+            out[parts[name]] = (sum(shapes[p][0] for p in FUSED[parts[name]]), *shape[1:])
+    return out
+
+
+def unfused_block_tensors(tensors: dict, config: ModelConfig) -> dict:
+    """One block's tensors with each fused tensor (Phi-3 naming) split into its q, k, v (gate, up)
+    row ranges, read lazily (impl/fused_rows.py): a rank that shards them reads only its rows."""
+    sizes = {name: shape[0] for name, shape in block_shapes(dataclasses.replace(config, fused_projections=False)).items()}
+    out = {name: t for name, t in tensors.items() if name not in FUSED}
+    for fused, group in FUSED.items():
+        out.update(zip(group, split_rows(tensors[fused], [sizes[p] for p in group], fused)))
+    return out
+
+
 def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple]:
     """Every tensor a Hugging Face checkpoint of this config holds, with its full shape."""
     shapes = {"model.embed_tokens.weight": (config.vocab_size, config.hidden_size), "model.norm.weight": (config.hidden_size,)}
@@ -173,6 +211,11 @@ def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple]:
     for layer in range(config.num_layers):
         shapes.update({f"model.layers.{layer}.{name}": shape for name, shape in block_shapes(config).items()})
     return shapes
+
+
+def check_moe_sequence_parallel(config: ModelConfig, sequence_parallel: bool) -> None:
+    require(not (sequence_parallel and config.num_experts), "sequence_parallel", sequence_parallel,
+            f"is not supported for mixture-of-experts models (num_experts={config.num_experts}); load with sequence_parallel=False")
 
 
 def random_block_tensors(config: ModelConfig, generator: torch.Generator, std: float = 0.02) -> dict[str, torch.Tensor]:
@@ -230,6 +273,7 @@ class LlamaModel(nn.Module):
                      overlap_chunks: int = 1) -> "LlamaModel":
         """Build rank comm.rank's model from full tensors (or lazy slices) in Hugging Face naming."""
         config.check_tp(comm.world_size)
+        check_moe_sequence_parallel(config, sequence_parallel)
         kw = dict(dtype=dtype, device=device)
         embed = VocabParallelEmbedding.from_full(tensors["model.embed_tokens.weight"], comm, **kw)
         layers = []
@@ -351,18 +395,23 @@ def random_model(config: ModelConfig, comm: Communicator, dtype=torch.bfloat16, 
                  sequence_parallel: bool = False, overlap_chunks: int = 1) -> LlamaModel:
     """A model of `config` whose local shards are drawn directly on this rank (no full tensors
     exist anywhere): for timing and memory sweeps, where values do not matter but shapes do.
-    Llama-family blocks only: TPConfigError for a config with Qwen3 / Gemma features."""
+    Llama-family and Mixtral blocks: TPConfigError for a config with Qwen3 / Gemma features."""
     config.check_tp(comm.world_size)
-    features = config.non_llama_features()
-    require(not features, "model_type", config.extra.get("model_type"), f"random_model builds Llama-family blocks only; this config needs {features}")
+    # Mixtral's experts and Phi-3's partial rotary are built below; Qwen3's and Gemma's switches are not
+    features = [f for f in config.non_llama_features() if f not in ("fused_projections", "num_experts", "rotary_dim")]
+    require(not features, "model_type", config.extra.get("model_type"), f"random_model builds Llama-family and Mixtral blocks only; this config needs {features}")
+    check_moe_sequence_parallel(config, sequence_parallel)
     kw = dict(dtype=dtype, device=device)
     embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, comm, **kw)
     layers = []
     for _ in range(config.num_layers):
         o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, comm, bias=config.o_bias, **kw)
         attention = ParallelAttention(config.hidden_size, config.num_heads, config.num_kv_heads, comm, head_dim=config.head_dim, qkv_bias=config.qkv_bias,
-                                      rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, o_proj=o_proj, **kw)
-        mlp = ParallelMLP(config.hidden_size, config.intermediate_size, comm, **kw)
+                                      rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, o_proj=o_proj, rotary_dim=config.rotary_dim, **kw)
+        if config.num_experts:
+            mlp = ParallelMoE(config.hidden_size, config.intermediate_size, config.num_experts, config.num_experts_per_tok, comm, **kw)
+        else:
+            mlp = ParallelMLP(config.hidden_size, config.intermediate_size, comm, **kw)
         layers.append(TransformerBlock(attention, mlp, RMSNorm(config.hidden_size, config.rms_norm_eps, **kw), RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)))
     norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
     lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, comm, tied_to=embed if config.tie_word_embeddings else None, **kw)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
@@ -245,11 +246,12 @@ class ShardCheckpoint(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         local, segment = self._local_of(name)
-        return self._full(local)[segment]
+        full = self._full(local)
+        return torch.cat(full) if segment is None else full[segment]  # None: a fused tensor, all segments end to end
 
     @staticmethod
-    def _local_of(name: str) -> tuple[str, int]:
-        """(tpgate's local tensor name, segment index) of a Hugging Face tensor name."""
+    def _local_of(name: str) -> tuple[str, int | None]:
+        """(tpgate's local tensor name, segment index; None: every segment) of a Hugging Face tensor name."""
         top = {"model.embed_tokens.weight": "embed.weight", "lm_head.weight": "lm_head.weight", "model.norm.weight": "norm.weight"}
         if name in top:
             return top[name], 0
@@ -262,6 +264,13 @@ class ShardCheckpoint(Mapping):
                  "mlp.down_proj": ("mlp.down", 0), "input_layernorm": ("input_norm", 0), "post_attention_layernorm": ("post_attention_norm", 0),
                  "self_attn.q_norm": ("attention.q_norm", 0), "self_attn.k_norm": ("attention.k_norm", 0),
                  "pre_feedforward_layernorm": ("pre_feedforward_norm", 0), "post_feedforward_layernorm": ("post_feedforward_norm", 0)}
+        # Phi-3's fused tensors are their local tensor whole; Mixtral's router and experts (impl/moe.py)
+        fused.update({"self_attn.qkv_proj": ("attention.qkv", None), "mlp.gate_up_proj": ("mlp.gate_up", None),
+                      "block_sparse_moe.gate": ("mlp.router", 0)})
+        expert = re.fullmatch(r"block_sparse_moe\.experts\.(\d+)\.(w[123])", module)
+        if expert:
+            e, w = expert.groups()
+            fused[module] = {"w1": (f"mlp.experts.{e}.gate_up", 0), "w3": (f"mlp.experts.{e}.gate_up", 1), "w2": (f"mlp.experts.{e}.down", 0)}[w]
         if module not in fused:
             raise KeyError(name)
         local, segment = fused[module]

@@ -522,7 +522,12 @@ def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos/sin: (batch or 1, seq, head_dim). Half-split pairing."""
+    """x: (batch, heads, seq, head_dim); cos/sin: (batch or 1, seq, rotary_dim). Half-split pairing
+    within the first rotary_dim dims of each head; the dims past rotary_dim pass through
+    (partial rotary, as transformers' Phi-3 applies it)."""
+    if cos.shape[-1] < x.shape[-1]:
+        width = cos.shape[-1]
+        return torch.cat([apply_rotary(x[..., :width], cos, sin), x[..., width:]], dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
@@ -586,12 +591,14 @@ class ParallelAttention(nn.Module):
     scale (None: head_dim**-0.5); `softcap`, scores -> softcap * tanh(scores / softcap) before the
     mask (Gemma 2); `sliding_window`, each query sees only its `sliding_window` latest positions,
     itself included (attention_mask), in prefill and in cached decode (the cache keeps every
-    position; older ones are masked).
+    position; older ones are masked); `rotary_dim` (even, <= head_dim; None: head_dim): rotary
+    embeddings rotate the first rotary_dim dims of each head with frequencies over rotary_dim, the
+    rest pass through (Phi-3's partial rotary).
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, comm: Communicator, head_dim=None, qkv_bias=False, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu", qkv=None, o_proj=None,
                  q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, scale: float | None = None, softcap: float | None = None,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, rotary_dim: int | None = None):
         super().__init__()
         self.q_norm, self.k_norm = q_norm, k_norm
         self.scale, self.softcap, self.sliding_window = scale, softcap, sliding_window
@@ -601,7 +608,8 @@ class ParallelAttention(nn.Module):
         self.qkv = qkv or QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, comm, bias=qkv_bias, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         self.o_proj = o_proj or RowParallelLinear(num_heads * head_dim, hidden_size, comm, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         self.rope_theta, self.rope_scaling = rope_theta, rope_scaling_parameters(rope_scaling, head_dim, None, rope_theta)
-        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, rope_theta, self.rope_scaling).to(device), persistent=False)
+        self.rotary_dim = rotary_dim or head_dim
+        self.register_buffer("inv_freq", rotary_inv_freq(self.rotary_dim, rope_theta, self.rope_scaling).to(device), persistent=False)
         self.k_cache = self.v_cache = None
         # "torch": rotary, cache writes and attention as separate PyTorch ops (any device; the reference);
         # "triton": a static decode step (one token, tensor start_pos) runs them as one fused kernel
@@ -611,7 +619,8 @@ class ParallelAttention(nn.Module):
     def unfused_features(self) -> list[str]:
         """The features of this layer the fused decode kernel (impl/kernels.py) does not compute."""
         present = {"q_norm/k_norm": self.q_norm is not None or self.k_norm is not None, "scale (query_pre_attn_scalar)": self.scale is not None,
-                   "attn_logit_softcapping": self.softcap is not None, "sliding_window": self.sliding_window is not None}
+                   "attn_logit_softcapping": self.softcap is not None, "sliding_window": self.sliding_window is not None,
+                   "rotary_dim (partial rotary)": self.rotary_dim != self.head_dim}
         return [name for name, on in present.items() if on]
 
     def allocate_kv_cache(self, max_batch: int, max_seq_len: int):
@@ -687,7 +696,7 @@ class ParallelAttention(nn.Module):
     @classmethod
     def from_full(cls, q, k, v, o, comm: Communicator, head_dim: int, q_bias=None, k_bias=None, v_bias=None, o_bias=None, rope_theta=10000.0, rope_scaling=None, sequence_parallel=False, dtype=torch.float32, device="cpu",
                   **features):
-        """`features`: q_norm, k_norm (built modules), scale, softcap, sliding_window (see the class)."""
+        """`features`: q_norm, k_norm (built modules), scale, softcap, sliding_window, rotary_dim (see the class)."""
         kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         qkv = QKVParallelLinear.from_full(q, k, v, comm, head_dim, q_bias, k_bias, v_bias, **kw)
         o_proj = RowParallelLinear.from_full(o, comm, bias=o_bias, **kw)

@@ -170,6 +170,8 @@ class HFTensorParallel:
 
     def random(self, config: ModelConfig, ctx, dtype: torch.dtype, seed: int = 0):
         self.check(config, ctx.comm.world_size)
+        if config.num_experts or config.fused_projections or config.rotary_dim:  # hf_config_of builds Llama/Qwen2 shapes only
+            raise Unsupported(self.name, "random weights for Phi-3 or MoE configs: hf_config_of describes Llama and Qwen2 shapes only")
         hf_config = hf_config_of(config)
         return build(hf_config, ctx, dtype, state_dict=random_state_dict(hf_config, dtype, seed))
 

@@ -32,6 +32,11 @@ VARIANTS = {
                                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
                                                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
                                         initializer_range=GEMMA_INIT)),
+    # fused qkv_proj / gate_up_proj; 2 kv heads (replicated at tp 4); rotates half of each head
+    "phi3": ("Phi3Config", dict(BASE, vocab_size=97, num_key_value_heads=2, partial_rotary_factor=0.5, sliding_window=32,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # 4 experts, top-2; 2 kv heads
+    "mixtral": ("MixtralConfig", dict(BASE, vocab_size=89, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
 }
 
 

@@ -16,6 +16,7 @@ from unittest import mock
 import torch
 from torch import nn
 
+import impl.fused_rows
 import impl.model
 import impl.model_loader as model_loader
 import impl.sharding
@@ -81,12 +82,21 @@ def _tie_lost_on_save():
         yield
 
 
+def _whole_fused_read():
+    """Phi-3's fused-row view reads the whole fused tensor, then its rows: the same shards, every byte of qkv_proj/gate_up_proj read."""
+    def read_all(self, index):
+        return self.src[:][self.start:self.start + self.rows][index]
+
+    return mock.patch.object(impl.fused_rows.RowRange, "__getitem__", read_all)
+
+
 MUTANTS = {
     "copied_tie": lambda: mock.patch.object(impl.model, "ParallelLMHead", _CopiedTie),
     "detached_tie": lambda: mock.patch.object(impl.model, "ParallelLMHead", _DetachedTie),
     "whole_tensor_take": _whole_tensor_take,
     "materialised_checkpoint": _materialised_checkpoint,
     "tie_lost_on_save": _tie_lost_on_save,
+    "whole_fused_read": _whole_fused_read,
 }
 
 

@@ -78,6 +78,16 @@ def read_budget(name: str, shape: list[int], config: ModelConfig, tp: int, rank:
         return 0
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return vocab_rows(config.vocab_size, tp, rank)[1] * width
+    # Phi-3's fused tensors (before the q/k/v and gate/up suffixes they end with): the rank's rows of each segment
+    if name.endswith("qkv_proj.weight"):
+        return (config.num_heads // tp + 2 * local_kv_heads(config.num_kv_heads, tp)) * d * width
+    if name.endswith("gate_up_proj.weight"):
+        return 2 * (config.intermediate_size // tp) * width
+    # Mixtral's experts: w1/w3 column-parallel, w2 row-parallel (a column slice); the router (gate.weight) is replicated
+    if name.endswith(("w1.weight", "w3.weight")):
+        return config.intermediate_size // tp * width
+    if name.endswith("w2.weight"):
+        return shape[0] * (shape[1] // tp)
     if name.endswith(("q_proj.weight", "q_proj.bias")):
         return config.num_heads // tp * d * width
     if name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
@@ -286,7 +296,8 @@ def test_tied_gradient_check_rejects_a_broken_tie(mutant, tied_grad_references, 
 @pytest.fixture(scope="module")
 def read_checkpoints(checkpoint, tmp_path_factory) -> list[str]:
     """The tied checkpoint with the tied copy stored as well (some exporters do; the loader must
-    not read it), one with q/k/v/o biases, and an index of 20 KB shard files."""
+    not read it), one with q/k/v/o biases, an index of 20 KB shard files, Phi-3's fused
+    qkv_proj / gate_up_proj and Mixtral's experts and router."""
     stored_copy = tmp_path_factory.mktemp("tied-with-stored-copy")
     source = checkpoint(TIED_CHECKPOINT)
     (stored_copy / "config.json").write_text((source / "config.json").read_text())
@@ -294,7 +305,7 @@ def read_checkpoints(checkpoint, tmp_path_factory) -> list[str]:
     save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, stored_copy / "model.safetensors", metadata={"format": "pt"})
     sharded = checkpoint("llama-gqa", sharded=True)
     assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 1
-    return [str(stored_copy), str(checkpoint("llama-attention-bias")), str(sharded)]
+    return [str(stored_copy), str(checkpoint("llama-attention-bias")), str(sharded), str(checkpoint("phi3")), str(checkpoint("mixtral"))]
 
 
 def _budget(directory: str, tp: int, rank: int) -> dict[str, int]:
@@ -327,3 +338,13 @@ def test_bytes_read_check_rejects_whole_tensor_loaders(mutant, read_checkpoints,
     for rank, reads in enumerate(per_rank):
         for d in read_checkpoints:
             assert any(reads[d].get(name, 0) > budget for name, budget in _budget(d, tp, rank).items()), (mutant, rank, Path(d).name)
+
+
+def test_bytes_read_check_rejects_a_fused_view_that_reads_the_whole_tensor(read_checkpoints, worlds):
+    """A row-range view of Phi-3's fused tensors that reads the whole fused tensor and slices it
+    afterwards builds the same shards; every rank reads more than its budget of qkv_proj and gate_up_proj."""
+    tp, phi3 = 4, next(d for d in read_checkpoints if read_config(d).fused_projections)
+    per_rank = worlds[tp].run(loading_rank_fns.bytes_read, [phi3], "whole_fused_read")
+    for rank, reads in enumerate(per_rank):
+        over = {name for name, budget in _budget(phi3, tp, rank).items() if reads[phi3].get(name, 0) > budget}
+        assert over and all(name.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for name in over), (rank, over)
