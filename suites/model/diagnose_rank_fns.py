@@ -3,7 +3,7 @@
 The planted bugs are tpgate's reference model with one layer broken only at tp > 1, the kind of
 bug a TP port introduces in one place: rank 1's shard of one row-parallel projection scaled (a
 wrong shard, a scale applied to a partial instead of the sum). The noisy stack adds rank- and
-call-dependent noise of a few float32 ulps to its logits, as an atomics-ordered kernel would.
+call-dependent noise of a few ulps to its logits, as an atomics-ordered kernel would.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ class PlantedBug(Reference):
 
 
 class Noisy(Reference):
-    """tpgate's model whose logits() adds noise of ~4 float32 ulps of the largest logit that
-    depends on the rank and on how many times logits() ran: never the same bits twice."""
+    """tpgate's model whose logits() adds noise of ~4 ulps (of the logits' dtype) of the largest
+    logit that depends on the rank and on how many times logits() ran: never the same bits twice."""
 
     name = "noisy"
     capabilities = frozenset({"greedy"})
@@ -50,7 +50,7 @@ class Noisy(Reference):
         out = super().logits(model, ids)
         self.calls += 1
         noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(1000 * self.rank + self.calls))
-        return out + (4 * 2.0 ** -24 * out.abs().max() * noise).to(out.dtype)
+        return out + (4 * torch.finfo(out.dtype).eps * out.abs().max() * noise).to(out.dtype)
 
 
 PLANTED_MLP, PLANTED_ATTENTION, NOISY = PlantedBug(1, "mlp.down"), PlantedBug(0, "attention.o_proj"), Noisy()
@@ -66,6 +66,9 @@ class IgnoresReduceDtype(ReduceInDtypeCommunicator):
     def reduce_scatter(self, tensor, dim=0):
         return self.inner.reduce_scatter(tensor, dim)
 
+    def reduce_scatter_async(self, tensor, dim=0, overlap_flops=0):
+        return self.inner.reduce_scatter_async(tensor, dim, overlap_flops=overlap_flops)
+
 
 def reduced_in(ctx, communicator: str, n: int) -> dict:
     """Every rank's seeded bfloat16 values (n of them) all-reduced and reduce-scattered through
@@ -78,9 +81,10 @@ def reduced_in(ctx, communicator: str, n: int) -> dict:
     comm = {"plain": lambda c: c, "float32": ReduceInDtypeCommunicator, "mutant": IgnoresReduceDtype}[communicator](ctx.comm)
     reduced = comm.all_reduce(values[ctx.comm.rank].clone())
     scattered = comm.reduce_scatter(values[ctx.comm.rank].clone(), 0)
+    started = comm.reduce_scatter_async(values[ctx.comm.rank].clone(), 0).wait()
     mine = once.chunk(world)[ctx.comm.rank]
     return {"all_reduce_differs": int((reduced != once).sum()), "reduce_scatter_differs": int((scattered != mine).sum()),
-            "dtypes": (str(reduced.dtype), str(scattered.dtype))}
+            "reduce_scatter_async_differs": int((started != mine).sum()), "dtypes": (str(reduced.dtype), str(scattered.dtype), str(started.dtype))}
 
 
 def model_through(ctx, directory: str, dtype: torch.dtype, ids: torch.Tensor) -> dict:
