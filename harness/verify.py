@@ -27,6 +27,12 @@ At tp > 1 every rank must also hold fewer parameters than the whole checkpoint
 every rank is a FAIL row naming its per-rank count, never a pass. Each row carries the full
 count ("full_parameters") and every rank's count ("local_parameters"; None where a rank's model
 is not an nn.Module and cannot be counted).
+Beside the verdict, never part of it (harness/diagnose.py): each row's next-token KL against
+`exact` ("kl_mean", "kl_max" over the prompt positions) and whether each rank's logits() repeated
+on the same inputs gave the same bits ("deterministic", "nondeterministic_ranks"); with
+`diagnose` (--diagnose) also "diagnostics": the error/bound profile over the model's sub-layers,
+the first sub-layer over its bound, a rerun with float32 collectives and the rounding-or-bug
+classification, or "not available" with the reason for a stack whose model is not tpgate's.
 """
 from __future__ import annotations
 
@@ -143,7 +149,8 @@ def run_on_rank(ctx, req: VerifyRequest, ids: torch.Tensor, spec: str = "referen
 
         diagnostics = {"sublayers": sublayers_on_rank(impl, model, ids, ctx.comm.rank)}
         del model  # the float32-collectives copy is loaded next: never two models on a rank
-        diagnostics["fp32"] = fp32_collectives_on_rank(ctx, spec, req.directory, parse_dtype(req.dtype), ids)
+        unavailable = diagnostics["sublayers"].get("unavailable")
+        diagnostics["fp32"] = {"unavailable": unavailable} if unavailable else fp32_collectives_on_rank(ctx, spec, req.directory, parse_dtype(req.dtype), ids)
     out = {"logits": logits, "tokens": tokens, "logits_digest": digest, "repeat_equal": repeat_equal, "local_parameters": local_parameters,
            "diagnostics": diagnostics}
     return out if ctx.comm.rank == 0 else {k: v for k, v in out.items() if k != "logits"}
@@ -219,6 +226,7 @@ def check_request(req: VerifyRequest) -> dict:
     require(req.device in ("cpu", "cuda"), "--device", req.device, "must be cpu or cuda")
     require(req.device == "cpu" or torch.cuda.is_available(), "--device", req.device, "no CUDA device is visible")
     require(len(req.tps) >= 1, "--tp", req.tps, "no TP degree left to verify")
+    require(isinstance(req.diagnose, bool), "--diagnose", req.diagnose, "must be True or False")
     for tp in req.tps:
         try:
             config.check_tp(tp)

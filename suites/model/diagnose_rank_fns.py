@@ -16,8 +16,9 @@ SCALE = 1.25  # large enough to stand out of the bfloat16 bound in a 2-layer mod
 
 
 class PlantedBug(Reference):
-    """tpgate's model with rank 1's shard of layer `layer`'s `projection` ("mlp.down" or
-    "attention.o_proj") scaled by SCALE, at tp > 1 only."""
+    """tpgate's model with rank 1's copy of layer `layer`'s `projection` weight scaled by SCALE, at
+    tp > 1 only: a row-parallel shard ("mlp.down", "attention.o_proj"), or a replicated norm
+    ("input_norm": rank 1's copy stale, which the all-reduce after it hides from rank 0)."""
 
     capabilities = frozenset({"greedy"})
 
@@ -53,8 +54,10 @@ class Noisy(Reference):
         return out + (4 * torch.finfo(out.dtype).eps * out.abs().max() * noise).to(out.dtype)
 
 
-PLANTED_MLP, PLANTED_ATTENTION, NOISY = PlantedBug(1, "mlp.down"), PlantedBug(0, "attention.o_proj"), Noisy()
-PLANTED_MLP_SPEC, PLANTED_ATTENTION_SPEC, NOISY_SPEC = (f"{__name__}:PLANTED_MLP", f"{__name__}:PLANTED_ATTENTION", f"{__name__}:NOISY")
+PLANTED_MLP, PLANTED_ATTENTION, PLANTED_NORM = PlantedBug(1, "mlp.down"), PlantedBug(0, "attention.o_proj"), PlantedBug(1, "input_norm")
+NOISY = Noisy()
+PLANTED_MLP_SPEC, PLANTED_ATTENTION_SPEC, PLANTED_NORM_SPEC, NOISY_SPEC = (f"{__name__}:PLANTED_MLP", f"{__name__}:PLANTED_ATTENTION",
+                                                                           f"{__name__}:PLANTED_NORM", f"{__name__}:NOISY")
 
 
 class IgnoresReduceDtype(ReduceInDtypeCommunicator):

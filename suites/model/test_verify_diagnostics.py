@@ -4,10 +4,11 @@ the --diagnose / --html command line.
 
 One diagnosed verify (the `diagnosed` fixture) of llama-gqa in bfloat16 at TP 1 and 2 judges, side by
 side: tpgate's reference (the pure rounding case: its TP=2 logits differ from TP=1 bitwise and must be
-called rounding), two planted single-layer bugs (rank 1's shard of layer 1's MLP down projection, or of
-layer 0's attention o_proj, scaled by 1.25 at tp > 1 only), which must be located to that layer and
-sub-layer and called bugs, a stack adding rank- and call-dependent noise (nondeterministic) and the
-dtensor peer, whose model is not tpgate's (diagnostics not available, with the reason).
+called rounding), two planted single-layer bugs at tp > 1 only (rank 1's shard of layer 1's MLP down
+projection scaled by 1.25; rank 1's copy of layer 1's input norm scaled by 1.25), which must be located
+to that layer and sub-layer and called bugs, a stack adding rank- and call-dependent noise
+(nondeterministic) and the dtensor peer, whose model is not tpgate's (diagnostics not available, with
+the reason). The third planted bug (layer 0's attention o_proj) is the command line test's.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from impl.communication import NullCommunicator, ReduceInDtypeCommunicator
 
 from . import diagnose_rank_fns as fns
 
-IMPLEMENTATIONS = ("reference", fns.PLANTED_MLP_SPEC, fns.PLANTED_ATTENTION_SPEC, fns.NOISY_SPEC, "dtensor")
+IMPLEMENTATIONS = ("reference", fns.PLANTED_MLP_SPEC, fns.PLANTED_NORM_SPEC, fns.NOISY_SPEC, "dtensor")
 
 
 def request(directory, **kw) -> VerifyRequest:
@@ -38,13 +39,13 @@ def diagnosed(checkpoint, worlds):
 # --------------------------------------------------------------------------- where and what
 
 
-@pytest.mark.parametrize("spec, layer, sublayer", [(fns.PLANTED_MLP_SPEC, 1, "mlp"), (fns.PLANTED_ATTENTION_SPEC, 0, "attention")])
-def test_a_planted_single_layer_bug_is_located_and_called_a_bug(diagnosed, spec, layer, sublayer):
+def test_a_planted_single_layer_bug_is_located_and_called_a_bug(diagnosed):
     """At TP=2 the first sub-layer over its bound is the broken one, and its error does not come
     back within the bound with float32 collectives: a bug. At TP=1 (nothing broken there) every
-    sub-layer is within its bound: rounding. The MLP bug is diluted below the logits' bound by
-    the final layer (the row passes), yet the sub-layer profile still calls it a bug."""
+    sub-layer is within its bound: rounding. The bug is diluted below the logits' bound by the
+    final layer (the row passes), yet the sub-layer profile still calls it a bug."""
     _, rows = diagnosed
+    spec, layer, sublayer = fns.PLANTED_MLP_SPEC, 1, "mlp"
     d = rows[(spec, 2)]["diagnostics"]
     assert d["available"], d
     assert (d["first_exceeding"]["layer"], d["first_exceeding"]["sublayer"]) == (layer, sublayer), d["first_exceeding"]
@@ -54,10 +55,21 @@ def test_a_planted_single_layer_bug_is_located_and_called_a_bug(diagnosed, spec,
     before = [p for p in d["profile"] if p["name"] == d["first_exceeding"]["name"] or (p["layer"] is not None and p["layer"] < layer)
               or p["layer"] is None and p["name"] == "embed"]
     assert all(p["passed"] for p in before[:-1]), before  # every sub-layer ahead of it is within its bound
+    assert d["ranks_differ_at"] == {}  # wrong, but the same wrong sum on every rank
     clean = rows[(spec, 1)]["diagnostics"]
     assert clean["first_exceeding"] is None and clean["classification"]["class"] == ROUNDING, clean
-    if sublayer == "attention":
-        assert not rows[(spec, 2)]["passed"] and rows[(spec, 2)]["max_abs_vs_exact"] > rows[(spec, 2)]["bound"]
+
+
+def test_a_stale_replicated_norm_on_one_rank_is_named_by_the_rank_comparison(diagnosed):
+    """Rank 1's copy of layer 1's input norm scaled: rank 0's profile first leaves its bound at the
+    attention after it (the all-reduce spreads rank 1's wrong partial to every rank), and the
+    ranks' recorded outputs differ at that norm alone, on rank 1: the bug's own place."""
+    _, rows = diagnosed
+    d = rows[(fns.PLANTED_NORM_SPEC, 2)]["diagnostics"]
+    assert (d["first_exceeding"]["layer"], d["first_exceeding"]["sublayer"]) == (1, "attention"), d["first_exceeding"]
+    assert d["ranks_differ_at"] == {1: ["layers.1.input_norm"]}, d["ranks_differ_at"]
+    assert d["classification"]["class"] == BUG, d["classification"]
+    assert rows[("reference", 2)]["diagnostics"]["ranks_differ_at"] == {}
 
 
 def test_bfloat16_tp2_differs_from_tp1_bitwise_and_is_called_rounding(diagnosed):
@@ -154,8 +166,8 @@ def test_next_token_kl_against_an_independent_computation():
 
 def test_rows_carry_the_kl_of_their_logits(diagnosed):
     result, rows = diagnosed
-    assert rows[(fns.PLANTED_ATTENTION_SPEC, 2)]["kl_max"] > 10 * rows[("reference", 2)]["kl_max"] > 0
-    assert rows[(fns.PLANTED_ATTENTION_SPEC, 1)]["kl_max"] == rows[("reference", 1)]["kl_max"]  # the same model at TP=1
+    assert rows[(fns.PLANTED_NORM_SPEC, 2)]["kl_max"] > 10 * rows[("reference", 2)]["kl_max"] > 0
+    assert rows[(fns.PLANTED_NORM_SPEC, 1)]["kl_max"] == rows[("reference", 1)]["kl_max"]  # the same model at TP=1
     assert rows[("reference", 2)]["kl_mean"] <= rows[("reference", 2)]["kl_max"]
 
 
@@ -185,3 +197,79 @@ def test_float32_collectives_keep_the_communicator_contract(worlds, checkpoint):
     single = ReduceInDtypeCommunicator(NullCommunicator(1))
     x = torch.randn(4, 6).to(torch.bfloat16)
     assert single.all_reduce(x) is x and single.reduce_scatter(x, 0) is x and single.reductions == 0
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+class SessionWorld:
+    """The CLI's world of n ranks, backed by the session's persistent one (no process start)."""
+
+    def __init__(self, worlds, n, **_):
+        self.world = worlds[n]
+
+    alive = True
+
+    def run(self, *args, **kw):
+        return self.world.run(*args, **kw)
+
+    def shutdown(self):
+        pass  # the session's world outlives the command
+
+
+def test_tpgate_verify_diagnose_writes_the_page_with_its_plots(checkpoint, worlds, tmp_path, monkeypatch, capsys):
+    """`tpgate verify CKPT --tp 2 --impl PLANTED_ATTENTION --diagnose --html out.html --json out.json`
+    in this process (the ranks are the session's): exit 1, the table names layer 0's attention and
+    BUG, the page replaces an old one in one step (no temporary left beside it) and holds the
+    profile and logits plots, and the JSON carries the profile."""
+    import json
+
+    from harness import cli
+    from harness.runtime import orchestrator
+
+    monkeypatch.setattr(orchestrator, "MultiGPUOrchestrator", lambda n, **kw: SessionWorld(worlds, n, **kw))
+    page, record = tmp_path / "out.html", tmp_path / "out.json"
+    page.write_text("old page")
+    status = cli.main(["verify", str(checkpoint("llama-gqa")), "--tp", "2", "--dtype", "bfloat16", "--prompt-len", "8", "--new-tokens", "2",
+                       "--impl", fns.PLANTED_ATTENTION_SPEC, "--diagnose", "--html", str(page), "--json", str(record)])
+    out = capsys.readouterr().out
+    assert status == 1, out
+    assert "tp=2: BUG; first over its bound: layer 0 attention" in out and "KL mean" in out and "bitwise" in out, out
+    html = page.read_text()
+    assert html.count('src="data:image/png;base64,') == 2 and "layer 0 attention" in html and ">bug<" in html, html[:400]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.html", "out.json"]
+    row = json.loads(record.read_text())["rows"][0]
+    assert row["diagnostics"]["first_exceeding"]["name"] == "layers.0.attention" and len(row["diagnostics"]["profile"]) == 1 + 5 * 2 + 2  # embed, 2 blocks, norm, LM head
+
+
+def test_a_page_that_fails_to_render_leaves_the_old_one(diagnosed, tmp_path, monkeypatch):
+    from harness import verify_report
+
+    result, _ = diagnosed
+    page = tmp_path / "out.html"
+    page.write_text("old page")
+
+    def broken(rows):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(verify_report, "logits_plot", broken)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        verify_report.write_verify_html(result, page)
+    assert page.read_text() == "old page" and [p.name for p in tmp_path.iterdir()] == ["out.html"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--html", "{tmp}"], "--html='{tmp}': must name a file, not a directory"),
+    (["--html", "{tmp}/missing/out.html"], "its directory '{tmp}/missing' does not exist"),
+    (["--json", "{tmp}/same", "--html", "{tmp}/same"], "--html='{tmp}/same': must differ from --json"),
+    (["--save-logits", "{tmp}/same", "--html", "{tmp}/same"], "--html='{tmp}/same': must differ from --save-logits"),
+])
+def test_bad_html_paths_are_refused_before_any_process(checkpoint, tmp_path, capsys, argv, needle):
+    from harness.cli import main
+
+    from suites.faults.support import descendants
+
+    before = descendants()
+    assert main(["verify", str(checkpoint("llama-gqa")), "--diagnose", *[a.format(tmp=tmp_path) for a in argv]]) == 2
+    assert needle.format(tmp=tmp_path) in capsys.readouterr().err
+    assert descendants() == before
