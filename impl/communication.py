@@ -156,13 +156,11 @@ class CollectiveRecord:
     overlap_flops: int = 0
 
 
-@dataclass
-class CountingCommunicator(Communicator):
-    """Wraps a communicator and records every collective's kind, input bytes and group
-    (the wrapped communicator's `global_ranks`, where it has them)."""
+class WrappingCommunicator(Communicator):
+    """Base of a communicator that wraps another, `inner`: its rank and world size are the inner
+    one's, and every collective a subclass does not override passes to it unchanged."""
 
     inner: Communicator
-    records: list[CollectiveRecord] = field(default_factory=list)
 
     @property
     def rank(self):
@@ -171,6 +169,36 @@ class CountingCommunicator(Communicator):
     @property
     def world_size(self):
         return self.inner.world_size
+
+    def all_reduce(self, tensor):
+        return self.inner.all_reduce(tensor)
+
+    def all_gather(self, tensor, dim=-1):
+        return self.inner.all_gather(tensor, dim)
+
+    def reduce_scatter(self, tensor, dim=0):
+        return self.inner.reduce_scatter(tensor, dim)
+
+    def all_gather_async(self, tensor, dim=-1, overlap_flops=0):
+        return self.inner.all_gather_async(tensor, dim, overlap_flops=overlap_flops)
+
+    def reduce_scatter_async(self, tensor, dim=0, overlap_flops=0):
+        return self.inner.reduce_scatter_async(tensor, dim, overlap_flops=overlap_flops)
+
+    def broadcast(self, tensor, src=0):
+        return self.inner.broadcast(tensor, src)
+
+    def barrier(self):
+        self.inner.barrier()
+
+
+@dataclass
+class CountingCommunicator(WrappingCommunicator):
+    """Wraps a communicator and records every collective's kind, input bytes and group
+    (the wrapped communicator's `global_ranks`, where it has them)."""
+
+    inner: Communicator
+    records: list[CollectiveRecord] = field(default_factory=list)
 
     def _record(self, kind, tensor, overlap_flops=0):
         if torch.compiler.is_compiling():  # a traced graph replays without Python: count eager runs only
@@ -219,7 +247,7 @@ class CountingCommunicator(Communicator):
         self.inner.barrier()
 
 
-class ReduceInDtypeCommunicator(Communicator):
+class ReduceInDtypeCommunicator(WrappingCommunicator):
     """Wraps a communicator so that reductions sum in `reduce_dtype` (default float32).
 
     all_reduce / reduce_scatter (and reduce_scatter_async) of a floating tensor narrower than
@@ -239,14 +267,6 @@ class ReduceInDtypeCommunicator(Communicator):
         require(isinstance(reduce_dtype, torch.dtype) and reduce_dtype.is_floating_point, "reduce_dtype", reduce_dtype, "must be a floating torch dtype")
         self.inner, self.reduce_dtype = inner, reduce_dtype
         self.reductions = 0
-
-    @property
-    def rank(self):
-        return self.inner.rank
-
-    @property
-    def world_size(self):
-        return self.inner.world_size
 
     @property
     def global_ranks(self):
@@ -273,18 +293,6 @@ class ReduceInDtypeCommunicator(Communicator):
             return self.inner.reduce_scatter_async(tensor, dim, overlap_flops=overlap_flops)
         pending = self.inner.reduce_scatter_async(tensor.to(self.reduce_dtype), dim, overlap_flops=overlap_flops)
         return PendingCollective(pending.buffer, pending, lambda _: pending.wait().to(tensor.dtype))
-
-    def all_gather(self, tensor, dim=-1):
-        return self.inner.all_gather(tensor, dim)
-
-    def all_gather_async(self, tensor, dim=-1, overlap_flops=0):
-        return self.inner.all_gather_async(tensor, dim, overlap_flops=overlap_flops)
-
-    def broadcast(self, tensor, src=0):
-        return self.inner.broadcast(tensor, src)
-
-    def barrier(self):
-        self.inner.barrier()
 
 
 # --------------------------------------------------------------------------- regions
