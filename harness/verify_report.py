@@ -67,7 +67,7 @@ def logits_plot(rows: list[dict]) -> str | None:
     diagnosed = [r for impl_rows in _diagnosed(rows).values() for r in impl_rows]
     if not diagnosed:
         return None
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(diagnosed) + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(diagnosed) + 2), 3.4))
     x = range(len(diagnosed))
     width = 0.27
     fp32 = [r["diagnostics"]["fp32_collectives"].get("max_abs_vs_exact") for r in diagnosed]
@@ -75,7 +75,7 @@ def logits_plot(rows: list[dict]) -> str | None:
     ax.bar(list(x), [float("nan") if v is None else v for v in fp32], width, label="float32 collectives", color="#74c0fc")
     ax.bar([i + width for i in x], [r["diagnostics"]["tp1_error"] for r in diagnosed], width, label="TP=1 in the working dtype", color="#adb5bd")
     ax.scatter(list(x), [r["bound"] for r in diagnosed], marker="_", s=900, color="#c92a2a", label="bound", zorder=3)
-    ax.set_xticks(list(x), [f"{r['implementation']}\ntp={r['tp']}" for r in diagnosed], fontsize=7)
+    ax.set_xticks(list(x), [f"{r['implementation'].rsplit(':', 1)[-1][:20]}\ntp={r['tp']}" for r in diagnosed], fontsize=7)  # module:object -> object
     ax.set_yscale("log")
     ax.set_ylabel("max |logits - float64|")
     ax.legend(fontsize=7)
