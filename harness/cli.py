@@ -255,7 +255,8 @@ def _print_diagnostics(rows: list[dict]) -> None:
               + (f" (error/bound {d['first_exceeding']['ratio']:.3g})" if d["first_exceeding"] else "")
               + (f"; worst sub-layer {worst['name']} at {worst['ratio']:.3g} of its bound" if worst else ""))
         print(f"      max-abs vs float64: {r['max_abs_vs_exact']:.3g} as run; with collectives reduced in float32: {fp32_text}; "
-              f"TP=1 {r['dtype']}: {d['tp1_error']:.3g}; bound {r['bound']:.3g}")
+              f"TP=1 {r['dtype']}: {d['tp1_error']:.3g}; bound {r['bound']:.3g}"
+              + ("" if r["max_abs_vs_tp1"] is None else f"; max-abs vs TP=1 as run: {r['max_abs_vs_tp1']:.3g}"))
         print(f"      {d['classification']['reason']}")
         for rank, names in d["ranks_differ_at"].items():
             print(f"      rank {rank} differs from rank 0 at {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
