@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="implementations to judge: built-in (reference, dtensor, hf-tp), a tpgate.implementations entry point, or module:object (default: reference)")
     v.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the results as JSON")
     v.add_argument("--save-logits", default=None, metavar="FILE", help="safetensors file: input_ids and the prompt logits per TP degree (tp1, tp2, ...)")
+    v.add_argument("--diagnose", action="store_true", help="per row: the first sub-layer over its bound (error/bound profile) and a rerun with "
+                                                           "float32 collectives, classifying a mismatch as rounding or bug (tpgate-model stacks)")
+    v.add_argument("--html", dest="html_path", default=None, metavar="FILE", help="write a self-contained report page with the plots")
     return parser
 
 
@@ -173,7 +176,8 @@ def _verify(args) -> int:
         print(f"tpgate verify: error: {e}", file=sys.stderr)
         return 2
     req = VerifyRequest(args.checkpoint, tps, args.device, args.dtype, args.batch, args.prompt_len, args.new_tokens, args.seed,
-                        json_path=args.json_path, save_logits=args.save_logits, implementations=tuple(args.impl))
+                        json_path=args.json_path, save_logits=args.save_logits, implementations=tuple(args.impl), diagnose=args.diagnose,
+                        html_path=args.html_path)
     worlds = {}
 
     def world(n):
@@ -196,6 +200,10 @@ def _verify(args) -> int:
         write_json(result, args.json_path)
     if args.save_logits:
         save_logits(result, args.save_logits)
+    if args.html_path:
+        from harness.verify_report import write_verify_html
+
+        write_verify_html(result, args.html_path)
     return 0 if result["passed"] else 1
 
 
@@ -207,20 +215,51 @@ def _print_verify(result: dict) -> None:
         tokens = "greedy tokens equal" if div is None else f"greedy tokens differ from step {div}{' (near-tie)' if sem.get('divergence_at_near_tie') else ''}"
         print(f"transformers float64 vs tpgate float64: max-abs {sem['max_abs']:.3g} (limit {sem['scale'] * 1e-5:.3g}), {tokens}: {'ok' if sem['passed'] else 'MISMATCH'}")
     w = max([14] + [len(r["implementation"]) for r in result["rows"]])  # a module:object spec can be long
-    head = f"{'implementation':>{w}} {'tp':>3} {'dtype':>9} {'max-abs':>10} {'rel':>10} {'bound':>10} {'top-1':>7} {'diverges at':>12}  verdict"
+    head = (f"{'implementation':>{w}} {'tp':>3} {'dtype':>9} {'max-abs':>10} {'rel':>10} {'bound':>10} {'top-1':>7} {'diverges at':>12} "
+            f"{'KL mean':>9} {'KL max':>9} {'repeat':>8}  verdict")
     print(head)
     for r in result["rows"]:
         if r.get("error"):
-            print(f"{r['implementation']:>{w}} {r['tp']:>3} {r['dtype']:>9} {'-':>10} {'-':>10} {'-':>10} {'-':>7} {'-':>12}  FAIL: {r['error']}")
+            print(f"{r['implementation']:>{w}} {r['tp']:>3} {r['dtype']:>9} {'-':>10} {'-':>10} {'-':>10} {'-':>7} {'-':>12} {'-':>9} {'-':>9} {'-':>8}  "
+                  f"FAIL: {r['error']}")
             continue
         div = "-" if r["first_diverging_token"] is None else f"{r['first_diverging_token']}{' (tie)' if r['divergence_at_near_tie'] else ''}"
         if not r.get("tokens_checked", True):
             div = "not checked"  # the stack declares no greedy
-        print(f"{r['implementation']:>{w}} {r['tp']:>3} {r['dtype']:>9} {r['max_abs_vs_exact']:>10.3g} {r['rel_vs_exact']:>10.3g} {r['bound']:>10.3g} {r['top1_agreement']:>7.1%} {div:>12}  "
-              f"{'PASS' if r['passed'] else 'FAIL'}")
+        repeat = "bitwise" if r["deterministic"] else "differs"
+        print(f"{r['implementation']:>{w}} {r['tp']:>3} {r['dtype']:>9} {r['max_abs_vs_exact']:>10.3g} {r['rel_vs_exact']:>10.3g} {r['bound']:>10.3g} {r['top1_agreement']:>7.1%} {div:>12} "
+              f"{r['kl_mean']:>9.2g} {r['kl_max']:>9.2g} {repeat:>8}  {'PASS' if r['passed'] else 'FAIL'}")
         for d in r.get("disagreeing_ranks") or []:
             print(f"    rank {d['rank']} differs from rank 0 in {' and '.join(d['differs_in'])} (ranks must hold identical logits, ADR-9)")
+    if result["request"].get("diagnose"):
+        _print_diagnostics(result["rows"])
     print("verdict:", "PASS" if result["passed"] else "FAIL")
+
+
+def _print_diagnostics(rows: list[dict]) -> None:
+    from harness.diagnose import location
+
+    print("diagnostics (--diagnose; harness/diagnose.py):")
+    for r in rows:
+        d = r.get("diagnostics")
+        if not d:
+            continue
+        name = f"  {r['implementation']} tp={r['tp']}"
+        if not d["available"]:
+            print(f"{name}: not available: {d['reason']}")
+            continue
+        fp32 = d["fp32_collectives"]
+        fp32_text = f"{fp32['max_abs_vs_exact']:.3g} ({fp32['reductions']} reductions)" if "max_abs_vs_exact" in fp32 else f"not available ({fp32['unavailable']})"
+        worst = max((p for p in d["profile"] if p["comparable"]), key=lambda p: p["ratio"], default=None)
+        print(f"{name}: {d['classification']['class'].upper()}; first over its bound: {location(d)}"
+              + (f" (error/bound {d['first_exceeding']['ratio']:.3g})" if d["first_exceeding"] else "")
+              + (f"; worst sub-layer {worst['name']} at {worst['ratio']:.3g} of its bound" if worst else ""))
+        print(f"      max-abs vs float64: {r['max_abs_vs_exact']:.3g} as run; with collectives reduced in float32: {fp32_text}; "
+              f"TP=1 {r['dtype']}: {d['tp1_error']:.3g}; bound {r['bound']:.3g}"
+              + ("" if r["max_abs_vs_tp1"] is None else f"; max-abs vs TP=1 as run: {r['max_abs_vs_tp1']:.3g}"))
+        print(f"      {d['classification']['reason']}")
+        for rank, names in d["ranks_differ_at"].items():
+            print(f"      rank {rank} differs from rank 0 at {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
 
 
 # errors that mean bad input (a configuration, an --out, a report or a pytest selection the command

@@ -27,6 +27,12 @@ At tp > 1 every rank must also hold fewer parameters than the whole checkpoint
 every rank is a FAIL row naming its per-rank count, never a pass. Each row carries the full
 count ("full_parameters") and every rank's count ("local_parameters"; None where a rank's model
 is not an nn.Module and cannot be counted).
+Beside the verdict, never part of it (harness/diagnose.py): each row's next-token KL against
+`exact` ("kl_mean", "kl_max" over the prompt positions) and whether each rank's logits() repeated
+on the same inputs gave the same bits ("deterministic", "nondeterministic_ranks"); with
+`diagnose` (--diagnose) also "diagnostics": the error/bound profile over the model's sub-layers,
+the first sub-layer over its bound, a rerun with float32 collectives and the rounding-or-bug
+classification, or "not available" with the reason for a stack whose model is not tpgate's.
 """
 from __future__ import annotations
 
@@ -61,6 +67,8 @@ class VerifyRequest:
     json_path: str | None = None  # --json: where the results are written (checked by check_request)
     save_logits: str | None = None  # --save-logits: where the prompt logits are written (checked by check_request)
     implementations: tuple[str, ...] = ("reference",)  # --impl: protocol specs (harness.implementations), judged one after another
+    diagnose: bool = False  # --diagnose: sub-layer profile and float32-collectives rerun per row (harness.diagnose)
+    html_path: str | None = None  # --html: where the report page is written (checked by check_request)
 
 
 def prompt(req: VerifyRequest, vocab: int) -> torch.Tensor:
@@ -117,20 +125,34 @@ def full_parameter_count(config) -> int:
 def run_on_rank(ctx, req: VerifyRequest, ids: torch.Tensor, spec: str = "reference") -> dict:
     """Implementation `spec` on this rank: rank 0 of the TP group returns {"logits" (batch, prompt,
     vocab) float32 CPU, "tokens" (batch, new_tokens) or None when the stack has no greedy,
-    "logits_digest", "local_parameters"}; other ranks all but "logits" (their logits would be
-    copies of rank 0's: ADR-9 promises every rank holds the same bytes, which rank_disagreements
-    checks). A contract breach raises ImplementationError naming `spec`, and so does a rank that
-    holds the whole model at tp > 1 (sharding_evidence), before any forward runs."""
+    "logits_digest", "repeat_equal" (a second logits() on the same inputs gave bitwise this rank's
+    first logits), "local_parameters", "diagnostics" (with req.diagnose: harness.diagnose's
+    sub-layer outputs and float32-collectives run, else None)}; other ranks all but "logits"
+    (their logits would be copies of rank 0's: ADR-9 promises every rank holds the same bytes,
+    which rank_disagreements checks). A contract breach raises ImplementationError naming `spec`,
+    and so does a rank that holds the whole model at tp > 1 (sharding_evidence), before any
+    forward runs."""
     impl, model = build_on_rank(spec, req.directory, ctx, parse_dtype(req.dtype))
     config = read_config(req.directory)
     local_parameters = sharding_evidence(spec, model, full_parameter_count(config), ctx.comm.world_size)
     ids = ids.to(ctx.device)
     vocab = config.vocab_size
-    logits = checked_logits(spec, impl.logits(model, ids), ids, vocab).float().cpu()
+    logits = checked_logits(spec, impl.logits(model, ids), ids, vocab).float().cpu().clone()  # a copy: the repeat may reuse the stack's buffer
+    digest = logits_digest(logits)
+    repeat_equal = logits_digest(checked_logits(spec, impl.logits(model, ids), ids, vocab).float().cpu()) == digest
     tokens = None
     if "greedy" in impl.capabilities:
         tokens = checked_tokens(spec, impl.greedy(model, ids, req.new_tokens), ids, req.new_tokens, vocab).cpu()
-    out = {"logits": logits, "tokens": tokens, "logits_digest": logits_digest(logits), "local_parameters": local_parameters}
+    diagnostics = None
+    if req.diagnose:
+        from .diagnose import fp32_collectives_on_rank, sublayers_on_rank
+
+        diagnostics = {"sublayers": sublayers_on_rank(impl, model, ids, ctx.comm.rank)}
+        del model  # the float32-collectives copy is loaded next: never two models on a rank
+        unavailable = diagnostics["sublayers"].get("unavailable")
+        diagnostics["fp32"] = {"unavailable": unavailable} if unavailable else fp32_collectives_on_rank(ctx, spec, req.directory, parse_dtype(req.dtype), ids)
+    out = {"logits": logits, "tokens": tokens, "logits_digest": digest, "repeat_equal": repeat_equal, "local_parameters": local_parameters,
+           "diagnostics": diagnostics}
     return out if ctx.comm.rank == 0 else {k: v for k, v in out.items() if k != "logits"}
 
 
@@ -206,6 +228,7 @@ def check_request(req: VerifyRequest) -> dict:
     require(req.device in ("cpu", "cuda"), "--device", req.device, "must be cpu or cuda")
     require(req.device == "cpu" or torch.cuda.is_available(), "--device", req.device, "no CUDA device is visible")
     require(len(req.tps) >= 1, "--tp", req.tps, "no TP degree left to verify")
+    require(isinstance(req.diagnose, bool), "--diagnose", req.diagnose, "must be True or False")
     for tp in req.tps:
         try:
             config.check_tp(tp)
@@ -214,8 +237,13 @@ def check_request(req: VerifyRequest) -> dict:
     impls = load_implementations(req.implementations, "--impl")
     check_output_path("--json", req.json_path)
     check_output_path("--save-logits", req.save_logits)
-    require(req.json_path is None or req.save_logits is None or Path(req.json_path).resolve() != Path(req.save_logits).resolve(),
-            "--save-logits", req.save_logits, "must differ from --json (one would overwrite the other)")
+    check_output_path("--html", req.html_path)
+    outputs = {}  # each output file named once: one would overwrite another
+    for argument, path in (("--json", req.json_path), ("--save-logits", req.save_logits), ("--html", req.html_path)):
+        if path is not None:
+            resolved = Path(path).resolve()
+            require(resolved not in outputs, argument, path, f"must differ from {outputs.get(resolved)} (one would overwrite the other)")
+            outputs[resolved] = argument
     return impls
 
 
@@ -237,7 +265,14 @@ def verify(req: VerifyRequest, worlds_factory, progress=None) -> dict:
     config = read_config(req.directory)
     dtype = parse_dtype(req.dtype)
     ids = prompt(req, config.vocab_size)
-    exact = run_model(DistributedCheckpointLoader(req.directory, NullCommunicator(1)).load(torch.float64), ids, req.new_tokens)
+    exact_model = DistributedCheckpointLoader(req.directory, NullCommunicator(1)).load(torch.float64)
+    exact = run_model(exact_model, ids, req.new_tokens)
+    refs = None
+    if req.diagnose:
+        from .diagnose import references
+
+        refs = references(exact_model, DistributedCheckpointLoader(req.directory, NullCommunicator(1)).load(dtype, req.device), ids)
+    del exact_model
     hf = hf_run(req, ids, dtype, req.device)
     semantic = hf64 = None
     if hf is not None:
@@ -275,6 +310,10 @@ def verify(req: VerifyRequest, worlds_factory, progress=None) -> dict:
                 continue
             logits_by_tp.setdefault(spec, {})[tp] = per_rank[0]["logits"]
             rows.append(judge(base, per_rank, calibrated, single, exact, dtype, logits_by_tp[spec].get(1)))
+            if refs is not None:
+                from .diagnose import diagnose_row
+
+                rows[-1]["diagnostics"] = diagnose_row(rows[-1], per_rank, refs, exact["logits"], dtype)
     passed = all(r["passed"] for r in rows) and (semantic is None or semantic["passed"])
     return {"request": req.__dict__ | {"tps": list(req.tps), "implementations": list(req.implementations)},
             "reference": "transformers" if hf is not None else "tpgate TP=1",
@@ -292,13 +331,18 @@ def failed_row(base: dict, error: str) -> dict:
     """The row of a (implementation, tp) that did not produce logits: failed, with why."""
     return {**base, "max_abs_vs_exact": None, "bound": None, "rel_vs_exact": None, "max_abs_vs_single": None, "max_abs_vs_tp1": None,
             "top1_agreement": None, "first_diverging_token": None, "divergence_at_near_tie": None, "ranks_agree": None,
-            "disagreeing_ranks": [], "local_parameters": None, "error": error, "passed": False}
+            "disagreeing_ranks": [], "local_parameters": None, "kl_mean": None, "kl_max": None, "deterministic": None,
+            "nondeterministic_ranks": [], "diagnostics": None, "error": error, "passed": False}
 
 
 def judge(base: dict, per_rank: list[dict], calibrated, single: dict, exact: dict, dtype: torch.dtype, tp1_logits) -> dict:
     """One (implementation, tp) row: prompt logits against `exact` within the policy's bound
     (calibrated on `calibrated`), greedy tokens against the exact ones up to a near-tie (when the
-    stack decodes), and every rank bitwise equal to rank 0."""
+    stack decodes), and every rank bitwise equal to rank 0. Reported beside the verdict, not part
+    of it: the next-token KL against `exact` (harness.diagnose.kl_summary) and whether every
+    rank's repeated logits() was bitwise its first ("deterministic", "nondeterministic_ranks")."""
+    from .diagnose import kl_summary
+
     got = per_rank[0]
     row = compare("logits", got["logits"], calibrated, exact["logits"], dtype, base["tp"])
     if got["tokens"] is None:
@@ -314,6 +358,8 @@ def judge(base: dict, per_rank: list[dict], calibrated, single: dict, exact: dic
             "first_diverging_token": first, "divergence_at_near_tie": near_tie if first is not None else None, "ranks_agree": not disagreeing,
             "disagreeing_ranks": disagreeing, "tokens_checked": got["tokens"] is not None,
             "local_parameters": [r.get("local_parameters") for r in per_rank], "error": "",
+            **kl_summary(exact["logits"], got["logits"]), "deterministic": all(r["repeat_equal"] for r in per_rank),
+            "nondeterministic_ranks": [rank for rank, r in enumerate(per_rank) if not r["repeat_equal"]], "diagnostics": None,
             "passed": bool(row["passed"] and not disagreeing and (first is None or near_tie))}
 
 

@@ -156,13 +156,11 @@ class CollectiveRecord:
     overlap_flops: int = 0
 
 
-@dataclass
-class CountingCommunicator(Communicator):
-    """Wraps a communicator and records every collective's kind, input bytes and group
-    (the wrapped communicator's `global_ranks`, where it has them)."""
+class WrappingCommunicator(Communicator):
+    """Base of a communicator that wraps another, `inner`: its rank and world size are the inner
+    one's, and every collective a subclass does not override passes to it unchanged."""
 
     inner: Communicator
-    records: list[CollectiveRecord] = field(default_factory=list)
 
     @property
     def rank(self):
@@ -171,6 +169,36 @@ class CountingCommunicator(Communicator):
     @property
     def world_size(self):
         return self.inner.world_size
+
+    def all_reduce(self, tensor):
+        return self.inner.all_reduce(tensor)
+
+    def all_gather(self, tensor, dim=-1):
+        return self.inner.all_gather(tensor, dim)
+
+    def reduce_scatter(self, tensor, dim=0):
+        return self.inner.reduce_scatter(tensor, dim)
+
+    def all_gather_async(self, tensor, dim=-1, overlap_flops=0):
+        return self.inner.all_gather_async(tensor, dim, overlap_flops=overlap_flops)
+
+    def reduce_scatter_async(self, tensor, dim=0, overlap_flops=0):
+        return self.inner.reduce_scatter_async(tensor, dim, overlap_flops=overlap_flops)
+
+    def broadcast(self, tensor, src=0):
+        return self.inner.broadcast(tensor, src)
+
+    def barrier(self):
+        self.inner.barrier()
+
+
+@dataclass
+class CountingCommunicator(WrappingCommunicator):
+    """Wraps a communicator and records every collective's kind, input bytes and group
+    (the wrapped communicator's `global_ranks`, where it has them)."""
+
+    inner: Communicator
+    records: list[CollectiveRecord] = field(default_factory=list)
 
     def _record(self, kind, tensor, overlap_flops=0):
         if torch.compiler.is_compiling():  # a traced graph replays without Python: count eager runs only
@@ -217,6 +245,54 @@ class CountingCommunicator(Communicator):
     def barrier(self):
         self.records.append(CollectiveRecord("barrier", 0, (), "", self._group_ranks()))
         self.inner.barrier()
+
+
+class ReduceInDtypeCommunicator(WrappingCommunicator):
+    """Wraps a communicator so that reductions sum in `reduce_dtype` (default float32).
+
+    all_reduce / reduce_scatter (and reduce_scatter_async) of a floating tensor narrower than
+    `reduce_dtype` (bfloat16, float16 under float32) upcast it, reduce through `inner`, and cast
+    the result back to the input's dtype: the tp - 1 additions of the collective then round
+    once, at the end, instead of after every addition in the narrow dtype (each rank's partial
+    is still the narrow value its matmul produced). all_reduce writes the result back into its
+    input and returns it, as the contract allows and the autograd region (which marks its
+    input dirty) needs. Tensors already at least as wide as `reduce_dtype`, integer tensors,
+    and every collective at world_size 1 pass to `inner` untouched, so a TP=1 run (a
+    NullCommunicator) is bitwise unchanged; all-gather, broadcast and barrier move data
+    without arithmetic and pass through. `reductions` counts the reductions at world_size > 1
+    (each ran in `reduce_dtype` or wider): evidence, for a caller, that a model's reductions go
+    through this communicator."""
+
+    def __init__(self, inner: Communicator, reduce_dtype: torch.dtype = torch.float32):
+        require(isinstance(reduce_dtype, torch.dtype) and reduce_dtype.is_floating_point, "reduce_dtype", reduce_dtype, "must be a floating torch dtype")
+        self.inner, self.reduce_dtype = inner, reduce_dtype
+        self.reductions = 0
+
+    @property
+    def global_ranks(self):
+        return getattr(self.inner, "global_ranks", ())
+
+    def _upcasts(self, tensor: torch.Tensor) -> bool:
+        if self.inner.world_size == 1:
+            return False
+        self.reductions += 1
+        return tensor.dtype.is_floating_point and torch.finfo(tensor.dtype).bits < torch.finfo(self.reduce_dtype).bits
+
+    def all_reduce(self, tensor):
+        if not self._upcasts(tensor):
+            return self.inner.all_reduce(tensor)
+        return tensor.copy_(self.inner.all_reduce(tensor.to(self.reduce_dtype)))
+
+    def reduce_scatter(self, tensor, dim=0):
+        if not self._upcasts(tensor):
+            return self.inner.reduce_scatter(tensor, dim)
+        return self.inner.reduce_scatter(tensor.to(self.reduce_dtype), dim).to(tensor.dtype)
+
+    def reduce_scatter_async(self, tensor, dim=0, overlap_flops=0):
+        if not self._upcasts(tensor):
+            return self.inner.reduce_scatter_async(tensor, dim, overlap_flops=overlap_flops)
+        pending = self.inner.reduce_scatter_async(tensor.to(self.reduce_dtype), dim, overlap_flops=overlap_flops)
+        return PendingCollective(pending.buffer, pending, lambda _: pending.wait().to(tensor.dtype))
 
 
 # --------------------------------------------------------------------------- regions

@@ -10,36 +10,21 @@ import torch.nn.functional as F
 
 import impl.overlap as overlap
 from impl.architecture import Communicator, ModelConfig, PendingCollective
-from impl.communication import CountingCommunicator
+from impl.communication import CountingCommunicator, WrappingCommunicator
 from impl.model import random_model
 from impl.tensor_parallel import ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
 HIDDEN = 16
 
 
-class DeliveredOnWait(Communicator):
+class DeliveredOnWait(WrappingCommunicator):
     """`inner`'s collectives, but an asynchronous one's data lands in its buffer only when its
     wait() is called — the latest any transport may deliver — and the buffer holds NaN until
     then: a pipeline that reads a result it did not wait for reads NaN, deterministically (on
     gloo or NCCL it would read whatever had arrived yet)."""
 
     def __init__(self, inner: Communicator):
-        self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
-
-    def all_reduce(self, tensor):
-        return self.inner.all_reduce(tensor)
-
-    def all_gather(self, tensor, dim=-1):
-        return self.inner.all_gather(tensor, dim)
-
-    def reduce_scatter(self, tensor, dim=0):
-        return self.inner.reduce_scatter(tensor, dim)
-
-    def broadcast(self, tensor, src=0):
-        return self.inner.broadcast(tensor, src)
-
-    def barrier(self):
-        self.inner.barrier()
+        self.inner = inner
 
     def all_gather_async(self, tensor, dim=-1, overlap_flops=0):
         shape = list(tensor.shape)
