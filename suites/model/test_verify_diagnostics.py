@@ -43,13 +43,16 @@ def test_a_planted_single_layer_bug_is_located_and_called_a_bug(diagnosed):
     """At TP=2 the first sub-layer over its bound is the broken one, and its error does not come
     back within the bound with float32 collectives: a bug. At TP=1 (nothing broken there) every
     sub-layer is within its bound: rounding. The bug is diluted below the logits' bound by the
-    final layer (the row passes), yet the sub-layer profile still calls it a bug."""
+    final layer, yet the sub-layer profile calls it a bug, and a diagnosed bug fails the row."""
     _, rows = diagnosed
     spec, layer, sublayer = fns.PLANTED_MLP_SPEC, 1, "mlp"
     d = rows[(spec, 2)]["diagnostics"]
     assert d["available"], d
     assert (d["first_exceeding"]["layer"], d["first_exceeding"]["sublayer"]) == (layer, sublayer), d["first_exceeding"]
     assert d["classification"]["class"] == BUG, d["classification"]
+    row = rows[(spec, 2)]
+    assert row["max_abs_vs_exact"] <= row["bound"], row  # the logits alone would pass: only the diagnosis fails it
+    assert not row["passed"] and row["error"].startswith("diagnosed as a bug"), row
     at = next(p for p in d["fp32_collectives"]["profile"] if p["name"] == d["first_exceeding"]["name"])
     assert at["err"] > at["bound"], at  # does not shrink into the bound with float32 collectives
     before = [p for p in d["profile"] if p["name"] == d["first_exceeding"]["name"] or (p["layer"] is not None and p["layer"] < layer)
