@@ -219,7 +219,7 @@ def _print_verify(result: dict) -> None:
             f"{'KL mean':>9} {'KL max':>9} {'repeat':>8}  verdict")
     print(head)
     for r in result["rows"]:
-        if r.get("error"):
+        if r.get("error") and r["max_abs_vs_exact"] is None:  # no logits came back
             print(f"{r['implementation']:>{w}} {r['tp']:>3} {r['dtype']:>9} {'-':>10} {'-':>10} {'-':>10} {'-':>7} {'-':>12} {'-':>9} {'-':>9} {'-':>8}  "
                   f"FAIL: {r['error']}")
             continue
@@ -228,7 +228,7 @@ def _print_verify(result: dict) -> None:
             div = "not checked"  # the stack declares no greedy
         repeat = "bitwise" if r["deterministic"] else "differs"
         print(f"{r['implementation']:>{w}} {r['tp']:>3} {r['dtype']:>9} {r['max_abs_vs_exact']:>10.3g} {r['rel_vs_exact']:>10.3g} {r['bound']:>10.3g} {r['top1_agreement']:>7.1%} {div:>12} "
-              f"{r['kl_mean']:>9.2g} {r['kl_max']:>9.2g} {repeat:>8}  {'PASS' if r['passed'] else 'FAIL'}")
+              f"{r['kl_mean']:>9.2g} {r['kl_max']:>9.2g} {repeat:>8}  {'PASS' if r['passed'] else 'FAIL'}" + (f": {r['error']}" if r.get("error") else ""))
         for d in r.get("disagreeing_ranks") or []:
             print(f"    rank {d['rank']} differs from rank 0 in {' and '.join(d['differs_in'])} (ranks must hold identical logits, ADR-9)")
     if result["request"].get("diagnose"):
