@@ -17,7 +17,7 @@ residual stream, replicated and bitwise identical on every rank (each rank adds 
 all-reduced bytes — all-reduce hands every rank the same result — to the same residual), the
 router weight is the same bytes everywhere, and every rank runs the same kernels on them; so
 the logits, their softmax and torch.topk (ties included) are bitwise identical, and no
-broadcast of the routing decision is needed (suites/model/test_moe.py gathers every rank's
+broadcast of the routing decision is needed (suites/model/test_families.py gathers every rank's
 choices and compares them).
 
 Sequence parallelism is refused (TPConfigError): the router would run on gathered tokens whose
