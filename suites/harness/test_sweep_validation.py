@@ -209,7 +209,7 @@ def test_verify_fails_a_tp_degree_whose_ranks_hold_different_logits(tiny_checkpo
     class OneRankPlayingTwo:
         def run(self, fn, *args):
             rank0 = fn(SimpleNamespace(rank=0, device=torch.device("cpu"), comm=NullCommunicator(1)), *args)
-            return [rank0, {"tokens": rank0["tokens"].clone(), "logits_digest": "0" * 64}]
+            return [rank0, {"tokens": rank0["tokens"].clone(), "logits_digest": "0" * 64, "repeat_equal": rank0["repeat_equal"]}]
 
     result = verify_mod.verify(verify_mod.VerifyRequest(tiny_checkpoint, (1,), new_tokens=2), lambda n: OneRankPlayingTwo())
     row = result["rows"][0]
